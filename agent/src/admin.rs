@@ -1,0 +1,201 @@
+//! The admin API on its own port: liveness, readiness, status, config, clusters, metrics.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::lifecycle::AgentState;
+
+/// Serves the admin API until the process exits.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if state.draining.load(Ordering::SeqCst) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/status") => json_response(status(state)),
+        (&Method::GET, "/config") => json_response(config(state)),
+        (&Method::GET, "/clusters") => json_response(clusters(state)),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            r
+        }
+        (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(v: Value) -> Response<Full<Bytes>> {
+    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    body.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn reload_status(state: &AgentState) -> crate::lifecycle::agent::ReloadStatus {
+    state.reload.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+fn status(state: &AgentState) -> Value {
+    let config = state.config.load();
+    let listeners: Vec<Value> = state
+        .listeners
+        .lock()
+        .map(|l| {
+            l.iter()
+                .map(|s| json!({"name": s.name(), "address": s.addr.to_string(), "protocol": s.protocol}))
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({
+        "node": config.node_name(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "draining": state.draining.load(Ordering::SeqCst),
+        "listeners": listeners,
+        "reload": reload_status(state),
+    })
+}
+
+fn config(state: &AgentState) -> Value {
+    let mut config = serde_json::to_value(&**state.config.load()).unwrap_or(Value::Null);
+    redact(&mut config, None);
+    let reload = reload_status(state);
+    json!({
+        "source": state.source.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "embedded".into()),
+        "config": config,
+        "reloads": reload.reloads,
+        "last_reload_error": reload.last_reload_error,
+        "last_reload_at": reload.last_reload_at,
+    })
+}
+
+/// Hides secret values (tokens, passwords) and credentials inside URLs; file paths stay.
+fn redact(v: &mut Value, key: Option<&str>) {
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m.iter_mut() {
+                redact(child, Some(k));
+            }
+        }
+        Value::Array(a) => a.iter_mut().for_each(|c| redact(c, key)),
+        Value::String(s) => {
+            let secret = key.is_some_and(|k| {
+                let k = k.to_ascii_lowercase();
+                !k.ends_with("_file") && ["token", "password", "secret"].iter().any(|w| k.contains(w))
+            });
+            if secret {
+                *s = "[redacted]".to_owned();
+            } else if let Some((scheme, rest)) = s.split_once("://") {
+                if let Some((_, host)) = rest.split_once('@').filter(|(user, _)| !user.contains('/')) {
+                    *s = format!("{scheme}://[redacted]@{host}");
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn clusters(state: &AgentState) -> Value {
+    let routes = state.routes.load();
+    let all = routes.inbound.iter().chain(routes.services.values());
+    let clusters: Vec<Value> = all
+        .map(|c| {
+            let set = c.endpoints.load();
+            let endpoints: Vec<Value> = set
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.addr.to_string(),
+                        "weight": e.weight,
+                        "env": &*e.env,
+                        "in_flight": e.stats.in_flight(),
+                        "ewma_ms": (e.stats.ewma_ns() / 1e6 * 1000.0).round() / 1000.0,
+                        "healthy": !e.stats.is_ejected(),
+                    })
+                })
+                .collect();
+            json!({
+                "service": &*c.service,
+                "direction": c.direction.as_str(),
+                "protocol": c.protocol,
+                "balancer": serde_json::to_value(c.balancer).unwrap_or(Value::Null),
+                "timeout_ms": c.timeout.as_millis() as u64,
+                "retries_in_flight": c.budget.active_retries(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "clusters": clusters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_and_url_credentials_are_redacted() {
+        let mut v = json!({
+            "registry": {"token": "s3cret", "token_file": "/etc/vmesh/token", "address": "http://u:p@127.0.0.1:8500"},
+            "cmdb": {"url": "https://cmdb.example.com/api"},
+        });
+        redact(&mut v, None);
+        assert_eq!(v["registry"]["token"], "[redacted]");
+        assert_eq!(v["registry"]["token_file"], "/etc/vmesh/token");
+        assert_eq!(v["registry"]["address"], "http://[redacted]@127.0.0.1:8500");
+        assert_eq!(v["cmdb"]["url"], "https://cmdb.example.com/api");
+    }
+}

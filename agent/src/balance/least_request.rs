@@ -1,0 +1,44 @@
+//! Least request: of two random endpoints, the one with fewer requests in flight (Envoy's P2C
+//! variant, which approaches a full scan's quality at O(1) cost).
+
+use std::sync::Arc;
+
+use super::{two_choices, Endpoint};
+
+pub fn pick(endpoints: &[Arc<Endpoint>]) -> usize {
+    if endpoints.len() == 1 {
+        return 0;
+    }
+    let (a, b) = two_choices(endpoints.len());
+    if endpoints[b].stats.in_flight() < endpoints[a].stats.in_flight() {
+        b
+    } else {
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::balance::test_support::*;
+    use crate::balance::{EndpointSet, PickCtx};
+    use crate::config::BalancerKind;
+
+    #[test]
+    fn busy_endpoints_get_fewer_requests() {
+        fastrand::seed(11);
+        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[1, 1, 1]));
+        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
+        let c = histogram(&set, 3_000, |_| PickCtx::default());
+        // Endpoint 0 only wins when both choices... never: both others are idle.
+        assert_eq!(c[0], 0, "{c:?}");
+        assert!(c[1] > 1_200 && c[2] > 1_200, "{c:?}");
+    }
+
+    #[test]
+    fn idle_endpoints_share_evenly() {
+        fastrand::seed(12);
+        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[1, 1]));
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        assert!((4_500..5_500).contains(&c[0]), "{c:?}");
+    }
+}

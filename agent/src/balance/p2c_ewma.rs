@@ -1,0 +1,56 @@
+//! Power of two choices over peak-EWMA latency weighted by load (Finagle, Linkerd): the cost of
+//! an endpoint is its decayed peak latency times (in-flight + 1), divided by its weight.
+
+use std::sync::Arc;
+
+use super::{two_choices, Endpoint};
+
+fn cost(e: &Endpoint) -> f64 {
+    e.stats.ewma_ns() * (e.stats.in_flight() as f64 + 1.0) / f64::from(e.weight.max(1))
+}
+
+pub fn pick(endpoints: &[Arc<Endpoint>]) -> usize {
+    if endpoints.len() == 1 {
+        return 0;
+    }
+    let (a, b) = two_choices(endpoints.len());
+    if cost(&endpoints[b]) < cost(&endpoints[a]) {
+        b
+    } else {
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::balance::test_support::*;
+    use crate::balance::{EndpointSet, PickCtx};
+    use crate::config::BalancerKind;
+
+    #[test]
+    fn slow_endpoint_gets_least_traffic() {
+        fastrand::seed(3);
+        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[1, 1, 1]));
+        set.endpoints()[0].stats.observe_rtt(Duration::from_millis(200));
+        set.endpoints()[1].stats.observe_rtt(Duration::from_micros(500));
+        set.endpoints()[2].stats.observe_rtt(Duration::from_micros(500));
+        let c = histogram(&set, 3_000, |_| PickCtx::default());
+        assert_eq!(c[0], 0, "the slow endpoint loses every comparison: {c:?}");
+        // Between the two fast ones, microscopic EWMA differences decide; both get traffic.
+        assert!(c[1] > 900 && c[2] > 900, "{c:?}");
+    }
+
+    #[test]
+    fn load_counts_against_fast_endpoints() {
+        fastrand::seed(4);
+        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[1, 1]));
+        set.endpoints()[0].stats.observe_rtt(Duration::from_millis(1));
+        set.endpoints()[1].stats.observe_rtt(Duration::from_millis(3));
+        // Five requests in flight make endpoint 0 cost 6 ms > 3 ms.
+        let _load: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
+        let c = histogram(&set, 1_000, |_| PickCtx::default());
+        assert_eq!(c, [0, 1_000]);
+    }
+}

@@ -1,0 +1,77 @@
+//! The command line: `vmesh run | demo | check-config | status | clusters`. Commands other
+//! than `run` and `demo` talk to the local admin API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// vmesh: the service-mesh agent for virtual machines.
+#[derive(Debug, Parser)]
+#[command(name = "vmesh", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent.
+    Run {
+        #[arg(long, short, default_value = "/etc/vmesh/vmesh.toml")]
+        config: PathBuf,
+    },
+    /// Run the agent on the embedded quickstart config, with demo upstreams.
+    Demo,
+    /// Validate a config file; prints every problem (exit 0 valid, 2 invalid).
+    CheckConfig {
+        #[arg(long, short, default_value = "/etc/vmesh/vmesh.toml")]
+        config: PathBuf,
+    },
+    /// Show the agent's status.
+    Status(AdminArgs),
+    /// Show clusters and endpoints with their live statistics.
+    Clusters(AdminArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Config file naming the admin address.
+    #[arg(long, short, default_value = "/etc/vmesh/vmesh.toml")]
+    pub config: PathBuf,
+    /// Admin address (overrides --config).
+    #[arg(long)]
+    pub admin: Option<SocketAddr>,
+    /// Print the raw JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl AdminArgs {
+    /// The admin address: `--admin`, else the config's `agent.admin_listen`.
+    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
+        if let Some(a) = self.admin {
+            return Ok(a);
+        }
+        let config =
+            crate::config::load(&crate::config::Source::file(&self.config)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(config.agent.admin_listen)
+    }
+}
+
+/// GETs `path` from the admin API; returns status and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("http://{addr}{path}").parse()?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in 10s"))?
+        .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}

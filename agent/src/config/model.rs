@@ -1,0 +1,429 @@
+//! The typed configuration: one struct per section, defaults in one place.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::units::{ByteSize, Dur};
+
+/// The whole agent configuration (`/etc/vmesh/vmesh.toml`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings: node name, state directory, admin API, threads.
+    #[serde(default)]
+    pub agent: AgentConfig,
+    /// Where this VM's service identity comes from.
+    #[serde(default)]
+    pub cmdb: CmdbConfig,
+    /// Where the service is registered and where upstream endpoints are discovered.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// The listener that fronts the local application (absent: no inbound proxy).
+    #[serde(default)]
+    pub inbound: Option<InboundConfig>,
+    /// Listener limits shared by every proxy listener, and the shared outbound port.
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    /// Access log and metrics settings.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// Upstream services the local application calls.
+    #[serde(default)]
+    pub outbound: Vec<OutboundConfig>,
+}
+
+/// `[agent]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// This VM's node name; default: the host name.
+    pub node: Option<String>,
+    /// Directory of the local state store.
+    pub data_dir: PathBuf,
+    /// Address of the admin API (keep it on loopback).
+    pub admin_listen: SocketAddr,
+    /// File holding the token that mutating admin calls must present (absent: none needed).
+    pub admin_token_file: Option<PathBuf>,
+    /// Proxy worker threads; default: the number of CPUs. 1 runs a single-threaded runtime.
+    pub worker_threads: Option<usize>,
+    /// On SIGTERM, how long in-flight requests may take to finish before the agent exits.
+    pub drain_timeout: Dur,
+    /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "vmesh=debug".
+    pub log_level: String,
+}
+
+/// `[cmdb]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CmdbConfig {
+    /// Backend: `file`, `nautobot`, `netbox` or `http`.
+    pub kind: CmdbKind,
+    /// Identity file for `kind = "file"`.
+    pub path: Option<PathBuf>,
+    /// API root of the CMDB for the HTTP backends, e.g. `https://cmdb.example.com`.
+    pub url: Option<String>,
+    /// File holding the CMDB API token.
+    pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signs the CMDB's certificate.
+    pub ca_file: Option<PathBuf>,
+    /// The VM's name in the CMDB; default: the node name.
+    pub vm_name: Option<String>,
+    /// How often the identity is read again.
+    pub refresh: Dur,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CmdbKind {
+    #[default]
+    File,
+    Nautobot,
+    Netbox,
+    Http,
+}
+
+/// `[registry]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// `none`, `consul` or `etcd`.
+    pub kind: RegistryKind,
+    /// The registry's address, e.g. `http://127.0.0.1:8500`.
+    pub address: String,
+    /// File holding the registry's ACL token.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegistryKind {
+    #[default]
+    None,
+    Consul,
+    Etcd,
+}
+
+/// `[inbound]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Address the inbound listener binds; the port registered for this service.
+    pub listen: SocketAddr,
+    /// The local application's address.
+    pub app: SocketAddr,
+    /// Protocol spoken to the application.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Deadline for the application's response headers.
+    #[serde(default = "defaults::inbound_timeout")]
+    pub timeout: Dur,
+    /// How long to wait for a TCP connection to the application.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// The agent's health check of the local application.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// Slow start after registration.
+    #[serde(default)]
+    pub ramp: RampConfig,
+}
+
+/// `[inbound.health]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// HTTP path to GET; absent: a TCP connect check.
+    pub path: Option<String>,
+    /// Time between checks.
+    pub interval: Dur,
+    /// Time a single check may take.
+    pub timeout: Dur,
+}
+
+/// `[inbound.ramp]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RampConfig {
+    /// Slow-start window (weight 1 -> 100); "0s" disables.
+    pub window: Dur,
+}
+
+/// `[proxy]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// One outbound port for every service, routed by `Host`/`:authority` = service name.
+    pub shared_outbound_listen: Option<SocketAddr>,
+    /// Open downstream connections per listener; beyond this new connections wait in the backlog.
+    pub max_connections: usize,
+    /// Largest request head (request line + headers) accepted.
+    pub max_header_bytes: ByteSize,
+    /// Time a client has to send a complete request head (slowloris guard).
+    pub header_read_timeout: Dur,
+    /// An HTTP connection with no request in progress for this long is closed.
+    pub idle_timeout: Dur,
+    /// HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before the connection is closed (rapid-reset guard).
+    pub h2_max_pending_reset_streams: usize,
+    /// Request bodies up to this size are buffered so the request can be retried.
+    pub retry_buffer_bytes: ByteSize,
+}
+
+/// `[telemetry]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `stdout`, `off`, or a file path: one JSON line per request.
+    pub access_log: String,
+    /// Access-log lines buffered between the request path and the writer; overflow is counted and dropped.
+    pub access_log_buffer: usize,
+}
+
+/// `[[outbound]]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// The upstream service's name (also the `Host` that selects it on the shared port).
+    pub service: String,
+    /// A dedicated port for this service (absent: only through the shared port).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// Protocol spoken to the upstream endpoints.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Load-balancing algorithm.
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    /// Request header hashed by `ring-hash` (absent or missing header: random pick).
+    #[serde(default)]
+    pub hash_header: Option<String>,
+    /// Deadline for the response headers, retries included.
+    #[serde(default = "defaults::outbound_timeout")]
+    pub timeout: Dur,
+    /// Deadline of one try (absent: the whole `timeout`).
+    #[serde(default)]
+    pub per_try_timeout: Option<Dur>,
+    /// How long to wait for a TCP connection to an endpoint.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Static endpoints; without them, discovered from the registry.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// A static endpoint: `"127.0.0.1:8080"` or `{ address = "127.0.0.1:8080", weight = 3 }`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum EndpointConfig {
+    Addr(SocketAddr),
+    Weighted(WeightedEndpoint),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedEndpoint {
+    pub address: SocketAddr,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+    /// Environment label: `vm` or `k8s`.
+    #[serde(default = "defaults::env")]
+    pub env: String,
+}
+
+/// `[outbound.retry]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Retry when the endpoint answers 503 (idempotent methods only).
+    pub on_503: bool,
+    /// Retry when the connection is reset before a response (idempotent methods only).
+    pub on_reset: bool,
+    /// Retries in flight may be at most this fraction of requests in flight...
+    pub budget_ratio: f64,
+    /// ...but this many retries are always allowed.
+    pub budget_min_concurrency: usize,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// HTTP/1.1 to the upstream; HTTP/1.1 or HTTP/2 (prior knowledge) from the client.
+    #[default]
+    Http,
+    /// HTTP/2 (h2c) to the upstream.
+    Http2,
+    /// gRPC: HTTP/2 to the upstream, errors as `grpc-status`.
+    Grpc,
+    /// Plain TCP forwarding.
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalancerKind {
+    RoundRobin,
+    Weighted,
+    Random,
+    LeastRequest,
+    #[default]
+    P2cEwma,
+    RingHash,
+}
+
+// === defaults ===
+
+mod defaults {
+    use super::Dur;
+
+    pub fn inbound_timeout() -> Dur {
+        Dur::secs(30)
+    }
+    pub fn outbound_timeout() -> Dur {
+        Dur::secs(15)
+    }
+    pub fn connect_timeout() -> Dur {
+        Dur::secs(1)
+    }
+    pub fn weight() -> u32 {
+        100
+    }
+    pub fn env() -> String {
+        "vm".to_owned()
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            node: None,
+            data_dir: PathBuf::from("/var/lib/vmesh"),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            admin_token_file: None,
+            worker_threads: None,
+            drain_timeout: Dur::secs(30),
+            log_level: "info".to_owned(),
+        }
+    }
+}
+
+impl Default for CmdbConfig {
+    fn default() -> Self {
+        Self {
+            kind: CmdbKind::File,
+            path: None,
+            url: None,
+            token_file: None,
+            ca_file: None,
+            vm_name: None,
+            refresh: Dur::secs(300),
+        }
+    }
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            kind: RegistryKind::None,
+            address: "http://127.0.0.1:8500".to_owned(),
+            token_file: None,
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval: Dur::secs(5),
+            timeout: Dur::secs(2),
+        }
+    }
+}
+
+impl Default for RampConfig {
+    fn default() -> Self {
+        Self { window: Dur::secs(60) }
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            shared_outbound_listen: None,
+            max_connections: 10_000,
+            max_header_bytes: ByteSize(64 << 10),
+            header_read_timeout: Dur::secs(10),
+            idle_timeout: Dur::secs(60),
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_reset_streams: 64,
+            retry_buffer_bytes: ByteSize(64 << 10),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            access_log: "stdout".to_owned(),
+            access_log_buffer: 8192,
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            on_503: true,
+            on_reset: true,
+            budget_ratio: 0.2,
+            budget_min_concurrency: 3,
+        }
+    }
+}
+
+// === impl EndpointConfig ===
+
+impl EndpointConfig {
+    pub fn address(&self) -> SocketAddr {
+        match self {
+            Self::Addr(a) => *a,
+            Self::Weighted(w) => w.address,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            Self::Addr(_) => defaults::weight(),
+            Self::Weighted(w) => w.weight,
+        }
+    }
+
+    pub fn env(&self) -> &str {
+        match self {
+            Self::Addr(_) => "vm",
+            Self::Weighted(w) => &w.env,
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// The node name: configured, else the host name.
+    pub fn node_name(&self) -> String {
+        self.agent.node.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "localhost".to_owned())
+        })
+    }
+}

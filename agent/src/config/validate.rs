@@ -1,0 +1,296 @@
+//! Pure validation of a typed config: every problem, each naming its key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use super::{BalancerKind, CmdbKind, Config, RegistryKind};
+
+type Problems = Vec<(String, String)>;
+
+/// Returns every semantic problem of `config` as `(key, message)`.
+pub fn validate(config: &Config) -> Problems {
+    let mut p = Problems::new();
+    let mut listeners: HashMap<SocketAddr, String> = HashMap::new();
+    let mut claim = |p: &mut Problems, addr: SocketAddr, key: String| {
+        if let Some(other) = listeners.get(&addr) {
+            p.push((key, format!("address {addr} is already used by {other}")));
+        } else {
+            listeners.insert(addr, key);
+        }
+    };
+
+    let agent = &config.agent;
+    claim(&mut p, agent.admin_listen, "agent.admin_listen".into());
+    if let Some(n) = agent.worker_threads {
+        if n == 0 || n > 1024 {
+            p.push(("agent.worker_threads".into(), format!("{n} is out of range 1..=1024")));
+        }
+    }
+    if let Some(node) = &agent.node {
+        if node.trim().is_empty() {
+            p.push(("agent.node".into(), "must not be empty".into()));
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&agent.log_level) {
+        p.push(("agent.log_level".into(), format!("invalid filter: {e}")));
+    }
+
+    if config.cmdb.kind != CmdbKind::File && config.cmdb.url.is_none() {
+        p.push(("cmdb.url".into(), format!("required for kind = {:?}", config.cmdb.kind)));
+    }
+    if config.registry.kind != RegistryKind::None && !is_http_url(&config.registry.address) {
+        p.push((
+            "registry.address".into(),
+            format!("{:?} is not an http:// or https:// URL", config.registry.address),
+        ));
+    }
+
+    if let Some(inb) = &config.inbound {
+        claim(&mut p, inb.listen, "inbound.listen".into());
+        if inb.app == inb.listen {
+            p.push(("inbound.app".into(), "must differ from inbound.listen (a loop)".into()));
+        }
+        if inb.timeout.get().is_zero() {
+            p.push(("inbound.timeout".into(), "must be greater than 0".into()));
+        }
+        if let Some(path) = &inb.health.path {
+            if !path.starts_with('/') {
+                p.push(("inbound.health.path".into(), format!("{path:?} must start with '/'")));
+            }
+        }
+        if inb.health.interval.get().is_zero() {
+            p.push(("inbound.health.interval".into(), "must be greater than 0".into()));
+        }
+    }
+
+    let proxy = &config.proxy;
+    if let Some(addr) = proxy.shared_outbound_listen {
+        claim(&mut p, addr, "proxy.shared_outbound_listen".into());
+    }
+    if proxy.max_connections == 0 {
+        p.push(("proxy.max_connections".into(), "must be at least 1".into()));
+    }
+    if !(1024..=(16 << 20)).contains(&proxy.max_header_bytes.0) {
+        p.push((
+            "proxy.max_header_bytes".into(),
+            format!("{} is out of range 1KiB..=16MiB", proxy.max_header_bytes),
+        ));
+    }
+    if proxy.h2_max_concurrent_streams == 0 {
+        p.push(("proxy.h2_max_concurrent_streams".into(), "must be at least 1".into()));
+    }
+    if proxy.header_read_timeout.get().is_zero() {
+        p.push(("proxy.header_read_timeout".into(), "must be greater than 0".into()));
+    }
+    if config.telemetry.access_log_buffer == 0 {
+        p.push(("telemetry.access_log_buffer".into(), "must be at least 1".into()));
+    }
+    if config.telemetry.access_log.trim().is_empty() {
+        p.push((
+            "telemetry.access_log".into(),
+            "use \"off\", \"stdout\" or a file path".into(),
+        ));
+    }
+
+    let mut services: HashMap<&str, usize> = HashMap::new();
+    for (i, out) in config.outbound.iter().enumerate() {
+        let key = |k: &str| format!("outbound[{i}].{k}");
+        if !is_service_name(&out.service) {
+            p.push((
+                key("service"),
+                format!(
+                    "{:?} is not a valid service name (letters, digits, '-', '_', '.')",
+                    out.service
+                ),
+            ));
+        } else if let Some(first) = services.insert(&out.service, i) {
+            p.push((
+                key("service"),
+                format!("{:?} is already defined by outbound[{first}]", out.service),
+            ));
+        }
+        if let Some(addr) = out.listen {
+            claim(&mut p, addr, key("listen"));
+        }
+        if out.timeout.get().is_zero() {
+            p.push((key("timeout"), "must be greater than 0".into()));
+        }
+        if let Some(per_try) = out.per_try_timeout {
+            if per_try.get().is_zero() || per_try > out.timeout {
+                p.push((
+                    key("per_try_timeout"),
+                    format!("must be in (0, timeout = {}]", out.timeout),
+                ));
+            }
+        }
+        if out.connect_timeout.get().is_zero() {
+            p.push((key("connect_timeout"), "must be greater than 0".into()));
+        }
+        if out.endpoints.is_empty() && config.registry.kind == RegistryKind::None {
+            p.push((
+                key("endpoints"),
+                "no static endpoints and registry.kind = \"none\": nothing to send to".into(),
+            ));
+        }
+        for (j, ep) in out.endpoints.iter().enumerate() {
+            if !(1..=10_000).contains(&ep.weight()) {
+                p.push((
+                    format!("outbound[{i}].endpoints[{j}].weight"),
+                    format!("{} is out of range 1..=10000", ep.weight()),
+                ));
+            }
+            if !matches!(ep.env(), "vm" | "k8s") {
+                p.push((
+                    format!("outbound[{i}].endpoints[{j}].env"),
+                    format!("{:?} must be \"vm\" or \"k8s\"", ep.env()),
+                ));
+            }
+        }
+        match (&out.balancer, &out.hash_header) {
+            (BalancerKind::RingHash, Some(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                p.push((key("hash_header"), format!("{h:?} is not a valid header name")));
+            }
+            (BalancerKind::RingHash, None) => {
+                p.push((key("hash_header"), "required by balancer = \"ring-hash\"".into()));
+            }
+            (b, Some(_)) if *b != BalancerKind::RingHash => {
+                p.push((key("hash_header"), "only used by balancer = \"ring-hash\"".into()));
+            }
+            _ => {}
+        }
+        if !(0.0..=1.0).contains(&out.retry.budget_ratio) {
+            p.push((
+                key("retry.budget_ratio"),
+                format!("{} is out of range 0..=1", out.retry.budget_ratio),
+            ));
+        }
+        if out.retry.attempts > 10 {
+            p.push((key("retry.attempts"), format!("{} is more than 10", out.retry.attempts)));
+        }
+    }
+    p
+}
+
+fn is_http_url(s: &str) -> bool {
+    s.strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .is_some_and(|rest| !rest.is_empty())
+}
+
+fn is_service_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::load_str;
+
+    #[test]
+    fn minimal_design_schema_loads() {
+        let text = include_str!("../../tests/fixtures/design-minimal.toml");
+        let c = load_str(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.outbound.len(), 1);
+        assert_eq!(c.agent.worker_threads, Some(1));
+        assert_eq!(c.inbound.as_ref().map(|i| i.ramp.window.get().as_secs()), Some(60));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let text = r#"
+[agent]
+admin_listen = "127.0.0.1:9901"
+colour = "red"
+
+[proxy]
+max_conections = 5
+max_header_bytes = "12 parsecs"
+
+[[outbound]]
+service = "a b"
+listen = "127.0.0.1:9901"
+balancer = "fastest"
+timeout = "soon"
+endpoints = ["127.0.0.1:1"]
+
+[[outbound]]
+service = "b"
+balancer = "ring-hash"
+endpoints = ["127.0.0.1:2"]
+[outbound.retry]
+budget_ratio = 3.0
+"#;
+        let err = load_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "agent.colour",
+            "proxy.max_conections",
+            "proxy.max_header_bytes",
+            "outbound[0].balancer",
+            "outbound[0].timeout",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {keys:?}");
+        }
+        let colour = err.problems.iter().find(|p| p.key == "agent.colour").unwrap();
+        assert_eq!(colour.line, Some(4));
+        assert!(colour.message.contains("unknown field"), "{}", colour.message);
+    }
+
+    #[test]
+    fn semantic_problems_are_all_reported() {
+        let text = r#"
+[agent]
+admin_listen = "127.0.0.1:9901"
+[[outbound]]
+service = "a b"
+listen = "127.0.0.1:9901"
+endpoints = [{ address = "127.0.0.1:1", weight = 0 }]
+[[outbound]]
+service = "b"
+balancer = "ring-hash"
+endpoints = ["127.0.0.1:2"]
+[outbound.retry]
+budget_ratio = 3.0
+"#;
+        let err = load_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "outbound[0].service",
+                "outbound[0].listen",
+                "outbound[0].endpoints[0].weight",
+                "outbound[1].hash_header",
+                "outbound[1].retry.budget_ratio",
+            ]
+        );
+        assert_eq!(err.problems[1].line, Some(6));
+    }
+
+    #[test]
+    fn env_overrides_file_values() {
+        let src = crate::config::Source {
+            path: None,
+            text: Some("[agent]\nnode = \"a\"\n".into()),
+            env: [
+                ("VMESH_AGENT__NODE".to_owned(), "b".to_owned()),
+                ("VMESH_AGENT__WORKER_THREADS".to_owned(), "3".to_owned()),
+                ("VMESH_PROXY__MAX_CONNECTIONS".to_owned(), "7".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let c = crate::config::load(&src).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.agent.node.as_deref(), Some("b"));
+        assert_eq!(c.agent.worker_threads, Some(3));
+        assert_eq!(c.proxy.max_connections, 7);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = load_str("[agent]\nnode = \n").unwrap_err();
+        assert_eq!(err.problems[0].line, Some(2), "{err}");
+    }
+}

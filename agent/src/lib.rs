@@ -1,0 +1,13 @@
+//! vmesh-agent: the per-VM service-mesh agent. The binary `vmesh` (src/main.rs) is a thin CLI
+//! over this library.
+
+pub mod admin;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod lifecycle;
+pub mod proxy;
+pub mod resilience;
+pub mod route;
+pub mod telemetry;

@@ -1,0 +1,6 @@
+//! The agent's life: start-up, signals, config reload, graceful shutdown.
+
+pub mod agent;
+pub mod signals;
+
+pub use agent::{run, AgentState};

@@ -1,0 +1,85 @@
+//! The sidecar proxy: listeners, HTTP/1.1 + HTTP/2 + gRPC serving and forwarding, TCP.
+//!
+//! Architecture invariant: the request path reads snapshots (route table, endpoint sets) and
+//! never awaits the registry, the CMDB or the store.
+
+pub mod body;
+pub mod client;
+mod complete;
+mod drain;
+pub mod error;
+mod forward;
+pub mod headers;
+mod http;
+pub mod listener;
+mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+pub use drain::{Drain, DrainWatch};
+pub use http::server_builder as http_builder;
+pub use listener::{ListenerKind, ListenerSpec};
+
+use crate::config::ProxyConfig;
+use crate::route::{Cluster, RouteTable};
+use crate::telemetry::metrics::Direction;
+use crate::telemetry::{AccessLog, Metrics};
+
+/// What every listener shares: the live route table, telemetry, and connection settings.
+pub struct Shared {
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub metrics: Arc<Metrics>,
+    pub access_log: AccessLog,
+    pub limits: ProxyConfig,
+}
+
+/// One listener's identity and target.
+pub struct ListenerCtx {
+    pub name: String,
+    pub kind: ListenerKind,
+    pub direction: Direction,
+}
+
+/// One downstream connection.
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub listener: Arc<ListenerCtx>,
+    pub client: SocketAddr,
+    /// The client's IP as a header value, built once per connection for `x-forwarded-for`.
+    pub client_ip: ::http::HeaderValue,
+}
+
+impl ListenerCtx {
+    /// The cluster this listener sends to, for a request with `host` (shared port only).
+    pub fn cluster(&self, routes: &RouteTable, host: Option<&str>) -> Option<Arc<Cluster>> {
+        match &self.kind {
+            ListenerKind::Inbound => routes.inbound.clone(),
+            ListenerKind::Outbound(service) => routes.services.get(service.as_str()).cloned(),
+            ListenerKind::SharedOutbound => routes.by_host(strip_port(host?)).cloned(),
+        }
+    }
+}
+
+/// `orders:8080` -> `orders`; IPv6 literals keep their brackets' content whole.
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') && !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::strip_port;
+
+    #[test]
+    fn ports_are_stripped_from_hosts() {
+        assert_eq!(strip_port("orders"), "orders");
+        assert_eq!(strip_port("orders:80"), "orders");
+        assert_eq!(strip_port("[::1]:80"), "[::1]:80");
+        assert_eq!(strip_port("::1"), "::1");
+    }
+}

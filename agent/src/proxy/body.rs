@@ -1,0 +1,160 @@
+//! Bodies on the request path: the request body sent upstream (streamed, or buffered so it
+//! can be retried), and the response body that records the request's completion when the last
+//! byte is sent or the client goes away.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::complete::Completion;
+
+/// The body of a request sent upstream.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Streamed from the client; cannot be replayed. Counts its bytes when asked to.
+    Stream(Incoming, Option<Arc<AtomicU64>>),
+    /// Held in memory (empty or small): can be sent again on a retry.
+    Buffered(Option<Bytes>),
+}
+
+impl RequestBody {
+    pub fn empty() -> Self {
+        Self::Buffered(None)
+    }
+
+    /// A copy for another try, when the body can be replayed.
+    pub fn replay(&self) -> Option<Self> {
+        match self {
+            Self::Stream(..) => None,
+            Self::Buffered(b) => Some(Self::Buffered(b.clone())),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match &mut *self {
+            Self::Stream(b, counter) => {
+                let polled = Pin::new(b).poll_frame(cx);
+                if let (Some(counter), Poll::Ready(Some(Ok(frame)))) = (counter, &polled) {
+                    if let Some(d) = frame.data_ref() {
+                        counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                polled
+            }
+            Self::Buffered(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Stream(b, _) => b.is_end_stream(),
+            Self::Buffered(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Stream(b, _) => b.size_hint(),
+            Self::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// The body of a response sent to the client.
+pub struct ResponseBody {
+    inner: Inner,
+    bytes: u64,
+    completion: Option<Completion>,
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming, completion: Option<Completion>) -> Self {
+        Self {
+            inner: Inner::Upstream(body),
+            bytes: 0,
+            completion,
+        }
+    }
+
+    pub fn full(data: Bytes, completion: Option<Completion>) -> Self {
+        Self {
+            inner: Inner::Full((!data.is_empty()).then_some(data)),
+            bytes: 0,
+            completion,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(c) = self.completion.take() {
+            c.finish(self.bytes);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+                if this.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(c) = this.completion.as_mut() {
+                    c.set_error("UPSTREAM_RESET");
+                }
+                this.finish();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // The client went away before the end, or the body was never polled (HEAD, 204).
+        self.finish();
+    }
+}

@@ -1,0 +1,115 @@
+//! Errors the proxy answers itself: a status, a stable `x-vmesh-error` code and a short body;
+//! for gRPC callers a trailers-only response with `grpc-status`, as gRPC clients expect.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::ResponseBody;
+use super::complete::Completion;
+
+pub static X_VMESH_ERROR: http::HeaderName = http::HeaderName::from_static("x-vmesh-error");
+
+/// A failure of the proxy itself, with its stable code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyError {
+    /// No endpoint accepted a TCP connection.
+    ConnectFailed,
+    /// The upstream closed or reset the connection before a response.
+    Reset,
+    /// The cluster has no endpoint to send to.
+    NoHealthyEndpoint,
+    /// The upstream did not answer within the route's timeout.
+    Timeout,
+    /// The shared outbound port got a `Host` that names no configured service.
+    UnknownService,
+    /// The request is malformed (e.g. no usable authority or path).
+    BadRequest,
+    /// A request body was larger than allowed while being buffered, or failed to arrive.
+    BodyError,
+}
+
+impl ProxyError {
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ConnectFailed => "UPSTREAM_CONNECT_FAILED",
+            Self::Reset => "UPSTREAM_RESET",
+            Self::NoHealthyEndpoint => "NO_HEALTHY_ENDPOINT",
+            Self::Timeout => "UPSTREAM_TIMEOUT",
+            Self::UnknownService => "UNKNOWN_SERVICE",
+            Self::BadRequest => "BAD_REQUEST",
+            Self::BodyError => "REQUEST_BODY_ERROR",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::ConnectFailed | Self::Reset => StatusCode::BAD_GATEWAY,
+            Self::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UnknownService => StatusCode::NOT_FOUND,
+            Self::BadRequest | Self::BodyError => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The gRPC status code for this error (UNAVAILABLE, DEADLINE_EXCEEDED, ...).
+    fn grpc_status(self) -> &'static str {
+        match self {
+            Self::ConnectFailed | Self::Reset | Self::NoHealthyEndpoint => "14",
+            Self::Timeout => "4",
+            Self::UnknownService => "12",
+            Self::BadRequest | Self::BodyError => "13",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::ConnectFailed => "upstream connect failed",
+            Self::Reset => "upstream reset the connection before a response",
+            Self::NoHealthyEndpoint => "no healthy endpoint",
+            Self::Timeout => "upstream timed out",
+            Self::UnknownService => "unknown service",
+            Self::BadRequest => "bad request",
+            Self::BodyError => "request body could not be read",
+        }
+    }
+
+    /// The response for this error; `grpc` answers in gRPC's trailers-only form.
+    pub fn response(self, grpc: bool, completion: Option<Completion>) -> Response<ResponseBody> {
+        let code = HeaderValue::from_static(self.code());
+        if grpc {
+            let mut r = Response::new(ResponseBody::full(Bytes::new(), completion));
+            let h = r.headers_mut();
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from_static(self.grpc_status()));
+            h.insert("grpc-message", HeaderValue::from_static(self.code()));
+            h.insert(X_VMESH_ERROR.clone(), code);
+            return r;
+        }
+        let body = Bytes::from(format!("{}: {}\n", self.code(), self.message()));
+        let mut r = Response::new(ResponseBody::full(body, completion));
+        *r.status_mut() = self.status();
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(X_VMESH_ERROR.clone(), code);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_and_grpc_forms() {
+        let r = ProxyError::Timeout.response(false, None);
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()["x-vmesh-error"], "UPSTREAM_TIMEOUT");
+        let g = ProxyError::ConnectFailed.response(true, None);
+        assert_eq!(g.status(), 200);
+        assert_eq!(g.headers()["grpc-status"], "14");
+        assert_eq!(ProxyError::NoHealthyEndpoint.status(), 503);
+    }
+}

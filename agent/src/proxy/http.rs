@@ -1,0 +1,105 @@
+//! Serving one downstream HTTP connection (HTTP/1.1 or HTTP/2 prior knowledge, detected per
+//! connection) and routing each request to its cluster.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+
+use super::body::ResponseBody;
+use super::error::ProxyError;
+use super::forward::{early_completion, fail, forward, is_grpc};
+use super::{ConnCtx, DrainWatch};
+use crate::config::ProxyConfig;
+
+/// The connection builder for downstream HTTP, with the configured limits.
+pub fn server_builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        // Also bounds the idle time between keep-alive requests.
+        .header_read_timeout(limits.header_read_timeout.get())
+        .max_buf_size(
+            usize::try_from(limits.max_header_bytes.0)
+                .unwrap_or(usize::MAX)
+                .max(8192),
+        )
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(Some(1024))
+        .max_header_list_size(u32::try_from(limits.max_header_bytes.0).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(limits.idle_timeout.get() / 2))
+        .keep_alive_timeout(std::time::Duration::from_secs(20));
+    b
+}
+
+/// Serves `stream` until it closes, or until draining has let its in-flight requests finish.
+pub async fn serve(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    mut drain: DrainWatch,
+) {
+    let service = ProxyService(ctx);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "downstream connection error");
+            }
+        }
+        () = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ProxyService(Arc<ConnCtx>);
+
+impl hyper::service::Service<Request<Incoming>> for ProxyService {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let ctx = self.0.clone();
+        Box::pin(async move { Ok(handle(&ctx, req).await) })
+    }
+}
+
+async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ResponseBody> {
+    let start = Instant::now();
+    let cluster = {
+        let routes = ctx.shared.routes.load();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host());
+        ctx.listener.cluster(&routes, host)
+    };
+    match cluster {
+        Some(cluster) => forward(ctx, cluster, req, start).await,
+        None => {
+            let grpc = is_grpc(&req);
+            fail(
+                ProxyError::UnknownService,
+                grpc,
+                early_completion(ctx, &req, start, None),
+            )
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Listeners: binding (with the limits of the config), the accept loop, and per-connection
+//! bookkeeping (connection cap, metrics, drain).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use super::{http, tcp, ConnCtx, DrainWatch, ListenerCtx, Shared};
+use crate::config::{Config, Protocol};
+use crate::telemetry::metrics::Direction;
+
+/// What a listener serves.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ListenerKind {
+    Inbound,
+    Outbound(String),
+    SharedOutbound,
+}
+
+/// A listener as the config describes it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerSpec {
+    pub addr: SocketAddr,
+    pub kind: ListenerKind,
+    pub protocol: Protocol,
+}
+
+/// A running listener. `update` retargets it (same address, new kind or protocol) for the
+/// connections it accepts next; `stop` ends its accept loop.
+pub struct Running {
+    pub spec: ListenerSpec,
+    stop: watch::Sender<bool>,
+    update: watch::Sender<Target>,
+}
+
+/// What the accept loop hands each new connection.
+#[derive(Clone)]
+struct Target {
+    ctx: Arc<ListenerCtx>,
+    protocol: Protocol,
+}
+
+impl Target {
+    fn new(spec: &ListenerSpec) -> Self {
+        let ctx = Arc::new(ListenerCtx {
+            name: spec.name(),
+            direction: if spec.kind == ListenerKind::Inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            },
+            kind: spec.kind.clone(),
+        });
+        Self {
+            ctx,
+            protocol: spec.protocol,
+        }
+    }
+}
+
+impl ListenerSpec {
+    /// Every listener a config asks for.
+    pub fn from_config(c: &Config) -> Vec<Self> {
+        let mut out = Vec::new();
+        if let Some(inb) = &c.inbound {
+            out.push(Self {
+                addr: inb.listen,
+                kind: ListenerKind::Inbound,
+                protocol: inb.protocol,
+            });
+        }
+        if let Some(addr) = c.proxy.shared_outbound_listen {
+            out.push(Self {
+                addr,
+                kind: ListenerKind::SharedOutbound,
+                protocol: Protocol::Http,
+            });
+        }
+        for o in &c.outbound {
+            if let Some(addr) = o.listen {
+                out.push(Self {
+                    addr,
+                    kind: ListenerKind::Outbound(o.service.clone()),
+                    protocol: o.protocol,
+                });
+            }
+        }
+        out
+    }
+
+    pub fn name(&self) -> String {
+        match &self.kind {
+            ListenerKind::Inbound => "inbound".to_owned(),
+            ListenerKind::Outbound(s) => format!("outbound:{s}"),
+            ListenerKind::SharedOutbound => "outbound:shared".to_owned(),
+        }
+    }
+}
+
+/// Binds a TCP listener with address reuse and a deep backlog.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Running {
+    /// Starts the accept loop of `spec` on an already bound `listener`.
+    pub fn start(
+        spec: ListenerSpec,
+        listener: TcpListener,
+        shared: Arc<Shared>,
+        builder: Arc<auto::Builder<TokioExecutor>>,
+        drain: DrainWatch,
+    ) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let (update, target) = watch::channel(Target::new(&spec));
+        tracing::info!(listener = %spec.name(), addr = %spec.addr, protocol = ?spec.protocol, "listening");
+        tokio::spawn(accept_loop(listener, target, shared, builder, drain, stop_rx));
+        Self { spec, stop, update }
+    }
+
+    /// Serves `spec` (same address) for connections accepted from now on.
+    pub fn retarget(&mut self, spec: ListenerSpec) {
+        tracing::info!(listener = %spec.name(), addr = %spec.addr, protocol = ?spec.protocol, "listener retargeted");
+        let _ = self.update.send(Target::new(&spec));
+        self.spec = spec;
+    }
+
+    /// Stops accepting; open connections continue until they end.
+    pub fn stop(self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    target: watch::Receiver<Target>,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut drain: DrainWatch,
+    mut stop: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let name = target.borrow().ctx.name.clone();
+    let (active, total) = shared.metrics.listener(&name);
+    loop {
+        // At the connection cap, stop accepting: new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = drain.signaled() => break,
+            () = stopped(&mut stop) => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = drain.signaled() => break,
+            () = stopped(&mut stop) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        total.inc();
+        active.inc();
+        let conn_drain = drain.clone();
+        let active = active.clone();
+        let Target { ctx, protocol } = target.borrow().clone();
+        let spawn_ctx = (shared.clone(), builder.clone());
+        tokio::spawn(async move {
+            let (shared, builder) = spawn_ctx;
+            serve_conn(stream, peer, protocol, shared, ctx, builder, conn_drain).await;
+            active.dec();
+            drop(permit);
+        });
+    }
+    tracing::info!(listener = %name, "stopped accepting");
+}
+
+async fn serve_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    protocol: Protocol,
+    shared: Arc<Shared>,
+    listener: Arc<ListenerCtx>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: DrainWatch,
+) {
+    if protocol == Protocol::Tcp {
+        tcp::proxy(stream, peer, &shared, &listener, drain).await;
+        return;
+    }
+    let client_ip = ::http::HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
+    let ctx = Arc::new(ConnCtx {
+        shared,
+        listener,
+        client: peer,
+        client_ip,
+    });
+    http::serve(builder, stream, ctx, drain).await;
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

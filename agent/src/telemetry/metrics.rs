@@ -1,0 +1,276 @@
+//! The agent's Prometheus metrics. Label sets are bounded (direction, service, env, class,
+//! code); the request path holds pre-resolved handles and never touches a family's lock.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::histogram::LatencyHistogram;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub direction: Direction,
+    pub service: String,
+    pub env: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub direction: Direction,
+    pub service: String,
+    pub env: String,
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub direction: Direction,
+    pub service: String,
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub direction: Direction,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+/// Every metric family of the agent, registered once.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<StatusLabels, Counter>,
+    request_duration: Family<ServiceLabels, LatencyHistogram>,
+    upstream_duration: Family<ServiceLabels, LatencyHistogram>,
+    overhead: Family<ServiceLabels, LatencyHistogram>,
+    proxy_errors: Family<ErrorLabels, Counter>,
+    retries: Family<ClusterLabels, Counter>,
+    retries_budget_exhausted: Family<ClusterLabels, Counter>,
+    ejections: Family<ClusterLabels, Counter>,
+    pub connections_active: Family<ListenerLabels, Gauge>,
+    pub connections: Family<ListenerLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
+    pub access_log_dropped: Counter,
+}
+
+/// Handles for one (direction, service, env): what the request path updates.
+#[derive(Clone, Debug, Default)]
+pub struct RequestMetrics {
+    /// Indexed by status class: 1xx..5xx at 0..=4.
+    by_class: [Counter; 5],
+    pub duration: LatencyHistogram,
+    pub upstream: LatencyHistogram,
+    pub overhead: LatencyHistogram,
+}
+
+/// Handles for one cluster (direction, service).
+#[derive(Clone, Debug, Default)]
+pub struct ClusterMetrics {
+    pub retries: Counter,
+    pub retries_budget_exhausted: Counter,
+    pub ejections: Counter,
+    /// Proxy errors by code, resolved on first use (errors are off the fast path).
+    errors: Option<(Family<ErrorLabels, Counter>, ClusterLabels)>,
+    /// Metrics for requests that never reached an endpoint.
+    pub no_endpoint: RequestMetrics,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+// === impl Metrics ===
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("vmesh");
+        let m = Self {
+            requests: Family::default(),
+            request_duration: Family::default(),
+            upstream_duration: Family::default(),
+            overhead: Family::default(),
+            proxy_errors: Family::default(),
+            retries: Family::default(),
+            retries_budget_exhausted: Family::default(),
+            ejections: Family::default(),
+            connections_active: Family::default(),
+            connections: Family::default(),
+            config_reloads: Family::default(),
+            access_log_dropped: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests proxied, by response status class",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request received to response body sent",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Time the upstream took to answer with headers, all tries",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "proxy_overhead_seconds",
+            "The proxy's own time: time to response headers minus upstream time",
+            m.overhead.clone(),
+        );
+        registry.register(
+            "proxy_errors",
+            "Responses generated by the proxy, by x-vmesh-error code",
+            m.proxy_errors.clone(),
+        );
+        registry.register("retries", "Retries sent", m.retries.clone());
+        registry.register(
+            "retries_budget_exhausted",
+            "Retries not sent because the retry budget was spent",
+            m.retries_budget_exhausted.clone(),
+        );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "downstream_connections_active",
+            "Open downstream connections",
+            m.connections_active.clone(),
+        );
+        registry.register(
+            "downstream_connections",
+            "Downstream connections accepted",
+            m.connections.clone(),
+        );
+        registry.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
+        registry.register(
+            "access_log_dropped",
+            "Access-log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
+        );
+        Arc::new(Self { registry, ..m })
+    }
+
+    /// Handles for requests of one (direction, service, env).
+    pub fn request(&self, direction: Direction, service: &str, env: &str) -> RequestMetrics {
+        let labels = ServiceLabels {
+            direction,
+            service: service.to_owned(),
+            env: env.to_owned(),
+        };
+        let by_class = CLASSES.map(|class| {
+            self.requests
+                .get_or_create(&StatusLabels {
+                    direction,
+                    service: service.to_owned(),
+                    env: env.to_owned(),
+                    class,
+                })
+                .clone()
+        });
+        RequestMetrics {
+            by_class,
+            duration: self.request_duration.get_or_create(&labels).clone(),
+            upstream: self.upstream_duration.get_or_create(&labels).clone(),
+            overhead: self.overhead.get_or_create(&labels).clone(),
+        }
+    }
+
+    pub fn cluster(&self, direction: Direction, service: &str) -> ClusterMetrics {
+        let labels = ClusterLabels {
+            direction,
+            service: service.to_owned(),
+        };
+        ClusterMetrics {
+            retries: self.retries.get_or_create(&labels).clone(),
+            retries_budget_exhausted: self.retries_budget_exhausted.get_or_create(&labels).clone(),
+            ejections: self.ejections.get_or_create(&labels).clone(),
+            errors: Some((self.proxy_errors.clone(), labels)),
+            no_endpoint: self.request(direction, service, "none"),
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> (Gauge, Counter) {
+        let labels = ListenerLabels {
+            listener: name.to_owned(),
+        };
+        (
+            self.connections_active.get_or_create(&labels).clone(),
+            self.connections.get_or_create(&labels).clone(),
+        )
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+// === impl RequestMetrics ===
+
+impl RequestMetrics {
+    /// Handles not registered anywhere (unit tests).
+    pub fn detached() -> Self {
+        Self::default()
+    }
+
+    pub fn count_status(&self, status: u16) {
+        let i = usize::from(status / 100).clamp(1, 5) - 1;
+        self.by_class[i].inc();
+    }
+}
+
+// === impl ClusterMetrics ===
+
+impl ClusterMetrics {
+    pub fn proxy_error(&self, code: &'static str) {
+        if let Some((family, labels)) = &self.errors {
+            family
+                .get_or_create(&ErrorLabels {
+                    direction: labels.direction,
+                    service: labels.service.clone(),
+                    code,
+                })
+                .inc();
+        }
+    }
+}

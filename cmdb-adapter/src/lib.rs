@@ -1,0 +1,1 @@
+//! Reads this VM's service identity from a CMDB.
