@@ -49,11 +49,19 @@ fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/config") => json_response(config(state)),
         (&Method::GET, "/clusters") => json_response(clusters(state)),
         (&Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(state.metrics.encode())));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-            );
+            // OpenMetrics for scrapers that ask for it, Prometheus text otherwise.
+            let openmetrics = req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|a| a.to_str().ok())
+                .is_some_and(|a| a.contains("application/openmetrics-text"));
+            let (body, content_type) = if openmetrics {
+                (state.metrics.encode_openmetrics(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+            } else {
+                (state.metrics.encode_prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+            };
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
             r
         }
         (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics") => {

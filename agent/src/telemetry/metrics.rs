@@ -236,13 +236,49 @@ impl Metrics {
         )
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics text exposition.
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::with_capacity(16 * 1024);
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The Prometheus text exposition (format 0.0.4), which every scraper and `promtool`
+    /// read: counters are described under their `_total` sample name, and no `# EOF`.
+    pub fn encode_prometheus(&self) -> String {
+        to_prometheus_text(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text format 0.0.4.
+fn to_prometheus_text(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(om.len() + 64);
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 // === impl RequestMetrics ===
@@ -272,5 +308,24 @@ impl ClusterMetrics {
                 })
                 .inc();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_by_their_samples() {
+        let m = Metrics::new();
+        let r = m.request(Direction::Outbound, "orders", "vm");
+        r.count_status(200);
+        r.overhead.observe(std::time::Duration::from_micros(30));
+        let text = m.encode_prometheus();
+        assert!(text.contains("# TYPE vmesh_requests_total counter\n"), "{text}");
+        assert!(text.contains("# HELP vmesh_requests_total "), "{text}");
+        assert!(text.contains("vmesh_requests_total{direction=\"outbound\",service=\"orders\",env=\"vm\",class=\"2xx\"} 1"));
+        assert!(text.contains("# TYPE vmesh_proxy_overhead_seconds histogram"));
+        assert!(!text.contains("# EOF"));
     }
 }
