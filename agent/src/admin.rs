@@ -24,7 +24,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -35,16 +35,36 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
     }
 }
 
-fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST {
+        if let Err(r) = authorize(state, &req) {
+            return *r;
+        }
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/ready") => {
-            if state.draining.load(Ordering::SeqCst) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-            } else {
-                text(StatusCode::OK, "ready\n")
+        (&Method::GET, "/ready") => match not_ready(state) {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => owned_text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
+        (&Method::POST, "/drain") => match state.lifecycle.drain().await {
+            Ok(()) => {
+                let mut r = json_response(lifecycle_json(state));
+                *r.status_mut() = StatusCode::ACCEPTED;
+                r
+            }
+            Err(e) => owned_text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        },
+        (&Method::POST, "/undrain") => {
+            let timeout = query_param(&req, "timeout")
+                .and_then(|t| humantime::parse_duration(&t).ok())
+                .unwrap_or(std::time::Duration::from_secs(60));
+            match state.lifecycle.undrain(timeout).await {
+                Ok(()) => json_response(lifecycle_json(state)),
+                Err(e) => owned_text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
             }
         }
+        (_, "/drain" | "/undrain") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         (&Method::GET, "/status") => json_response(status(state)),
         (&Method::GET, "/config") => json_response(config(state)),
         (&Method::GET, "/clusters") => json_response(clusters(state)),
@@ -56,12 +76,19 @@ fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .and_then(|a| a.to_str().ok())
                 .is_some_and(|a| a.contains("application/openmetrics-text"));
             let (body, content_type) = if openmetrics {
-                (state.metrics.encode_openmetrics(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                (
+                    state.metrics.encode_openmetrics(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
             } else {
-                (state.metrics.encode_prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+                (
+                    state.metrics.encode_prometheus(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
             };
             let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
             r
         }
         (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics") => {
@@ -69,6 +96,85 @@ fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Why the instance should not get traffic, if it should not.
+fn not_ready(state: &AgentState) -> Option<String> {
+    if state.draining.load(Ordering::SeqCst) {
+        return Some("shutting down".into());
+    }
+    let s = state.lifecycle.status();
+    let config = state.config.load();
+    if s.drain != crate::lifecycle::registrar::DrainPhase::Serving {
+        return Some(format!("{:?}", s.drain).to_lowercase());
+    }
+    if let Some(app) = &s.app {
+        if !app.healthy {
+            return Some(format!(
+                "application unhealthy: {}",
+                app.last_error.as_deref().unwrap_or("no check yet")
+            ));
+        }
+    }
+    if config.registry.kind != crate::config::RegistryKind::None && !s.registered {
+        let why = s
+            .identity_error
+            .or(s.registry_error)
+            .unwrap_or_else(|| "registration pending".into());
+        return Some(format!("not registered: {why}"));
+    }
+    None
+}
+
+/// Mutating calls need the admin token when `agent.admin_token_file` is set.
+fn authorize(state: &AgentState, req: &Request<Incoming>) -> Result<(), Box<Response<Full<Bytes>>>> {
+    let config = state.config.load();
+    let Some(path) = &config.agent.admin_token_file else {
+        return Ok(());
+    };
+    let want = std::fs::read_to_string(path)
+        .map(|t| t.trim().to_owned())
+        .map_err(|e| {
+            Box::new(owned_text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("ADMIN_TOKEN_UNREADABLE: {}: {e}\n", path.display()),
+            ))
+        })?;
+    let got = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if got == Some(want.as_str()) && !want.is_empty() {
+        Ok(())
+    } else {
+        Err(Box::new(text(
+            StatusCode::UNAUTHORIZED,
+            "ADMIN_UNAUTHORIZED: send Authorization: Bearer <admin token>\n",
+        )))
+    }
+}
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn lifecycle_json(state: &AgentState) -> Value {
+    serde_json::to_value(state.lifecycle.status()).unwrap_or(Value::Null)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -114,6 +220,9 @@ fn status(state: &AgentState) -> Value {
         "draining": state.draining.load(Ordering::SeqCst),
         "listeners": listeners,
         "reload": reload_status(state),
+        "ready": not_ready(state).is_none(),
+        "not_ready_reason": not_ready(state),
+        "lifecycle": lifecycle_json(state),
     })
 }
 

@@ -36,6 +36,31 @@ pub enum Command {
     Status(AdminArgs),
     /// Show clusters and endpoints with their live statistics.
     Clusters(AdminArgs),
+    /// Take this instance out of traffic: mark it down in the registry, wait for callers to
+    /// notice and for in-flight requests to finish. Exit 0 when drained, 1 on timeout.
+    Drain {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Longest wait for in-flight requests to reach zero.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Put this instance back: wait for the app's health, register, start a new slow start.
+    Undrain {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Longest wait for the application to pass its health check.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print this VM's identity as the CMDB has it (asks the CMDB directly).
+    Identity {
+        #[arg(long, short, default_value = "/etc/vmesh/vmesh.toml")]
+        config: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,6 +86,36 @@ impl AdminArgs {
             crate::config::load(&crate::config::Source::file(&self.config)).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(config.agent.admin_listen)
     }
+}
+
+/// The admin token from the config's `agent.admin_token_file`, if one is set and readable.
+pub fn admin_token(config: &std::path::Path) -> Option<String> {
+    let c = crate::config::load(&crate::config::Source::file(config)).ok()?;
+    std::fs::read_to_string(c.agent.admin_token_file?)
+        .ok()
+        .map(|t| t.trim().to_owned())
+}
+
+/// POSTs to `path` on the admin API (with the admin token when given); returns status and body.
+pub async fn admin_post(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    wait: std::time::Duration,
+) -> anyhow::Result<(u16, String)> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = http::Request::post(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(Empty::new())?;
+    let resp = tokio::time::timeout(wait, client.request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in {wait:?}"))?
+        .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// GETs `path` from the admin API; returns status and body.

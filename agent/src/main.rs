@@ -15,6 +15,157 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => check_config(Source::file(config)),
         Command::Status(args) => admin_command(&args, "/status"),
         Command::Clusters(args) => admin_command(&args, "/clusters"),
+        Command::Drain { admin, timeout } => client_runtime(|| drain(&admin, timeout)),
+        Command::Undrain { admin, timeout } => client_runtime(|| undrain(&admin, timeout)),
+        Command::Identity { config, json } => client_runtime(|| identity(config, json)),
+    }
+}
+
+/// Exit codes of the client commands, for scripts and CD hooks.
+mod exit {
+    pub const TIMEOUT: u8 = 1;
+    pub const FAILED: u8 = 2;
+    pub const ADMIN_UNREACHABLE: u8 = 3;
+    pub const CMDB_ERROR: u8 = 4;
+}
+
+fn client_runtime<F: std::future::Future<Output = ExitCode>>(f: impl FnOnce() -> F) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn drain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
+    let addr = match args.admin_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let token = vmesh_agent::cli::admin_token(&args.config);
+    match vmesh_agent::cli::admin_post(addr, "/drain", token.as_deref(), std::time::Duration::from_secs(30)).await {
+        Ok((202 | 200, _)) => {}
+        Ok((status, body)) => {
+            eprintln!("error: drain refused: {status}: {}", body.trim());
+            return ExitCode::from(exit::FAILED);
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(exit::ADMIN_UNREACHABLE);
+        }
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let status = admin_get(addr, "/status")
+            .await
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok());
+        let Some(s) = status else {
+            eprintln!("error: ADMIN_UNREACHABLE: lost the admin API while draining");
+            return ExitCode::from(exit::ADMIN_UNREACHABLE);
+        };
+        let phase = s["lifecycle"]["drain"].as_str().unwrap_or("").to_owned();
+        let in_flight = s["lifecycle"]["in_flight"].as_u64().unwrap_or(0);
+        if last != Some(in_flight) {
+            println!("draining: {in_flight} request(s) in flight");
+            last = Some(in_flight);
+        }
+        if phase == "drained" {
+            println!("drained");
+            return ExitCode::SUCCESS;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("error: DRAIN_TIMEOUT: {in_flight} request(s) still in flight after {timeout:?} (the instance stays marked down)");
+            return ExitCode::from(exit::TIMEOUT);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn undrain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
+    let addr = match args.admin_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let token = vmesh_agent::cli::admin_token(&args.config);
+    let path = format!("/undrain?timeout={}s", timeout.as_secs().max(1));
+    match vmesh_agent::cli::admin_post(
+        addr,
+        &path,
+        token.as_deref(),
+        timeout + std::time::Duration::from_secs(10),
+    )
+    .await
+    {
+        Ok((200, _)) => {
+            println!("undrained: registered, slow start begins");
+            ExitCode::SUCCESS
+        }
+        Ok((_, body)) if body.starts_with("APP_UNHEALTHY") => {
+            eprintln!("error: {}", body.trim());
+            ExitCode::from(exit::TIMEOUT)
+        }
+        Ok((status, body)) => {
+            eprintln!("error: undrain failed: {status}: {}", body.trim());
+            ExitCode::from(exit::FAILED)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::ADMIN_UNREACHABLE)
+        }
+    }
+}
+
+async fn identity(path: std::path::PathBuf, json: bool) -> ExitCode {
+    let config = match config::load(&Source::file(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            print_problems(&e);
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let vm = vmesh_agent::identity::vm_name(&config);
+    let cmdb = match vmesh_agent::identity::cmdb(&config) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("error: CMDB_CONFIG: no identity source configured ([cmdb] kind = \"file\" needs a path)");
+            return ExitCode::from(exit::CMDB_ERROR);
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", e.code());
+            return ExitCode::from(exit::CMDB_ERROR);
+        }
+    };
+    match cmdb.identity(&vm).await {
+        Ok(id) if json => {
+            println!("{}", serde_json::to_string_pretty(&id).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(id) => {
+            println!("vm:          {vm} ({})", cmdb.describe());
+            println!("service:     {}", id.service);
+            println!("environment: {}", id.environment);
+            println!("zone:        {}", id.zone);
+            println!("version:     {}", id.version);
+            println!("weight:      {}", id.weight);
+            println!("colour:      {}", id.colour);
+            println!("owner:       {}", id.owner);
+            println!("tags:        {}", id.tags.join(", "));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", e.code());
+            ExitCode::from(exit::CMDB_ERROR)
+        }
     }
 }
 

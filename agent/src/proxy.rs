@@ -43,6 +43,49 @@ pub struct ListenerCtx {
     pub direction: Direction,
 }
 
+/// Requests in progress on one downstream connection, for its idle timeout.
+pub struct ConnActivity {
+    start: std::time::Instant,
+    active: std::sync::atomic::AtomicU32,
+    /// When the last request ended, in milliseconds since `start`.
+    last_end_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A request in progress; its drop stamps the connection's last activity.
+pub struct ActiveRequest(Arc<ConnActivity>);
+
+impl ConnActivity {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: std::time::Instant::now(),
+            active: std::sync::atomic::AtomicU32::new(0),
+            last_end_ms: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    pub fn begin(self: &Arc<Self>) -> ActiveRequest {
+        self.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ActiveRequest(self.clone())
+    }
+
+    /// How long the connection has had no request in progress (`None`: one is in progress).
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        if self.active.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = std::time::Duration::from_millis(self.last_end_ms.load(std::sync::atomic::Ordering::Relaxed));
+        Some(self.start.elapsed().saturating_sub(last))
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_end_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// One downstream connection.
 pub struct ConnCtx {
     pub shared: Arc<Shared>,
@@ -50,6 +93,7 @@ pub struct ConnCtx {
     pub client: SocketAddr,
     /// The client's IP as a header value, built once per connection for `x-forwarded-for`.
     pub client_ip: ::http::HeaderValue,
+    pub activity: Arc<ConnActivity>,
 }
 
 impl ListenerCtx {

@@ -145,26 +145,40 @@ impl Cluster {
 
     fn build(spec: Spec<'_>, prev: Option<&Cluster>, metrics: &Metrics, retry_buffer: u64) -> Self {
         let old = prev.map(|p| p.endpoints.load_full());
-        let endpoints = spec
+        // A cluster without static endpoints is fed by discovery: keep what it found.
+        let discovered = spec
             .endpoints
-            .iter()
-            .map(|&(addr, weight, env)| {
-                let reused = old.as_ref().and_then(|set| {
-                    set.endpoints()
-                        .iter()
-                        .find(|e| e.addr == addr && e.weight == weight && &*e.env == env)
-                        .cloned()
-                });
-                reused.unwrap_or_else(|| {
-                    Arc::new(Endpoint::new(
-                        addr,
-                        weight,
-                        env.into(),
-                        metrics.request(spec.direction, spec.service, env),
-                    ))
+            .is_empty()
+            .then(|| old.as_ref().map(|s| s.endpoints().to_vec()));
+        let endpoints = if let Some(found) = discovered {
+            found.unwrap_or_default()
+        } else {
+            spec.endpoints
+                .iter()
+                .map(|&(addr, weight, env)| {
+                    let reused = old.as_ref().and_then(|set| {
+                        set.endpoints()
+                            .iter()
+                            .find(|e| e.addr == addr && e.weight == weight && &*e.env == env)
+                            .cloned()
+                    });
+                    reused.unwrap_or_else(|| {
+                        Arc::new(Endpoint::new(
+                            addr,
+                            weight,
+                            env.into(),
+                            metrics.request(spec.direction, spec.service, env),
+                        ))
+                    })
                 })
-            })
-            .collect();
+                .collect()
+        };
+        if endpoints.is_empty() && spec.direction == Direction::Outbound {
+            tracing::warn!(
+                service = spec.service,
+                "no endpoints yet: requests get 503 NO_HEALTHY_ENDPOINT until some are discovered"
+            );
+        }
         let client = match prev {
             Some(p) if p.protocol == spec.protocol && p.connect_timeout == spec.connect_timeout => p.client.clone(),
             _ => client::build(spec.protocol, spec.connect_timeout),

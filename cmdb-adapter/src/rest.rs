@@ -60,8 +60,9 @@ impl RestCmdb {
             .map_err(|e| CmdbError::Config(format!("url {:?}: {e}", self.opts.url)))?;
         url.query_pairs_mut().append_pair("name", vm);
         if self.flavor == Flavor::Nautobot {
-            // Nautobot 2+ returns related objects as bare references unless asked for depth.
-            url.query_pairs_mut().append_pair("depth", "1");
+            // Nautobot 2+ returns related objects as bare references unless asked for depth:
+            // depth 1 names the status and cluster, depth 2 the cluster's location.
+            url.query_pairs_mut().append_pair("depth", "2");
         }
         Ok(url)
     }

@@ -19,7 +19,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Environment label (`vm` | `k8s`).
     pub env: Arc<str>,
-    pub stats: EndpointStats,
+    /// Shared with the same endpoint in later sets (a new weight keeps the statistics).
+    pub stats: Arc<EndpointStats>,
     /// Request metrics labelled with this endpoint's direction, service and env.
     pub metrics: RequestMetrics,
 }
@@ -41,8 +42,9 @@ pub struct EndpointStats {
 
 /// Decay time of the peak-EWMA (Finagle/Linkerd use 10 s).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
-/// The latency assumed for an endpoint never measured: optimistic so new endpoints get tried.
-const EWMA_DEFAULT_NS: f64 = 1_000_000.0;
+/// The latency assumed for an endpoint never measured (and the value an idle endpoint's
+/// estimate decays to): optimistic, so new and recovered endpoints get probed.
+const EWMA_DEFAULT_NS: f64 = 100_000.0;
 
 // === impl Endpoint ===
 
@@ -55,8 +57,20 @@ impl Endpoint {
             authority,
             weight,
             env,
-            stats: EndpointStats::new(),
+            stats: Arc::new(EndpointStats::new()),
             metrics,
+        }
+    }
+
+    /// The same endpoint (statistics and metrics shared) with another weight.
+    pub fn reweighted(&self, weight: u32) -> Self {
+        Self {
+            addr: self.addr,
+            authority: self.authority.clone(),
+            weight,
+            env: self.env.clone(),
+            stats: self.stats.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

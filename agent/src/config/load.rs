@@ -97,8 +97,6 @@ fn load_with_env(origin: &str, text: &str, env: &HashMap<String, String>) -> Res
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("outbound.endpoints")
                 .source(Some(env.clone().into_iter().collect())),
         )
         .build()

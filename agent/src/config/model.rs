@@ -50,6 +50,9 @@ pub struct AgentConfig {
     pub worker_threads: Option<usize>,
     /// On SIGTERM, how long in-flight requests may take to finish before the agent exits.
     pub drain_timeout: Dur,
+    /// After the instance is marked down in the registry, how long callers get to notice
+    /// before the agent waits for in-flight requests to reach zero.
+    pub drain_grace: Dur,
     /// Log filter (tracing `EnvFilter` syntax), e.g. "info" or "vmesh=debug".
     pub log_level: String,
 }
@@ -72,6 +75,13 @@ pub struct CmdbConfig {
     pub vm_name: Option<String>,
     /// How often the identity is read again.
     pub refresh: Dur,
+    /// Timeout of one CMDB request.
+    pub timeout: Dur,
+    /// VM status values (case-insensitive) that may serve traffic; others are decommissioned.
+    pub allowed_status: Vec<String>,
+    /// Where each identity field is in the record (see docs/config.md); absent: the default
+    /// for the backend (Nautobot/NetBox custom fields `vmesh_*`, or top-level names for http).
+    pub fields: Option<vmesh_cmdb::FieldMap>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -94,6 +104,19 @@ pub struct RegistryConfig {
     pub address: String,
     /// File holding the registry's ACL token.
     pub token_file: Option<PathBuf>,
+    /// Address registered for this instance; default: the inbound listen address, or (when
+    /// that is a wildcard) none for Consul (the node's address applies) and 127.0.0.1 for etcd.
+    pub advertise_address: Option<std::net::IpAddr>,
+    /// Consul: the TTL of the check the agent passes while the app is healthy.
+    pub check_ttl: Dur,
+    /// Consul: a check critical this long deregisters the instance (a dead agent's leftovers).
+    pub deregister_critical_after: Dur,
+    /// How often the agent verifies its registration still exists (anti-entropy).
+    pub anti_entropy: Dur,
+    /// etcd: lease TTL of the instance key; the key vanishes this long after the agent dies.
+    pub lease_ttl: Dur,
+    /// Longest a blocking query waits (Consul `wait`).
+    pub watch_wait: Dur,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -140,6 +163,10 @@ pub struct HealthConfig {
     pub interval: Dur,
     /// Time a single check may take.
     pub timeout: Dur,
+    /// gRPC apps (`protocol = "grpc"`): the service name asked of `grpc.health.v1.Health/Check`.
+    pub grpc_service: String,
+    /// Consecutive failures before the app counts as unhealthy.
+    pub unhealthy_threshold: u32,
 }
 
 /// `[inbound.ramp]`
@@ -148,6 +175,11 @@ pub struct HealthConfig {
 pub struct RampConfig {
     /// Slow-start window (weight 1 -> 100); "0s" disables.
     pub window: Dur,
+    /// Curve of the ramp, as Envoy's slow start `aggression`: weight follows
+    /// (elapsed / window)^(1 / aggression); 1.0 is linear, larger values rise faster early.
+    pub aggression: f64,
+    /// Weights written to the registry during the ramp (callers interpolate between them).
+    pub steps: Vec<u32>,
 }
 
 /// `[proxy]`
@@ -309,6 +341,7 @@ impl Default for AgentConfig {
             admin_token_file: None,
             worker_threads: None,
             drain_timeout: Dur::secs(30),
+            drain_grace: Dur::secs(5),
             log_level: "info".to_owned(),
         }
     }
@@ -324,6 +357,9 @@ impl Default for CmdbConfig {
             ca_file: None,
             vm_name: None,
             refresh: Dur::secs(300),
+            timeout: Dur::secs(10),
+            allowed_status: vec!["active".to_owned(), "staged".to_owned()],
+            fields: None,
         }
     }
 }
@@ -334,6 +370,12 @@ impl Default for RegistryConfig {
             kind: RegistryKind::None,
             address: "http://127.0.0.1:8500".to_owned(),
             token_file: None,
+            advertise_address: None,
+            check_ttl: Dur::secs(15),
+            deregister_critical_after: Dur::secs(600),
+            anti_entropy: Dur::secs(30),
+            lease_ttl: Dur::secs(10),
+            watch_wait: Dur::secs(30),
         }
     }
 }
@@ -344,13 +386,19 @@ impl Default for HealthConfig {
             path: None,
             interval: Dur::secs(5),
             timeout: Dur::secs(2),
+            grpc_service: String::new(),
+            unhealthy_threshold: 2,
         }
     }
 }
 
 impl Default for RampConfig {
     fn default() -> Self {
-        Self { window: Dur::secs(60) }
+        Self {
+            window: Dur::secs(60),
+            aggression: 1.0,
+            steps: vec![1, 10, 33, 66, 100],
+        }
     }
 }
 

@@ -35,8 +35,44 @@ pub fn validate(config: &Config) -> Problems {
         p.push(("agent.log_level".into(), format!("invalid filter: {e}")));
     }
 
-    if config.cmdb.kind != CmdbKind::File && config.cmdb.url.is_none() {
-        p.push(("cmdb.url".into(), format!("required for kind = {:?}", config.cmdb.kind)));
+    match config.cmdb.kind {
+        CmdbKind::File => {}
+        CmdbKind::Http => match &config.cmdb.url {
+            Some(u) if !u.contains("{vm}") => p.push(("cmdb.url".into(), format!("{u:?} has no {{vm}} placeholder"))),
+            Some(u) if !is_http_url(u) => {
+                p.push(("cmdb.url".into(), format!("{u:?} is not an http:// or https:// URL")))
+            }
+            Some(_) => {}
+            None => p.push(("cmdb.url".into(), "required for kind = \"http\"".into())),
+        },
+        CmdbKind::Nautobot | CmdbKind::Netbox => match &config.cmdb.url {
+            Some(u) if !is_http_url(u) => {
+                p.push(("cmdb.url".into(), format!("{u:?} is not an http:// or https:// URL")))
+            }
+            Some(_) => {}
+            None => p.push((
+                "cmdb.url".into(),
+                format!("required for kind = {:?}", config.cmdb.kind).to_lowercase(),
+            )),
+        },
+    }
+    if config.cmdb.refresh.get().is_zero() {
+        p.push(("cmdb.refresh".into(), "must be greater than 0".into()));
+    }
+    if config.registry.kind != RegistryKind::None && config.inbound.is_none() {
+        p.push((
+            "inbound".into(),
+            "required when a registry is set: the inbound port is what gets registered".into(),
+        ));
+    }
+    if config.registry.check_ttl.get() < std::time::Duration::from_secs(1) {
+        p.push(("registry.check_ttl".into(), "must be at least 1s".into()));
+    }
+    if config.registry.lease_ttl.get() < std::time::Duration::from_secs(2) {
+        p.push(("registry.lease_ttl".into(), "must be at least 2s".into()));
+    }
+    if config.registry.anti_entropy.get().is_zero() {
+        p.push(("registry.anti_entropy".into(), "must be greater than 0".into()));
     }
     if config.registry.kind != RegistryKind::None && !is_http_url(&config.registry.address) {
         p.push((
@@ -53,6 +89,9 @@ pub fn validate(config: &Config) -> Problems {
         if inb.timeout.get().is_zero() {
             p.push(("inbound.timeout".into(), "must be greater than 0".into()));
         }
+        if inb.connect_timeout.get().is_zero() {
+            p.push(("inbound.connect_timeout".into(), "must be greater than 0".into()));
+        }
         if let Some(path) = &inb.health.path {
             if !path.starts_with('/') {
                 p.push(("inbound.health.path".into(), format!("{path:?} must start with '/'")));
@@ -60,6 +99,32 @@ pub fn validate(config: &Config) -> Problems {
         }
         if inb.health.interval.get().is_zero() {
             p.push(("inbound.health.interval".into(), "must be greater than 0".into()));
+        }
+        if inb.health.unhealthy_threshold == 0 {
+            p.push(("inbound.health.unhealthy_threshold".into(), "must be at least 1".into()));
+        }
+        let ramp = &inb.ramp;
+        if !(ramp.aggression > 0.0 && ramp.aggression <= 10.0) {
+            p.push((
+                "inbound.ramp.aggression".into(),
+                format!("{} is out of range (0, 10]", ramp.aggression),
+            ));
+        }
+        if ramp.steps.is_empty()
+            || ramp.steps.windows(2).any(|w| w[0] >= w[1])
+            || ramp.steps.first().is_some_and(|&s| s < 1)
+            || ramp.steps.last() != Some(&100)
+        {
+            p.push((
+                "inbound.ramp.steps".into(),
+                format!("{:?} must rise strictly from >= 1 and end at 100", ramp.steps),
+            ));
+        }
+        if ramp.steps.len() > 10 {
+            p.push((
+                "inbound.ramp.steps".into(),
+                "at most 10 registry writes per ramp (each is a Raft write)".into(),
+            ));
         }
     }
 
@@ -125,12 +190,6 @@ pub fn validate(config: &Config) -> Problems {
         }
         if out.connect_timeout.get().is_zero() {
             p.push((key("connect_timeout"), "must be greater than 0".into()));
-        }
-        if out.endpoints.is_empty() && config.registry.kind == RegistryKind::None {
-            p.push((
-                key("endpoints"),
-                "no static endpoints and registry.kind = \"none\": nothing to send to".into(),
-            ));
         }
         for (j, ep) in out.endpoints.iter().enumerate() {
             if !(1..=10_000).contains(&ep.weight()) {

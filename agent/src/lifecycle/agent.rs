@@ -10,12 +10,22 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 
+use std::collections::HashSet;
+
+use super::health;
+use super::registrar::{Handle, Registrar};
 use super::signals::{self, Event};
 use crate::admin;
+use crate::config::RegistryKind;
 use crate::config::{self, Config, Source};
+use crate::discovery;
 use crate::proxy::listener::{bind, Running};
 use crate::proxy::{Drain, DrainWatch, ListenerSpec, Shared};
+use crate::registry::consul::Consul;
+use crate::registry::etcd::Etcd;
+use crate::registry::Registry;
 use crate::route::RouteTable;
+use crate::store::{SledStore, State};
 use crate::telemetry::{AccessLog, Metrics};
 
 /// What the admin API reads and the lifecycle writes.
@@ -28,6 +38,8 @@ pub struct AgentState {
     pub draining: AtomicBool,
     pub started: Instant,
     pub listeners: Mutex<Vec<ListenerSpec>>,
+    /// Identity, registration, ramp and drain.
+    pub lifecycle: Handle,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -43,6 +55,8 @@ struct Runtime {
     builder: Arc<auto::Builder<TokioExecutor>>,
     listeners: Vec<Running>,
     drain_watch: DrainWatch,
+    /// Services whose endpoints are being discovered.
+    watched: HashSet<String>,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns.
@@ -62,33 +76,47 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
         access_log,
         limits: config.proxy.clone(),
     });
+
+    // Bind everything first: a port in use fails the start, before anything is registered.
+    let admin_listener = bind(config.agent.admin_listen)
+        .with_context(|| format!("agent.admin_listen: cannot bind {}", config.agent.admin_listen))?;
+    let mut bound = Vec::new();
+    for spec in ListenerSpec::from_config(&config) {
+        let l = bind(spec.addr).with_context(|| format!("{}: cannot bind {}", spec.name(), spec.addr))?;
+        bound.push((spec, l));
+    }
+
+    let lifecycle = start_lifecycle(&config, &routes, &metrics)?;
     let state = Arc::new(AgentState {
         source,
         config: ArcSwap::from_pointee(config.clone()),
-        routes,
-        metrics,
+        routes: routes.clone(),
+        metrics: metrics.clone(),
         reload: Mutex::new(ReloadStatus::default()),
         draining: AtomicBool::new(false),
         started: Instant::now(),
         listeners: Mutex::new(Vec::new()),
+        lifecycle: lifecycle.handle.clone(),
     });
-
-    let admin_listener = bind(config.agent.admin_listen)
-        .with_context(|| format!("agent.admin_listen: cannot bind {}", config.agent.admin_listen))?;
     let mut rt = Runtime {
         state: state.clone(),
         builder: Arc::new(crate::proxy::http_builder(&config.proxy)),
         shared,
         listeners: Vec::new(),
         drain_watch,
+        watched: HashSet::new(),
     };
-    for spec in ListenerSpec::from_config(&config) {
-        let l = bind(spec.addr).with_context(|| format!("{}: cannot bind {}", spec.name(), spec.addr))?;
+    for (spec, l) in bound {
         rt.start(spec, l);
     }
     rt.publish_listeners();
+    discovery::spawn_watchers(&config, &routes, &metrics, &mut rt.watched).map_err(anyhow::Error::msg)?;
     let mut events = signals::spawn().context("cannot install signal handlers")?;
     tokio::spawn(admin::serve(admin_listener, state.clone()));
+    // READY=1 once the first registration was attempted (systemd Type=notify).
+    let _ = lifecycle.ready.await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    spawn_watchdog();
     tracing::info!(node = %config.node_name(), admin = %config.agent.admin_listen, "vmesh started");
 
     while let Some(ev) = events.recv().await {
@@ -98,16 +126,20 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
         }
     }
 
-    // Drain: stop accepting, let in-flight requests finish, up to the drain timeout.
+    // Drain: mark the instance down and let callers notice, let in-flight requests finish,
+    // deregister, then stop accepting and close connections; all within the drain timeout.
     let timeout = state.config.load().agent.drain_timeout.get();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     state.draining.store(true, Ordering::SeqCst);
-    tracing::info!(?timeout, "shutting down: draining connections");
+    tracing::info!(?timeout, "shutting down: draining");
+    state.lifecycle.shutdown(timeout).await;
     for l in rt.listeners.drain(..) {
         l.stop();
     }
     drop(rt.drain_watch);
     let holders = drain.holders();
-    match tokio::time::timeout(timeout, drain.drain()).await {
+    match tokio::time::timeout_at(deadline, drain.drain()).await {
         Ok(()) => tracing::info!("drained: all connections closed"),
         Err(_) => tracing::warn!(
             ?timeout,
@@ -116,6 +148,82 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+struct Lifecycle {
+    handle: Handle,
+    ready: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// The store, CMDB, registry, health checker and registrar.
+fn start_lifecycle(
+    config: &Config,
+    routes: &Arc<ArcSwap<RouteTable>>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Lifecycle> {
+    let store = SledStore::open_or_rebuild(&config.agent.data_dir).with_context(|| {
+        format!(
+            "agent.data_dir: cannot open the state store in {}",
+            config.agent.data_dir.display()
+        )
+    })?;
+    let cmdb = crate::identity::cmdb(config).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+    let registry: Option<Arc<dyn Registry>> = match config.registry.kind {
+        RegistryKind::None => None,
+        RegistryKind::Consul => {
+            let token = match &config.registry.token_file {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("registry.token_file: cannot read {}", p.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            Some(Arc::new(
+                Consul::new(&config.registry.address, token).map_err(|e| anyhow::anyhow!("{e}"))?,
+            ))
+        }
+        RegistryKind::Etcd => Some(Arc::new(Etcd::new(
+            &config.registry.address,
+            config.registry.lease_ttl.get(),
+        ))),
+    };
+    let health = config.inbound.as_ref().map(|inb| {
+        health::spawn(
+            health::Check::from_config(inb),
+            inb.health.interval.get(),
+            inb.health.timeout.get(),
+            inb.health.unhealthy_threshold,
+        )
+    });
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let handle = Registrar::spawn(
+        Arc::new(config.clone()),
+        cmdb,
+        registry,
+        State::new(Box::new(store)),
+        routes.clone(),
+        metrics.clone(),
+        health,
+        ready_tx,
+    );
+    Ok(Lifecycle { handle, ready })
+}
+
+/// Pings systemd's watchdog at half its period when the unit asks for one.
+fn spawn_watchdog() {
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let every = std::time::Duration::from_micros(usec / 2);
+        tracing::info!(?every, "systemd watchdog enabled");
+        tokio::spawn(async move {
+            loop {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
 }
 
 impl Runtime {
@@ -182,6 +290,11 @@ impl Runtime {
         // Everything is validated and bound: swap.
         let routes = RouteTable::build(&new, Some(&self.state.routes.load()), &self.state.metrics);
         self.state.routes.store(Arc::new(routes));
+        if let Err(e) = discovery::spawn_watchers(&new, &self.state.routes, &self.state.metrics, &mut self.watched) {
+            tracing::warn!(error = %e, "cannot start discovery for a new service");
+        }
+        self.watched
+            .retain(|s| new.outbound.iter().any(|o| &o.service == s && o.endpoints.is_empty()));
         self.state.config.store(Arc::new(new));
         let mut kept = Vec::new();
         for mut running in std::mem::take(&mut self.listeners) {
@@ -210,7 +323,20 @@ fn result_label(result: &'static str) -> crate::telemetry::metrics::ResultLabels
 /// Settings read once at start-up: a reload that changes them says they wait for a restart.
 fn warn_restart_only(old: &Config, new: &Config) {
     for (key, changed) in [
-        ("agent", old.agent != new.agent),
+        (
+            "agent",
+            old.agent.admin_listen != new.agent.admin_listen
+                || old.agent.worker_threads != new.agent.worker_threads
+                || old.agent.data_dir != new.agent.data_dir
+                || old.agent.log_level != new.agent.log_level,
+        ),
+        (
+            "cmdb, registry, inbound health and ramp",
+            old.cmdb != new.cmdb
+                || old.registry != new.registry
+                || old.inbound.as_ref().map(|i| (&i.health, &i.ramp))
+                    != new.inbound.as_ref().map(|i| (&i.health, &i.ramp)),
+        ),
         (
             "proxy limits",
             old.proxy.max_connections != new.proxy.max_connections

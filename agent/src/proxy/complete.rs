@@ -28,6 +28,8 @@ pub struct Completion {
     pub error: Option<&'static str>,
     /// Present only when the access log is on.
     pub log: Option<Box<LogParts>>,
+    /// Keeps the downstream connection from counting as idle until the response ends.
+    pub active: Option<crate::proxy::ActiveRequest>,
 }
 
 /// The request's identity for the access log, captured before the request went upstream.

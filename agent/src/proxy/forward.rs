@@ -48,6 +48,7 @@ pub fn early_completion(
         headers_time: Duration::ZERO,
         attempts: 0,
         error: None,
+        active: Some(ctx.activity.begin()),
         log: ctx.shared.access_log.enabled().then(|| {
             Box::new(LogParts {
                 sink: ctx.shared.access_log.clone(),
@@ -106,7 +107,12 @@ pub async fn forward(
     parts.headers.remove(header::EXPECT);
     headers::append_forwarded_for(&mut parts.headers, &ctx.client_ip);
     let request_id = headers::ensure_request_id(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) && !h2_upstream {
+    let original_host = parts.headers.get(header::HOST).cloned();
+    if h2_upstream {
+        // HTTP/2 carries the authority in `:authority`; a `host` header beside it is a
+        // duplicate that servers such as nginx reject.
+        parts.headers.remove(header::HOST);
+    } else if original_host.is_none() {
         if let Some(a) = parts
             .uri
             .authority()
@@ -118,7 +124,7 @@ pub async fn forward(
     let deadline = start + cluster.timeout;
     if let Some(log) = completion.log.as_mut() {
         log.request_id = Some(request_id);
-        log.authority = parts.headers.get(header::HOST).cloned().or_else(|| {
+        log.authority = original_host.clone().or_else(|| {
             parts
                 .uri
                 .authority()
@@ -194,13 +200,14 @@ pub async fn forward(
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.is_connect() => Err(TryOutcome::ConnectFailed),
             Ok(Err(_)) => Err(TryOutcome::Reset),
+            Err(_) if try_deadline < deadline => Err(TryOutcome::PerTryTimeout),
             Err(_) => Err(TryOutcome::Timeout),
         };
         let status = result.as_ref().ok().map(|r| r.status().as_u16());
         if status.is_some() {
             endpoint.stats.observe_rtt(rtt);
         }
-        if !matches!(result, Err(TryOutcome::Timeout)) {
+        if !matches!(result, Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout)) {
             let failed = crate::resilience::Outlier::is_failure(status);
             if let Some(d) = cluster.outlier.record(&set, endpoint, failed) {
                 cluster.metrics.ejections.inc();
@@ -226,7 +233,7 @@ pub async fn forward(
         return match result {
             Ok(resp) => respond(resp, completion, on_upgrade),
             Err(TryOutcome::ConnectFailed) => fail(ProxyError::ConnectFailed, grpc, completion),
-            Err(TryOutcome::Timeout) => fail(ProxyError::Timeout, grpc, completion),
+            Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => fail(ProxyError::Timeout, grpc, completion),
             Err(_) => fail(ProxyError::Reset, grpc, completion),
         };
     }

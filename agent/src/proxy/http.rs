@@ -50,6 +50,8 @@ pub async fn serve(
     ctx: Arc<ConnCtx>,
     mut drain: DrainWatch,
 ) {
+    let activity = ctx.activity.clone();
+    let idle_timeout = ctx.shared.limits.idle_timeout.get();
     let service = ProxyService(ctx);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -63,6 +65,23 @@ pub async fn serve(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+        () = idle(&activity, idle_timeout) => {
+            tracing::debug!(?idle_timeout, "downstream connection idle: closing");
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Resolves once the connection has had no request in progress for `limit`.
+async fn idle(activity: &super::ConnActivity, limit: std::time::Duration) {
+    loop {
+        let wait = match activity.idle_for() {
+            Some(d) if d >= limit => return,
+            Some(d) => limit - d,
+            None => limit,
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

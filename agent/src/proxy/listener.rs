@@ -212,6 +212,7 @@ async fn serve_conn(
         listener,
         client: peer,
         client_ip,
+        activity: super::ConnActivity::new(),
     });
     http::serve(builder, stream, ctx, drain).await;
 }

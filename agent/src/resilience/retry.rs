@@ -11,8 +11,10 @@ pub enum TryOutcome {
     ConnectFailed,
     /// The connection closed or reset before a response.
     Reset,
-    /// The try's deadline passed.
+    /// The request's overall deadline passed.
     Timeout,
+    /// The try's own deadline (`per_try_timeout`) passed, with time left for another try.
+    PerTryTimeout,
     /// A response with this status.
     Status(u16),
 }
@@ -39,7 +41,7 @@ impl RetryPolicy {
     pub fn retryable(&self, method: &Method, outcome: TryOutcome) -> bool {
         match outcome {
             TryOutcome::ConnectFailed => true,
-            TryOutcome::Reset => self.on_reset && is_idempotent(method),
+            TryOutcome::Reset | TryOutcome::PerTryTimeout => self.on_reset && is_idempotent(method),
             TryOutcome::Status(503) => self.on_503 && is_idempotent(method),
             TryOutcome::Status(_) | TryOutcome::Timeout => false,
         }
@@ -70,6 +72,8 @@ mod tests {
             (Method::GET, TryOutcome::Status(500), false),
             (Method::GET, TryOutcome::Status(200), false),
             (Method::GET, TryOutcome::Timeout, false),
+            (Method::GET, TryOutcome::PerTryTimeout, true),
+            (Method::POST, TryOutcome::PerTryTimeout, false),
         ];
         for (m, o, want) in cases {
             assert_eq!(p.retryable(&m, o), want, "{m} {o:?}");

@@ -71,6 +71,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: &'static str,
+}
+
 /// Every metric family of the agent, registered once.
 pub struct Metrics {
     registry: Registry,
@@ -86,6 +96,18 @@ pub struct Metrics {
     pub connections: Family<ListenerLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Registry writes by operation (register, health, maintenance, deregister, anti-entropy).
+    pub registry_writes: Family<OpLabels, Counter>,
+    pub registry_errors: Family<CodeLabels, Counter>,
+    pub cmdb_errors: Family<CodeLabels, Counter>,
+    /// 1 while the identity in use came from the cache because the CMDB failed.
+    pub identity_from_cache: Gauge,
+    /// Weight advertised in the registry now (0: not registered).
+    pub weight: Gauge,
+    /// 1 while the instance is registered.
+    pub registered: Gauge,
+    /// Registry discovery updates applied, by service.
+    pub discovery_updates: Family<ClusterLabels, Counter>,
 }
 
 /// Handles for one (direction, service, env): what the request path updates.
@@ -130,6 +152,13 @@ impl Metrics {
             connections: Family::default(),
             config_reloads: Family::default(),
             access_log_dropped: Counter::default(),
+            registry_writes: Family::default(),
+            registry_errors: Family::default(),
+            cmdb_errors: Family::default(),
+            identity_from_cache: Gauge::default(),
+            weight: Gauge::default(),
+            registered: Gauge::default(),
+            discovery_updates: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -183,6 +212,33 @@ impl Metrics {
             "access_log_dropped",
             "Access-log lines dropped because the writer fell behind",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "registry_writes",
+            "Writes to the service registry, by operation",
+            m.registry_writes.clone(),
+        );
+        registry.register(
+            "registry_errors",
+            "Failed registry calls, by error code",
+            m.registry_errors.clone(),
+        );
+        registry.register("cmdb_errors", "Failed CMDB reads, by error code", m.cmdb_errors.clone());
+        registry.register(
+            "identity_from_cache",
+            "1 while the service identity comes from the local cache because the CMDB failed",
+            m.identity_from_cache.clone(),
+        );
+        registry.register(
+            "registered_weight",
+            "Weight advertised in the registry (0: not registered)",
+            m.weight.clone(),
+        );
+        registry.register("registered", "1 while the instance is registered", m.registered.clone());
+        registry.register(
+            "discovery_updates",
+            "Endpoint-set updates from the registry",
+            m.discovery_updates.clone(),
         );
         Arc::new(Self { registry, ..m })
     }
@@ -262,7 +318,10 @@ fn to_prometheus_text(om: &str) -> String {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        let meta = line.strip_prefix("# HELP ").map(|r| ("# HELP ", r)).or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("# HELP ", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("# TYPE ", r)));
         match meta {
             Some((kind, rest)) => {
                 let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -324,7 +383,9 @@ mod tests {
         let text = m.encode_prometheus();
         assert!(text.contains("# TYPE vmesh_requests_total counter\n"), "{text}");
         assert!(text.contains("# HELP vmesh_requests_total "), "{text}");
-        assert!(text.contains("vmesh_requests_total{direction=\"outbound\",service=\"orders\",env=\"vm\",class=\"2xx\"} 1"));
+        assert!(
+            text.contains("vmesh_requests_total{direction=\"outbound\",service=\"orders\",env=\"vm\",class=\"2xx\"} 1")
+        );
         assert!(text.contains("# TYPE vmesh_proxy_overhead_seconds histogram"));
         assert!(!text.contains("# EOF"));
     }

@@ -1,0 +1,132 @@
+//! Slow start: a new instance's weight goes 1 -> 100 over a window, linear or curved as Envoy's
+//! slow start. The registry gets only a few step writes (each is a Raft write on the Consul
+//! servers); callers interpolate between them from the ramp start and window in metadata.
+
+use std::time::Duration;
+
+/// A ramp's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ramp {
+    pub window: Duration,
+    pub aggression: f64,
+    /// Weights written to the registry, rising, ending at 100.
+    pub steps: Vec<u32>,
+}
+
+impl Ramp {
+    /// The weight (1..=100) `elapsed` into the ramp.
+    pub fn weight_at(&self, elapsed: Duration) -> u32 {
+        weight_at(self.window, self.aggression, elapsed)
+    }
+
+    /// When each step weight is reached, from the ramp's start.
+    pub fn step_times(&self) -> Vec<(Duration, u32)> {
+        self.steps
+            .iter()
+            .map(|&w| {
+                let f = (f64::from(w.saturating_sub(1)) / 99.0).clamp(0.0, 1.0);
+                (self.window.mul_f64(f.powf(self.aggression)), w)
+            })
+            .collect()
+    }
+
+    /// The step weight to advertise `elapsed` into the ramp: the last step already reached.
+    pub fn advertised_at(&self, elapsed: Duration) -> u32 {
+        self.step_times()
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= elapsed)
+            .map_or(1, |&(_, w)| w)
+    }
+
+    /// The next step after `elapsed`, if any: (time from start, weight).
+    pub fn next_step(&self, elapsed: Duration) -> Option<(Duration, u32)> {
+        self.step_times().into_iter().find(|(t, _)| *t > elapsed)
+    }
+}
+
+/// The weight (1..=100) of a ramp of `window` and `aggression` at `elapsed`.
+pub fn weight_at(window: Duration, aggression: f64, elapsed: Duration) -> u32 {
+    if window.is_zero() || elapsed >= window {
+        return 100;
+    }
+    let f = (elapsed.as_secs_f64() / window.as_secs_f64()).powf(1.0 / aggression.max(0.01));
+    (1.0 + 99.0 * f).floor().clamp(1.0, 100.0) as u32
+}
+
+/// Scales a 1..=100 ramp weight to a target weight (the CMDB's `weight`).
+pub fn scale(weight: u32, target: u32) -> u32 {
+    ((u64::from(weight) * u64::from(target)) / 100).clamp(1, u64::from(target.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ramp(aggression: f64) -> Ramp {
+        Ramp {
+            window: Duration::from_secs(99),
+            aggression,
+            steps: vec![1, 10, 33, 66, 100],
+        }
+    }
+
+    #[test]
+    fn linear_ramp_is_linear_and_ends_at_100() {
+        let r = ramp(1.0);
+        assert_eq!(r.weight_at(Duration::ZERO), 1);
+        assert_eq!(r.weight_at(Duration::from_secs(9)), 10);
+        assert_eq!(r.weight_at(Duration::from_secs(49)), 50);
+        assert_eq!(r.weight_at(Duration::from_secs(99)), 100);
+        assert_eq!(r.weight_at(Duration::from_secs(500)), 100);
+    }
+
+    #[test]
+    fn weights_never_fall_over_the_window() {
+        for aggression in [0.5, 1.0, 2.0, 4.0] {
+            let r = ramp(aggression);
+            let mut prev = 0;
+            for s in 0..=120 {
+                let w = r.weight_at(Duration::from_secs(s));
+                assert!(
+                    w >= prev && (1..=100).contains(&w),
+                    "aggression {aggression} at {s}s: {w} < {prev}"
+                );
+                prev = w;
+            }
+            assert_eq!(prev, 100);
+        }
+    }
+
+    #[test]
+    fn steps_are_reached_when_the_curve_reaches_them() {
+        let r = ramp(1.0);
+        let t = r.step_times();
+        assert_eq!(t[0], (Duration::ZERO, 1));
+        assert_eq!(t[1], (Duration::from_secs(9), 10));
+        assert_eq!(t[4], (Duration::from_secs(99), 100));
+        assert_eq!(r.advertised_at(Duration::from_secs(40)), 33);
+        assert_eq!(
+            r.next_step(Duration::from_secs(40)),
+            Some((Duration::from_secs(65), 66))
+        );
+        assert_eq!(r.next_step(Duration::from_secs(99)), None);
+        // A more aggressive curve reaches every step earlier.
+        let fast = ramp(2.0).step_times();
+        for (a, b) in fast.iter().zip(&t).skip(1).take(3) {
+            assert!(a.0 < b.0, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn at_most_five_writes_per_default_ramp() {
+        assert_eq!(ramp(1.0).step_times().len(), 5);
+    }
+
+    #[test]
+    fn scaling_to_target() {
+        assert_eq!(scale(100, 40), 40);
+        assert_eq!(scale(1, 40), 1);
+        assert_eq!(scale(50, 100), 50);
+    }
+}

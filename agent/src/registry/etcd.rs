@@ -1,0 +1,278 @@
+//! etcd: the instance is a key `/vmesh/services/<service>/<id>` bound to a lease the agent keeps
+//! alive, so the key vanishes when the agent dies; callers watch the prefix.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{BoxFuture, Discovered, Registration, Registry, RegistryError};
+
+/// The JSON value of an instance key (design.md §4 "Registry data").
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct EtcdEndpoint {
+    pub address: String,
+    pub port: u16,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub meta: BTreeMap<String, serde_json::Value>,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+pub struct Etcd {
+    endpoints: Vec<String>,
+    client: Mutex<Option<Client>>,
+    lease: Arc<Mutex<Option<i64>>>,
+    lease_ttl: Duration,
+}
+
+pub fn service_prefix(service: &str) -> String {
+    format!("/vmesh/services/{service}/")
+}
+
+fn err(e: etcd_client::Error) -> RegistryError {
+    RegistryError::Unreachable(format!("etcd: {e}"))
+}
+
+impl Etcd {
+    pub fn new(address: &str, lease_ttl: Duration) -> Self {
+        let endpoints = address.split(',').map(|a| a.trim().to_owned()).collect();
+        Self {
+            endpoints,
+            client: Mutex::new(None),
+            lease: Arc::new(Mutex::new(None)),
+            lease_ttl,
+        }
+    }
+
+    async fn client(&self) -> Result<Client, RegistryError> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(10));
+        let c = Client::connect(&self.endpoints, Some(opts)).await.map_err(err)?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The live lease, granting one (and starting its keep-alive task) if needed.
+    async fn lease(&self) -> Result<i64, RegistryError> {
+        let mut guard = self.lease.lock().await;
+        if let Some(id) = *guard {
+            return Ok(id);
+        }
+        let mut c = self.client().await?;
+        let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(10).max(2);
+        let id = c.lease_grant(ttl, None).await.map_err(err)?.id();
+        let (mut keeper, mut stream) = c.lease_keep_alive(id).await.map_err(err)?;
+        let slot = self.lease.clone();
+        let every = self.lease_ttl / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let alive = match keeper.keep_alive().await {
+                    Ok(()) => matches!(stream.message().await, Ok(Some(r)) if r.ttl() > 0),
+                    Err(_) => false,
+                };
+                if !alive {
+                    tracing::warn!(
+                        lease = id,
+                        "etcd lease lost: the instance key will be written again with a new lease"
+                    );
+                    let mut s = slot.lock().await;
+                    if *s == Some(id) {
+                        *s = None;
+                    }
+                    return;
+                }
+            }
+        });
+        *guard = Some(id);
+        Ok(id)
+    }
+
+    fn key(r: &Registration) -> String {
+        format!("{}{}", service_prefix(&r.service), r.id)
+    }
+
+    fn value(r: &Registration) -> String {
+        let meta = r
+            .meta
+            .iter()
+            .map(|(k, v)| {
+                let key = k.strip_prefix("vmesh-").unwrap_or(k).replace('-', "_");
+                let value = v
+                    .parse::<u64>()
+                    .map_or_else(|_| serde_json::Value::from(v.clone()), serde_json::Value::from);
+                (key, value)
+            })
+            .collect();
+        let v = EtcdEndpoint {
+            address: if r.address.is_empty() {
+                "127.0.0.1".to_owned()
+            } else {
+                r.address.clone()
+            },
+            port: r.port,
+            weight: r.weight,
+            meta,
+        };
+        serde_json::to_string(&v).unwrap_or_default()
+    }
+
+    /// Puts the key when the instance should be visible, deletes it otherwise.
+    async fn sync(&self, r: &Registration) -> Result<(), RegistryError> {
+        let mut c = self.client().await?;
+        if r.healthy && !r.maintenance {
+            let lease = self.lease().await?;
+            c.put(Self::key(r), Self::value(r), Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map_err(err)?;
+        } else {
+            c.delete(Self::key(r), None).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Current endpoints of `service` and the revision to watch from.
+    pub async fn list(&self, service: &str) -> Result<(Vec<Discovered>, i64), RegistryError> {
+        let mut c = self.client().await?;
+        let resp = c
+            .get(service_prefix(service), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(err)?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let eps = resp.kvs().iter().filter_map(|kv| parse(kv.value())).collect();
+        Ok((eps, rev))
+    }
+
+    /// Waits until something under the service's prefix changes after `revision`.
+    pub async fn wait_change(&self, service: &str, revision: i64) -> Result<(), RegistryError> {
+        let mut c = self.client().await?;
+        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let (_watcher, mut stream) = c.watch(service_prefix(service), Some(opts)).await.map_err(err)?;
+        loop {
+            match stream.message().await.map_err(err)? {
+                Some(resp)
+                    if resp
+                        .events()
+                        .iter()
+                        .any(|e| matches!(e.event_type(), EventType::Put | EventType::Delete)) =>
+                {
+                    return Ok(())
+                }
+                Some(resp) if resp.canceled() => return Err(RegistryError::BadResponse("etcd watch canceled".into())),
+                Some(_) => continue,
+                None => return Err(RegistryError::Unreachable("etcd watch stream ended".into())),
+            }
+        }
+    }
+}
+
+/// An instance value as an endpoint; malformed values are skipped.
+fn parse(value: &[u8]) -> Option<Discovered> {
+    let v: EtcdEndpoint = serde_json::from_slice(value).ok()?;
+    let ip: std::net::IpAddr = v.address.parse().ok()?;
+    let env = v.meta.get("env").and_then(|e| e.as_str()).unwrap_or("vm").to_owned();
+    let ramp = super::ramp_info(|k| {
+        v.meta.get(k).map(|x| match x {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    });
+    Some(Discovered {
+        address: std::net::SocketAddr::new(ip, v.port),
+        weight: v.weight.max(1),
+        env,
+        ramp,
+    })
+}
+
+impl Registry for Etcd {
+    fn register<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(self.sync(r))
+    }
+
+    fn set_health<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(self.sync(r))
+    }
+
+    fn set_maintenance<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(self.sync(r))
+    }
+
+    fn deregister<'a>(&'a self, service: &'a str, id: &'a str) -> BoxFuture<'a, Result<(), RegistryError>> {
+        Box::pin(async move {
+            let mut c = self.client().await?;
+            c.delete(format!("{}{id}", service_prefix(service)), None)
+                .await
+                .map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn is_registered<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<bool, RegistryError>> {
+        Box::pin(async move {
+            if !r.healthy || r.maintenance {
+                // Expected absent: nothing to repair.
+                return Ok(true);
+            }
+            let mut c = self.client().await?;
+            let resp = c.get(Self::key(r), None).await.map_err(err)?;
+            Ok(!resp.kvs().is_empty())
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd {}", self.endpoints.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_follow_the_design_shape() {
+        let r = Registration {
+            id: "orders-web-01".into(),
+            service: "orders".into(),
+            address: "127.0.0.1".into(),
+            port: 15006,
+            tags: vec![],
+            meta: BTreeMap::from([
+                ("vmesh-env".to_owned(), "vm".to_owned()),
+                ("vmesh-zone".to_owned(), "z1".to_owned()),
+                ("vmesh-ramp-start".to_owned(), "1764200000".to_owned()),
+                ("vmesh-ramp-window".to_owned(), "60".to_owned()),
+            ]),
+            weight: 33,
+            healthy: true,
+            maintenance: false,
+            check_ttl: Duration::from_secs(15),
+            deregister_critical_after: Duration::from_secs(600),
+        };
+        let v: serde_json::Value = serde_json::from_str(&Etcd::value(&r)).unwrap();
+        assert_eq!(v["address"], "127.0.0.1");
+        assert_eq!(v["port"], 15006);
+        assert_eq!(v["weight"], 33);
+        assert_eq!(v["meta"]["env"], "vm");
+        assert_eq!(v["meta"]["ramp_start"], 1764200000u64);
+        let d = parse(Etcd::value(&r).as_bytes()).unwrap();
+        assert_eq!(d.ramp.map(|r| (r.start, r.window)), Some((1764200000, 60)));
+        assert_eq!(d.weight, 33);
+        // Missing env means vm; junk is skipped.
+        assert_eq!(parse(br#"{"address":"127.0.0.2","port":1}"#).unwrap().env, "vm");
+        assert!(parse(b"junk").is_none());
+    }
+}

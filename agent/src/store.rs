@@ -1,0 +1,304 @@
+//! The agent's local state (sled, under `agent.data_dir`): identity cache, registration record,
+//! drain flag, ramp start. Every write is flushed before it is acted on: sled 0.34 makes a
+//! write durable only after a flush. A store that will not open, or has a newer schema, is
+//! moved aside and rebuilt from the registry and the CMDB.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use vmesh_cmdb::ServiceIdentity;
+
+/// The schema this build writes; a store with another version is quarantined.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A key-value store of small JSON records; writes are durable when `put` returns.
+pub trait Store: Send + Sync {
+    fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put_raw(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store {path}: {source}")]
+    Sled { path: String, source: sled::Error },
+    #[error("state store record {key}: {source}")]
+    Decode { key: String, source: serde_json::Error },
+    #[error("state store {path}: {problem}")]
+    Io { path: String, problem: String },
+}
+
+/// What a restarted agent needs to know.
+pub mod keys {
+    pub const SCHEMA: &str = "schema_version";
+    pub const IDENTITY: &str = "identity";
+    pub const REGISTRATION: &str = "registration";
+    pub const DRAIN: &str = "drain";
+    pub const RAMP: &str = "ramp";
+}
+
+/// The identity cache record.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CachedIdentity {
+    pub identity: ServiceIdentity,
+    /// Unix seconds when the CMDB last confirmed it.
+    pub fetched_at: u64,
+}
+
+/// What this agent registered, so that a restart removes or adopts it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RegistrationRecord {
+    pub registry: String,
+    pub id: String,
+    pub service: String,
+}
+
+/// The slow-start ramp in progress.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RampRecord {
+    /// Unix seconds when the ramp started.
+    pub start: u64,
+    pub window_secs: u64,
+}
+
+/// Typed access over any [`Store`].
+pub struct State<S: ?Sized = dyn Store> {
+    inner: Box<S>,
+}
+
+/// The sled implementation.
+pub struct SledStore {
+    db: sled::Db,
+    path: PathBuf,
+}
+
+// === impl SledStore ===
+
+impl SledStore {
+    /// Opens `dir/state`; a store that fails to open or has an unknown schema is moved aside
+    /// (`state.corrupt-<unix time>`) with an error log line, and a fresh one is created.
+    pub fn open_or_rebuild(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("state");
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+            path: dir.display().to_string(),
+            problem: format!("cannot create: {e}"),
+        })?;
+        match Self::open(&path).and_then(|s| s.check_schema().map(|()| s)) {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                let aside = dir.join(format!("state.corrupt-{}", unix_now()));
+                tracing::error!(error = %e, moved_to = %aside.display(), code = "STORE_CORRUPT",
+                    "state store unreadable: moved aside; rebuilding from the registry and the CMDB");
+                std::fs::rename(&path, &aside).map_err(|e| StoreError::Io {
+                    path: path.display().to_string(),
+                    problem: format!("cannot move aside: {e}"),
+                })?;
+                let s = Self::open(&path)?;
+                s.check_schema()?;
+                Ok(s)
+            }
+        }
+    }
+
+    fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(4 << 20)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|source| StoreError::Sled {
+                path: path.display().to_string(),
+                source,
+            })?;
+        Ok(Self {
+            db,
+            path: path.to_owned(),
+        })
+    }
+
+    fn check_schema(&self) -> Result<(), StoreError> {
+        match self.get_raw(keys::SCHEMA)? {
+            None => self.put_raw(keys::SCHEMA, SCHEMA_VERSION.to_string().as_bytes()),
+            Some(v) if v == SCHEMA_VERSION.to_string().as_bytes() => Ok(()),
+            Some(v) => Err(StoreError::Io {
+                path: self.path.display().to_string(),
+                problem: format!("schema version {} is not {SCHEMA_VERSION}", String::from_utf8_lossy(&v)),
+            }),
+        }
+    }
+
+    fn err(&self, source: sled::Error) -> StoreError {
+        StoreError::Sled {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+}
+
+impl Store for SledStore {
+    fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get(key).map(|v| v.map(|v| v.to_vec())).map_err(|e| self.err(e))
+    }
+
+    fn put_raw(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(key, value).map_err(|e| self.err(e))?;
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.db.remove(key).map_err(|e| self.err(e))?;
+        self.db.flush().map(|_| ()).map_err(|e| self.err(e))
+    }
+}
+
+// === impl State ===
+
+impl State {
+    pub fn new(store: Box<dyn Store>) -> Self {
+        Self { inner: store }
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.inner.get_raw(key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|source| StoreError::Decode {
+                    key: key.to_owned(),
+                    source,
+                }),
+        }
+    }
+
+    fn put<T: Serialize>(&self, key: &str, v: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(v).map_err(|source| StoreError::Decode {
+            key: key.to_owned(),
+            source,
+        })?;
+        self.inner.put_raw(key, &bytes)
+    }
+
+    pub fn identity(&self) -> Result<Option<CachedIdentity>, StoreError> {
+        self.get(keys::IDENTITY)
+    }
+
+    pub fn set_identity(&self, identity: &ServiceIdentity) -> Result<(), StoreError> {
+        self.put(
+            keys::IDENTITY,
+            &CachedIdentity {
+                identity: identity.clone(),
+                fetched_at: unix_now(),
+            },
+        )
+    }
+
+    pub fn registration(&self) -> Result<Option<RegistrationRecord>, StoreError> {
+        self.get(keys::REGISTRATION)
+    }
+
+    pub fn set_registration(&self, r: Option<&RegistrationRecord>) -> Result<(), StoreError> {
+        match r {
+            Some(r) => self.put(keys::REGISTRATION, r),
+            None => self.inner.delete(keys::REGISTRATION),
+        }
+    }
+
+    pub fn drained(&self) -> Result<bool, StoreError> {
+        Ok(self.get::<bool>(keys::DRAIN)?.unwrap_or(false))
+    }
+
+    pub fn set_drained(&self, drained: bool) -> Result<(), StoreError> {
+        self.put(keys::DRAIN, &drained)
+    }
+
+    pub fn ramp(&self) -> Result<Option<RampRecord>, StoreError> {
+        self.get(keys::RAMP)
+    }
+
+    pub fn set_ramp(&self, r: Option<RampRecord>) -> Result<(), StoreError> {
+        match r {
+            Some(r) => self.put(keys::RAMP, &r),
+            None => self.inner.delete(keys::RAMP),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity() -> ServiceIdentity {
+        toml::from_str("service = \"orders\"\nenvironment = \"prod\"\n").unwrap()
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+            s.set_identity(&identity()).unwrap();
+            s.set_drained(true).unwrap();
+            s.set_ramp(Some(RampRecord {
+                start: 10,
+                window_secs: 60,
+            }))
+            .unwrap();
+            s.set_registration(Some(&RegistrationRecord {
+                registry: "consul".into(),
+                id: "orders-web-01".into(),
+                service: "orders".into(),
+            }))
+            .unwrap();
+        }
+        let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        assert_eq!(s.identity().unwrap().unwrap().identity, identity());
+        assert!(s.drained().unwrap());
+        assert_eq!(
+            s.ramp().unwrap(),
+            Some(RampRecord {
+                start: 10,
+                window_secs: 60
+            })
+        );
+        assert_eq!(s.registration().unwrap().unwrap().id, "orders-web-01");
+        s.set_registration(None).unwrap();
+        assert_eq!(s.registration().unwrap(), None);
+    }
+
+    #[test]
+    fn a_corrupt_store_is_moved_aside_and_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        // Garbage where sled expects its files.
+        std::fs::write(state.join("conf"), b"\xff\xfenot a sled config").unwrap();
+        std::fs::write(state.join("db"), vec![0xAB; 4096]).unwrap();
+        let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        assert_eq!(s.identity().unwrap(), None);
+        let moved = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("state.corrupt-"));
+        assert!(moved, "the corrupt store was moved aside");
+    }
+
+    #[test]
+    fn a_newer_schema_is_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = SledStore::open_or_rebuild(dir.path()).unwrap();
+            s.put_raw(keys::SCHEMA, b"99").unwrap();
+            s.put_raw(keys::DRAIN, b"true").unwrap();
+        }
+        let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        assert!(!s.drained().unwrap());
+    }
+}

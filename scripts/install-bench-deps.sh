@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Install what tests/bench/run.sh needs: nginx (upstream and peer proxy), HAProxy (peer proxy),
+# wrk (HTTP/1.1 load), h2load (HTTP/2 load, from nghttp2-client), procps, curl and python3.
+#
+# Idempotent: packages whose command is already on PATH are skipped, and apt is only called
+# when something is missing. Debian/Ubuntu only. Runs apt through sudo when not root.
+set -euo pipefail
+
+log() { printf 'install-bench-deps: %s\n' "$*" >&2; }
+
+SUDO=()
+if [[ ${EUID:-$(id -u)} -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        log "not root and sudo is missing: run as root"
+        exit 1
+    fi
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    log "apt-get not found: this script supports Debian/Ubuntu only"
+    exit 1
+fi
+
+# True when apt knows an installable candidate for the package.
+has_candidate() {
+    local cand
+    cand=$(apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ {print $2; exit}')
+    [[ -n $cand && $cand != "(none)" ]]
+}
+
+# command -> package. nginx is handled below (nginx-light preferred, nginx as fallback).
+declare -A WANT=(
+    [haproxy]=haproxy
+    [wrk]=wrk
+    [h2load]=nghttp2-client
+    [ps]=procps
+    [pgrep]=procps
+    [curl]=curl
+    [python3]=python3
+    [taskset]=util-linux
+    [timeout]=coreutils
+)
+
+missing=()
+for cmd in "${!WANT[@]}"; do
+    # nginx and haproxy live in /usr/sbin, which is not on every user's PATH.
+    if ! command -v "$cmd" >/dev/null 2>&1 && [[ ! -x /usr/sbin/$cmd ]]; then
+        missing+=("${WANT[$cmd]}")
+    fi
+done
+need_nginx=0
+if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+    need_nginx=1
+fi
+
+if [[ ${#missing[@]} -eq 0 && $need_nginx -eq 0 ]]; then
+    log "all benchmark dependencies present"
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+log "apt-get update"
+"${SUDO[@]}" apt-get update -qq
+
+if [[ $need_nginx -eq 1 ]]; then
+    if has_candidate nginx-light; then
+        missing+=(nginx-light)
+    else
+        missing+=(nginx)
+    fi
+fi
+
+# De-duplicate (ps and pgrep both map to procps).
+mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+log "installing: ${pkgs[*]}"
+"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${pkgs[@]}"
+
+# The Debian nginx/haproxy packages may start system services on install; the benchmark does not
+# use them (it runs its own processes on free loopback ports), so they are left as they are.
+log "done"

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Installs every prerequisite of the vmesh test suite on a Debian 12 machine (run as root).
+# Idempotent: a tool that is already there is not installed again. Installs no running service:
+# the tests start their own nginx, Python upstreams and clients on loopback ports.
+set -euo pipefail
+
+PYTHON="${PYTHON:-python3}"
+# Pinned major versions of the Python peers the tests drive.
+PIP_PACKAGES=("grpcio>=1.60,<2" "websockets>=17,<18")
+
+log() { printf 'install-test-deps: %s\n' "$*"; }
+
+# --- Debian packages -------------------------------------------------------------------------
+# command -> package that provides it
+declare -A APT_FOR=(
+  [nginx]=nginx-light
+  [curl]=curl
+  [nghttp]=nghttp2-client
+  [h2load]=nghttp2-client
+  [promtool]=prometheus
+  [protoc]=protobuf-compiler
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
+)
+
+missing=()
+for cmd in "${!APT_FOR[@]}"; do
+  if ! command -v "$cmd" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$cmd" ]; then
+    missing+=("${APT_FOR[$cmd]}")
+  fi
+done
+if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
+  missing+=(python3-pip)
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  # unique package names
+  mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing packages ${pkgs[*]}; run this script as root" >&2
+    exit 1
+  fi
+  log "installing ${pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Keep the packages' own services (nginx, prometheus) from being started by the install:
+  # policy-rc.d exit 101 = "action forbidden" for invoke-rc.d; removed again on exit.
+  policy=/usr/sbin/policy-rc.d
+  added_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    added_policy=1
+  fi
+  cleanup() { if [ "$added_policy" = 1 ]; then rm -f "$policy"; fi; }
+  trap cleanup EXIT
+  apt-get update
+  apt-get install -y --no-install-recommends "${pkgs[@]}"
+  # A package whose postinst started its service anyway (no policy-rc.d honoured): stop it.
+  for svc in nginx prometheus; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      systemctl stop "$svc" || true
+    fi
+  done
+else
+  log "Debian packages present"
+fi
+
+# --- Python packages ---------------------------------------------------------------------------
+if "$PYTHON" -c 'import grpc, websockets, sys; sys.exit(0 if int(websockets.__version__.split(".")[0]) >= 17 else 1)' >/dev/null 2>&1; then
+  log "Python packages present"
+else
+  log "installing ${PIP_PACKAGES[*]} for $("$PYTHON" -c 'import sys; print(sys.executable)')"
+  # Debian's own python3 refuses system-wide pip installs (PEP 668) unless told otherwise.
+  pip_flags=()
+  if "$PYTHON" -m pip install --help 2>/dev/null | grep -q -- '--break-system-packages'; then
+    if [ -e "$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ]; then
+      pip_flags+=(--break-system-packages)
+    fi
+  fi
+  "$PYTHON" -m pip install --quiet "${pip_flags[@]}" "${PIP_PACKAGES[@]}"
+fi
+
+# --- Final check: fail loudly rather than let a test discover a missing tool -------------------
+for cmd in nginx curl nghttp h2load promtool; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || { log "$cmd still missing" >&2; exit 1; }
+done
+"$PYTHON" -c 'import grpc, websockets' || { log "grpcio/websockets still missing" >&2; exit 1; }
+log "ok"

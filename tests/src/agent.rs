@@ -1,0 +1,544 @@
+//! The `vmesh` agent under test: a typed config builder, and the running process.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Output};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tempfile::TempDir;
+use toml::{Table, Value};
+
+use crate::eventually::eventually;
+use crate::http::{self, HttpResponse};
+use crate::ports::free_addr;
+use crate::process::Process;
+use crate::vmesh_bin;
+
+/// How long `vmesh run` may take to answer `GET /live` with 200.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+// === config pieces ===
+
+/// One `[[outbound]]` entry. Listens on a fresh loopback port unless [`Outbound::no_listen`].
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    service: String,
+    listen: Option<SocketAddr>,
+    table: Table,
+    endpoints: Vec<Value>,
+}
+
+/// The `[inbound]` section: a fresh loopback listen port in front of the local app.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    listen: SocketAddr,
+    table: Table,
+}
+
+/// Builds a config, writes it to a temp dir and starts `vmesh run --config FILE`.
+#[derive(Debug, Clone)]
+pub struct AgentBuilder {
+    admin: SocketAddr,
+    agent: Table,
+    registry: Table,
+    proxy: Table,
+    shared_outbound: Option<SocketAddr>,
+    telemetry: Table,
+    inbound: Option<Inbound>,
+    outbounds: Vec<Outbound>,
+}
+
+/// A running `vmesh run`, killed on drop (its logs are printed if the test is failing).
+pub struct Agent {
+    process: Process,
+    config: AgentBuilder,
+    config_path: PathBuf,
+    dir: TempDir,
+}
+
+// === impl Outbound ===
+
+impl Outbound {
+    /// An HTTP outbound for `service` with its own listen port and no endpoints yet.
+    pub fn new(service: &str) -> Outbound {
+        let mut table = Table::new();
+        table.insert("protocol".into(), "http".into());
+        Outbound {
+            service: service.to_string(),
+            listen: Some(free_addr()),
+            table,
+            endpoints: Vec::new(),
+        }
+    }
+
+    /// Sets `protocol` (`http`, `http2`, `grpc`, `tcp`).
+    pub fn protocol(self, protocol: &str) -> Outbound {
+        self.set("protocol", protocol)
+    }
+
+    /// Sets `balancer`.
+    pub fn balancer(self, balancer: &str) -> Outbound {
+        self.set("balancer", balancer)
+    }
+
+    /// Sets `timeout` (a duration string such as `"500ms"`).
+    pub fn timeout(self, timeout: &str) -> Outbound {
+        self.set("timeout", timeout)
+    }
+
+    /// Adds a plain endpoint.
+    pub fn endpoint(mut self, addr: SocketAddr) -> Outbound {
+        self.endpoints.push(Value::String(addr.to_string()));
+        self
+    }
+
+    /// Adds several plain endpoints.
+    pub fn endpoints<I: IntoIterator<Item = SocketAddr>>(self, addrs: I) -> Outbound {
+        addrs.into_iter().fold(self, Outbound::endpoint)
+    }
+
+    /// Adds an endpoint with a weight (`{ address = .., weight = .. }`).
+    pub fn weighted_endpoint(mut self, addr: SocketAddr, weight: u32) -> Outbound {
+        let mut t = Table::new();
+        t.insert("address".into(), addr.to_string().into());
+        t.insert("weight".into(), i64::from(weight).into());
+        self.endpoints.push(Value::Table(t));
+        self
+    }
+
+    /// Removes every endpoint.
+    pub fn clear_endpoints(mut self) -> Outbound {
+        self.endpoints.clear();
+        self
+    }
+
+    /// No own port: the service is reachable only through the shared outbound port.
+    pub fn no_listen(mut self) -> Outbound {
+        self.listen = None;
+        self
+    }
+
+    /// Sets any other key of the entry (`retry` takes a table, see [`Outbound::retry`]).
+    pub fn set(mut self, key: &str, value: impl Into<Value>) -> Outbound {
+        self.table.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets `[outbound.retry]` `attempts` and `budget_ratio`.
+    pub fn retry(self, attempts: u32, budget_ratio: f64) -> Outbound {
+        let mut t = Table::new();
+        t.insert("attempts".into(), i64::from(attempts).into());
+        t.insert("budget_ratio".into(), budget_ratio.into());
+        self.set("retry", Value::Table(t))
+    }
+
+    /// The service name.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The port the app calls, if the entry has one.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen
+    }
+
+    fn to_table(&self) -> Table {
+        let mut t = Table::new();
+        t.insert("service".into(), self.service.clone().into());
+        if let Some(listen) = self.listen {
+            t.insert("listen".into(), listen.to_string().into());
+        }
+        for (k, v) in &self.table {
+            t.insert(k.clone(), v.clone());
+        }
+        t.insert("endpoints".into(), Value::Array(self.endpoints.clone()));
+        t
+    }
+}
+
+// === impl Inbound ===
+
+impl Inbound {
+    /// An inbound listener on a fresh port forwarding to the app at `app` with `protocol`.
+    pub fn new(app: SocketAddr, protocol: &str) -> Inbound {
+        let mut table = Table::new();
+        table.insert("app".into(), app.to_string().into());
+        table.insert("protocol".into(), protocol.into());
+        Inbound {
+            listen: free_addr(),
+            table,
+        }
+    }
+
+    /// Sets any other key of `[inbound]`.
+    pub fn set(mut self, key: &str, value: impl Into<Value>) -> Inbound {
+        self.table.insert(key.to_string(), value.into());
+        self
+    }
+
+    fn to_table(&self) -> Table {
+        let mut t = self.table.clone();
+        t.insert("listen".into(), self.listen.to_string().into());
+        t
+    }
+}
+
+// === impl AgentBuilder ===
+
+impl Default for AgentBuilder {
+    fn default() -> Self {
+        AgentBuilder::new()
+    }
+}
+
+impl AgentBuilder {
+    /// `[agent]` with a fresh admin port, one worker thread and a 10 s drain timeout;
+    /// `[registry] kind = "none"`; access log on stdout.
+    pub fn new() -> AgentBuilder {
+        let admin = free_addr();
+        let mut agent = Table::new();
+        agent.insert("node".into(), "test".into());
+        agent.insert("admin_listen".into(), admin.to_string().into());
+        agent.insert("worker_threads".into(), 1.into());
+        agent.insert("drain_timeout".into(), "10s".into());
+        let mut telemetry = Table::new();
+        telemetry.insert("access_log".into(), "stdout".into());
+        let mut registry = Table::new();
+        registry.insert("kind".into(), "none".into());
+        AgentBuilder {
+            admin,
+            agent,
+            registry,
+            proxy: Table::new(),
+            shared_outbound: None,
+            telemetry,
+            inbound: None,
+            outbounds: Vec::new(),
+        }
+    }
+
+    /// Sets a key of `[agent]`.
+    pub fn agent_set(mut self, key: &str, value: impl Into<Value>) -> AgentBuilder {
+        self.agent.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets a key of `[registry]` (`kind` stays `"none"` unless set here).
+    pub fn registry_set(mut self, key: &str, value: impl Into<Value>) -> AgentBuilder {
+        self.registry.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets a key of `[proxy]` (e.g. `max_header_bytes`).
+    pub fn proxy_set(mut self, key: &str, value: impl Into<Value>) -> AgentBuilder {
+        self.proxy.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets a key of `[telemetry]`.
+    pub fn telemetry_set(mut self, key: &str, value: impl Into<Value>) -> AgentBuilder {
+        self.telemetry.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Opens the shared outbound port (routes by `Host` = service name) on a fresh port.
+    pub fn shared_outbound(mut self) -> AgentBuilder {
+        self.shared_outbound = Some(free_addr());
+        self
+    }
+
+    /// Sets `[inbound]`.
+    pub fn inbound(mut self, inbound: Inbound) -> AgentBuilder {
+        self.inbound = Some(inbound);
+        self
+    }
+
+    /// Adds an `[[outbound]]`, or replaces the one for the same service.
+    pub fn outbound(mut self, outbound: Outbound) -> AgentBuilder {
+        self.outbounds.retain(|o| o.service != outbound.service);
+        self.outbounds.push(outbound);
+        self
+    }
+
+    /// The `[[outbound]]` entry for `service`, to change and put back with [`AgentBuilder::outbound`].
+    pub fn outbound_for(&self, service: &str) -> Outbound {
+        self.outbounds
+            .iter()
+            .find(|o| o.service == service)
+            .cloned()
+            .unwrap_or_else(|| panic!("no outbound for service {service}"))
+    }
+
+    /// The config as TOML text.
+    pub fn to_toml(&self) -> String {
+        let mut root = Table::new();
+        root.insert("agent".into(), Value::Table(self.agent.clone()));
+        root.insert("registry".into(), Value::Table(self.registry.clone()));
+        let mut proxy = self.proxy.clone();
+        if let Some(shared) = self.shared_outbound {
+            proxy.insert("shared_outbound_listen".into(), shared.to_string().into());
+        }
+        if !proxy.is_empty() {
+            root.insert("proxy".into(), Value::Table(proxy));
+        }
+        root.insert("telemetry".into(), Value::Table(self.telemetry.clone()));
+        if let Some(inbound) = &self.inbound {
+            root.insert("inbound".into(), Value::Table(inbound.to_table()));
+        }
+        if !self.outbounds.is_empty() {
+            let list = self.outbounds.iter().map(|o| Value::Table(o.to_table())).collect();
+            root.insert("outbound".into(), Value::Array(list));
+        }
+        toml::to_string(&root).expect("a toml::Table always serializes")
+    }
+
+    /// Writes the config and starts `vmesh run`; returns once `/live` answers 200 and every
+    /// configured listener accepts connections.
+    pub fn start(self) -> Agent {
+        let dir = tempfile::Builder::new()
+            .prefix("vmesh-agent-")
+            .tempdir()
+            .expect("create agent temp dir");
+        let config_path = dir.path().join("vmesh.toml");
+        let config = self.agent_set("data_dir", dir.path().join("data").display().to_string());
+        std::fs::write(&config_path, config.to_toml()).expect("write agent config");
+        let mut cmd = vmesh_command();
+        cmd.arg("run").arg("--config").arg(&config_path);
+        // The agent's log filter (`VMESH_LOG`), e.g. VMESH_TEST_LOG=debug for a failing test.
+        if let Ok(filter) = std::env::var("VMESH_TEST_LOG") {
+            cmd.env("VMESH_LOG", filter);
+        }
+        let process = Process::spawn("vmesh", cmd, dir.path());
+        let mut agent = Agent {
+            process,
+            config,
+            config_path,
+            dir,
+        };
+        agent.wait_live();
+        agent
+    }
+}
+
+// === impl Agent ===
+
+impl Agent {
+    /// A builder with the defaults of [`AgentBuilder::new`].
+    pub fn builder() -> AgentBuilder {
+        AgentBuilder::new()
+    }
+
+    fn wait_live(&mut self) {
+        let admin = self.config.admin;
+        let listeners = self.listeners();
+        eventually(START_TIMEOUT, "vmesh to answer GET /live with 200", || {
+            if let Some(status) = self.process.try_exit() {
+                panic!(
+                    "vmesh exited during start-up with {status}\n--- config ---\n{}\n--- stderr ---\n{}",
+                    self.config.to_toml(),
+                    self.process.stderr_tail(60)
+                );
+            }
+            let response = http::get(admin, "/live")?;
+            if response.status != 200 {
+                return Err(format!("status {}", response.status));
+            }
+            for addr in &listeners {
+                TcpStream::connect_timeout(addr, Duration::from_secs(1))
+                    .map_err(|e| format!("listener {addr}: {e}"))?;
+            }
+            Ok(())
+        });
+    }
+
+    fn listeners(&self) -> Vec<SocketAddr> {
+        let c = &self.config;
+        c.inbound
+            .iter()
+            .map(|i| i.listen)
+            .chain(c.shared_outbound)
+            .chain(c.outbounds.iter().filter_map(|o| o.listen))
+            .collect()
+    }
+
+    /// The admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.config.admin
+    }
+
+    /// `http://<admin><path>`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.config.admin)
+    }
+
+    /// `GET <path>` on the admin port; panics if the request fails at the transport level.
+    pub fn admin_get(&self, path: &str) -> HttpResponse {
+        http::get(self.config.admin, path).unwrap_or_else(|e| panic!("GET {path} on admin: {e}"))
+    }
+
+    /// `GET <path>` on the admin port, expecting 200 and a JSON body.
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        let response = self.admin_get(path);
+        assert_eq!(response.status, 200, "GET {path}: {}", response.text());
+        response.json()
+    }
+
+    /// The listen address of the outbound for `service`.
+    pub fn outbound_addr(&self, service: &str) -> SocketAddr {
+        self.config
+            .outbound_for(service)
+            .listen
+            .unwrap_or_else(|| panic!("outbound {service} has no listen port"))
+    }
+
+    /// `http://<outbound listen of service><path>`.
+    pub fn outbound_url(&self, service: &str, path: &str) -> String {
+        format!("http://{}{path}", self.outbound_addr(service))
+    }
+
+    /// The inbound listen address.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.config
+            .inbound
+            .as_ref()
+            .map(|i| i.listen)
+            .expect("agent has no [inbound]")
+    }
+
+    /// `http://<inbound listen><path>`.
+    pub fn inbound_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.inbound_addr())
+    }
+
+    /// The shared outbound address.
+    pub fn shared_addr(&self) -> SocketAddr {
+        self.config.shared_outbound.expect("agent has no shared outbound port")
+    }
+
+    /// `http://<shared outbound><path>`.
+    pub fn shared_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.shared_addr())
+    }
+
+    /// The config the agent was started (or last re-configured) with.
+    pub fn config(&self) -> AgentBuilder {
+        self.config.clone()
+    }
+
+    /// The config file path.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The agent's temp dir (config, logs, data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Overwrites the config file with `config` (same admin port) without signalling.
+    pub fn write_config(&mut self, config: AgentBuilder) {
+        assert_eq!(config.admin, self.config.admin, "a reload cannot move the admin port");
+        let config = config.agent_set("data_dir", self.dir.path().join("data").display().to_string());
+        std::fs::write(&self.config_path, config.to_toml()).expect("write agent config");
+        self.config = config;
+    }
+
+    /// Overwrites the config file with raw text (e.g. an invalid config) without signalling.
+    pub fn write_raw_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).expect("write agent config");
+    }
+
+    /// Writes `config` and sends SIGHUP.
+    pub fn reload(&mut self, config: AgentBuilder) {
+        self.write_config(config);
+        self.send_signal(Signal::SIGHUP);
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn send_signal(&self, signal: Signal) {
+        self.process.signal(signal);
+    }
+
+    /// Waits at most `timeout` for the agent to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.process.wait_exit(timeout)
+    }
+
+    /// The exit status if the agent has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.process.try_exit()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Everything written to stdout (the access log).
+    pub fn stdout(&self) -> String {
+        self.process.stdout()
+    }
+
+    /// Everything written to stderr (the agent's own log).
+    pub fn stderr(&self) -> String {
+        self.process.stderr()
+    }
+
+    /// The access log: every stdout line that parses as a JSON object.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
+            .filter(serde_json::Value::is_object)
+            .collect()
+    }
+
+    /// Runs another `vmesh` subcommand with this agent's config (`vmesh <args> --config FILE`).
+    pub fn run_cli(&self, args: &[&str]) -> Output {
+        vmesh_command()
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("run vmesh")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "=== vmesh (pid {}) config ===\n{}\n=== vmesh stderr (tail) ===\n{}\n=== vmesh stdout (tail) ===\n{}",
+                self.process.pid(),
+                std::fs::read_to_string(&self.config_path).unwrap_or_default(),
+                self.process.stderr_tail(60),
+                self.process.stdout_tail(20)
+            );
+        }
+        self.process.kill();
+    }
+}
+
+/// Runs `vmesh check-config --config <path>` and returns its output.
+pub fn check_config(path: &Path) -> Output {
+    vmesh_command()
+        .arg("check-config")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run vmesh check-config")
+}
+
+/// A `Command` for the vmesh binary with every `VMESH_*` variable of the test environment
+/// removed: the agent reads `VMESH_<SECTION>__<KEY>` as config overrides and `VMESH_LOG` as its
+/// log filter, and a developer's shell must not change what a test configured.
+pub fn vmesh_command() -> Command {
+    let mut cmd = Command::new(vmesh_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("VMESH_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}

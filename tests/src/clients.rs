@@ -1,0 +1,114 @@
+//! Real clients other than curl: h2load, and the Python gRPC and WebSocket clients.
+
+use std::net::SocketAddr;
+use std::process::Output;
+
+use crate::fixture;
+use crate::tools;
+
+/// The Python gRPC client's verdict and report.
+#[derive(Debug, Clone)]
+pub struct ClientRun {
+    /// Whether the client exited 0 (every call as expected).
+    pub success: bool,
+    /// The JSON document it printed (`Null` if it printed none).
+    pub report: serde_json::Value,
+    /// stdout + stderr, for failure messages.
+    pub output: String,
+}
+
+/// Runs `tests/fixtures/grpc_client.py --target <target> <args>`.
+pub fn grpc_client(target: SocketAddr, args: &[&str]) -> ClientRun {
+    let output = tools::python_command(&["grpc"])
+        .arg(fixture("grpc_client.py"))
+        .arg("--target")
+        .arg(target.to_string())
+        .args(args)
+        .output()
+        .expect("run grpc_client.py");
+    client_run(output)
+}
+
+/// Runs `tests/fixtures/ws_client.py --connect <connect> --url <url> <args>`.
+pub fn ws_client(connect: SocketAddr, url: &str, args: &[&str]) -> ClientRun {
+    let output = tools::python_command(&["websockets"])
+        .arg(fixture("ws_client.py"))
+        .arg("--connect")
+        .arg(connect.to_string())
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("run ws_client.py");
+    client_run(output)
+}
+
+fn client_run(output: Output) -> ClientRun {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let report = stdout
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(serde_json::Value::Null);
+    ClientRun {
+        success: output.status.success(),
+        report,
+        output: format!(
+            "exit {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            output.status
+        ),
+    }
+}
+
+/// The counts of an `h2load` run.
+#[derive(Debug, Clone, Default)]
+pub struct H2loadSummary {
+    /// Requests that got a response.
+    pub succeeded: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Responses with a 2xx status.
+    pub status_2xx: u64,
+    /// h2load's whole output.
+    pub output: String,
+}
+
+/// Runs `h2load <args> <url>` (HTTP/2 prior knowledge for `http://` URLs) and parses its summary.
+pub fn h2load(url: &str, args: &[&str]) -> H2loadSummary {
+    let output = tools::command("h2load")
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run h2load");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut summary = H2loadSummary {
+        output: text.clone(),
+        ..H2loadSummary::default()
+    };
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("requests:") {
+            summary.succeeded = count_before(rest, "succeeded");
+            summary.failed = count_before(rest, "failed");
+        } else if let Some(rest) = line.strip_prefix("status codes:") {
+            summary.status_2xx = count_before(rest, "2xx");
+        }
+    }
+    summary
+}
+
+/// In `"200 total, 200 succeeded, 0 failed"`, the number before `word`.
+fn count_before(text: &str, word: &str) -> u64 {
+    text.split(',')
+        .map(str::trim)
+        .find_map(|part| {
+            let (n, w) = part.split_once(' ')?;
+            (w.trim() == word).then(|| n.parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,305 @@
+//! HTTP/1.1 through vmesh: outbound port, inbound listener and shared outbound port; keep-alive,
+//! pooling, chunked bodies, `Expect: 100-continue`, hop-by-hop removal, forwarding headers.
+
+use std::collections::HashSet;
+use std::io::Write;
+
+use vmesh_tests::http::curl_command;
+use vmesh_tests::{Agent, Curl, Inbound, Outbound, RunningUpstream, Upstream};
+
+/// One Python app reached three ways: outbound `orders` (own port), inbound, shared port.
+fn agent_with_app() -> (Agent, RunningUpstream) {
+    let app = Upstream::python("app").spawn();
+    let agent = Agent::builder()
+        .inbound(Inbound::new(app.addr(), "http"))
+        .shared_outbound()
+        .outbound(Outbound::new("orders").endpoint(app.addr()))
+        .start();
+    (agent, app)
+}
+
+/// The outbound and inbound URLs of `path`, labelled, for tests that check both directions.
+fn both_directions(agent: &Agent, path: &str) -> [(&'static str, String); 2] {
+    [
+        ("outbound", agent.outbound_url("orders", path)),
+        ("inbound", agent.inbound_url(path)),
+    ]
+}
+
+fn body_file(dir: &std::path::Path, size: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let path = dir.join(format!("body-{size}"));
+    let mut f = std::fs::File::create(&path).expect("create body file");
+    f.write_all(&data).expect("write body file");
+    (path, data)
+}
+
+#[test]
+fn get_reaches_the_app_through_outbound_and_inbound() {
+    let (agent, _app) = agent_with_app();
+    for (direction, url) in both_directions(&agent, "/some/path?x=1&y=two") {
+        let r = Curl::get(url).header("X-End-To-End: kept").run();
+        r.expect_status(200);
+        assert_eq!(r.header("x-upstream-name"), Some("app"), "{direction}: {r}");
+        let doc = r.json();
+        assert_eq!(doc["method"], "GET", "{direction}");
+        assert_eq!(doc["path"], "/some/path?x=1&y=two", "{direction}");
+        assert_eq!(doc["headers"]["x-end-to-end"], "kept", "{direction}");
+    }
+}
+
+#[test]
+fn methods_statuses_and_chunked_responses_pass_through() {
+    let (agent, _app) = agent_with_app();
+    for (direction, url) in both_directions(&agent, "/thing") {
+        for method in ["PUT", "DELETE", "PATCH", "OPTIONS"] {
+            let r = Curl::get(url.clone()).method(method).run();
+            r.expect_status(200);
+            assert_eq!(r.json()["method"], method, "{direction}");
+        }
+    }
+    // The app's own error statuses are not proxy errors: no x-vmesh-error, the app's body.
+    for status in [404u16, 500, 418] {
+        let r = Curl::get(agent.outbound_url("orders", &format!("/status/{status}"))).run();
+        r.expect_status(status);
+        assert_eq!(r.header("x-vmesh-error"), None, "{r}");
+        assert_eq!(r.text(), format!("status {status}\n"));
+    }
+    let r = Curl::get(agent.outbound_url("orders", "/status/204")).run();
+    r.expect_status(204);
+    assert!(r.body.is_empty());
+    // A chunked response from the app arrives whole.
+    let r = Curl::get(agent.outbound_url("orders", "/stream?chunks=5")).run();
+    r.expect_status(200);
+    assert_eq!(r.text(), "chunk 0\nchunk 1\nchunk 2\nchunk 3\nchunk 4\n");
+}
+
+#[test]
+fn keep_alive_serves_several_requests_on_one_client_connection() {
+    let (agent, _app) = agent_with_app();
+    for (direction, url) in both_directions(&agent, "/ka") {
+        let out = curl_command()
+            .args(["-sv", "-w", "%{http_code}\n"])
+            .args([
+                "-o",
+                "/dev/null",
+                &url,
+                "-o",
+                "/dev/null",
+                &url,
+                "-o",
+                "/dev/null",
+                &url,
+            ])
+            .output()
+            .expect("run curl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{direction}: curl failed: {stderr}");
+        assert_eq!(stdout, "200\n200\n200\n", "{direction}: {stderr}");
+        assert_eq!(
+            stderr.matches("Re-using existing connection").count(),
+            2,
+            "{direction}: the 2nd and 3rd request must reuse the connection:\n{stderr}"
+        );
+        assert_eq!(
+            stderr.matches("* Connected to").count(),
+            1,
+            "{direction}: exactly one TCP connection expected:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn upstream_connections_are_pooled() {
+    let (agent, _app) = agent_with_app();
+    // Separate client connections (one curl each); vmesh should reuse its upstream connection.
+    let mut peers = HashSet::new();
+    for _ in 0..6 {
+        let r = Curl::get(agent.outbound_url("orders", "/pool")).run();
+        r.expect_status(200);
+        peers.insert(r.header("x-upstream-peer").expect("x-upstream-peer").to_string());
+    }
+    assert!(
+        peers.len() <= 2,
+        "6 sequential requests used {} upstream connections ({peers:?}): no pooling",
+        peers.len()
+    );
+}
+
+#[test]
+fn chunked_request_body_is_echoed() {
+    let (agent, _app) = agent_with_app();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, data) = body_file(dir.path(), 256 * 1024);
+    for (direction, url) in both_directions(&agent, "/echo") {
+        let r = Curl::get(url)
+            .header("Transfer-Encoding: chunked")
+            .header("Content-Type: application/octet-stream")
+            .body_file(&path)
+            .run();
+        r.expect_status(200);
+        assert_eq!(r.body.len(), data.len(), "{direction}: echoed length");
+        assert!(r.body == data, "{direction}: echoed body differs");
+    }
+    // HTTP/2 client, same body.
+    let r = Curl::get(agent.outbound_url("orders", "/echo"))
+        .http2()
+        .body_file(&path)
+        .run();
+    r.expect_status(200);
+    assert!(r.body == data, "h2 echoed body differs");
+}
+
+#[test]
+fn expect_100_continue_gets_100_then_the_echo() {
+    let (agent, _app) = agent_with_app();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, data) = body_file(dir.path(), 64 * 1024);
+    for (direction, url) in both_directions(&agent, "/echo") {
+        // curl waits up to --expect100-timeout for the 100; without it the body goes late but
+        // the check below still fails, so the wait only shows up as time.
+        let r = Curl::get(url)
+            .header("Expect: 100-continue")
+            .args(["--expect100-timeout", "10"])
+            .body_file(&path)
+            .run();
+        r.expect_status(200);
+        assert!(
+            r.all_heads.iter().any(|h| h.starts_with("HTTP/1.1 100")),
+            "{direction}: no `100 Continue` before the response: {:?}",
+            r.all_heads
+        );
+        assert!(r.body == data, "{direction}: echoed body differs");
+    }
+}
+
+#[test]
+fn hop_by_hop_headers_are_removed() {
+    let (agent, _app) = agent_with_app();
+    for (direction, url) in both_directions(&agent, "/hop") {
+        let r = Curl::get(url)
+            .header("Connection: keep-alive, X-Hop-Custom")
+            .header("X-Hop-Custom: must-not-pass")
+            .header("Keep-Alive: timeout=5, max=100")
+            .header("TE: trailers")
+            .header("Proxy-Connection: keep-alive")
+            .header("Upgrade: foo/1")
+            .header("X-End-To-End: kept")
+            .run();
+        r.expect_status(200);
+        let doc = r.json();
+        let seen = &doc["headers"];
+        for name in ["keep-alive", "te", "proxy-connection", "upgrade", "x-hop-custom"] {
+            assert!(
+                seen.get(name).is_none(),
+                "{direction}: hop-by-hop `{name}` reached the app: {seen}"
+            );
+        }
+        if let Some(conn) = seen.get("connection").and_then(|v| v.as_str()) {
+            assert!(
+                !conn.to_ascii_lowercase().contains("x-hop-custom"),
+                "{direction}: client's Connection header forwarded: {conn}"
+            );
+        }
+        assert_eq!(seen["x-end-to-end"], "kept", "{direction}: {seen}");
+    }
+}
+
+#[test]
+fn transfer_encoding_is_not_forwarded_as_a_header() {
+    let (agent, _app) = agent_with_app();
+    // A body-less request that carries a stray `Transfer-Encoding: chunked` header: curl sends
+    // the header and a terminating empty chunk. vmesh must frame the upstream request itself.
+    let r = Curl::get(agent.outbound_url("orders", "/te"))
+        .method("POST")
+        .header("Transfer-Encoding: chunked")
+        .body("")
+        .run();
+    r.expect_status(200);
+    let doc = r.json();
+    assert_eq!(doc["body_bytes"], 0, "{doc}");
+    if let Some(te) = doc["headers"].get("transfer-encoding").and_then(|v| v.as_str()) {
+        assert_eq!(te, "chunked", "only vmesh's own framing may reach the app: {doc}");
+    }
+}
+
+#[test]
+fn x_forwarded_for_carries_the_client_address() {
+    let (agent, _app) = agent_with_app();
+    for (direction, url) in both_directions(&agent, "/xff") {
+        let doc = Curl::get(url.clone()).run().expect_status(200).json();
+        let xff = doc["headers"]["x-forwarded-for"].as_str().unwrap_or_default();
+        assert!(xff.contains("127.0.0.1"), "{direction}: x-forwarded-for = {xff:?}");
+
+        // An existing chain is kept and the client appended.
+        let doc = Curl::get(url)
+            .header("X-Forwarded-For: 203.0.113.7")
+            .run()
+            .expect_status(200)
+            .json();
+        let xff = doc["headers"]["x-forwarded-for"].as_str().unwrap_or_default();
+        assert!(
+            xff.starts_with("203.0.113.7") && xff.contains("127.0.0.1"),
+            "{direction}: x-forwarded-for = {xff:?}"
+        );
+    }
+}
+
+#[test]
+fn x_request_id_is_generated_when_absent_and_kept_when_given() {
+    let (agent, _app) = agent_with_app();
+    for (direction, url) in both_directions(&agent, "/rid") {
+        let first = Curl::get(url.clone()).run().expect_status(200).json();
+        let second = Curl::get(url.clone()).run().expect_status(200).json();
+        let a = first["headers"]["x-request-id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let b = second["headers"]["x-request-id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(!a.is_empty(), "{direction}: no x-request-id generated: {first}");
+        assert_ne!(a, b, "{direction}: two requests got the same generated x-request-id");
+
+        let given = Curl::get(url)
+            .header("X-Request-Id: test-rid-0042")
+            .run()
+            .expect_status(200)
+            .json();
+        assert_eq!(given["headers"]["x-request-id"], "test-rid-0042", "{direction}");
+    }
+}
+
+#[test]
+fn shared_outbound_port_routes_by_host() {
+    let orders = Upstream::python("orders-app").spawn();
+    let billing = Upstream::python("billing-app").spawn();
+    let agent = Agent::builder()
+        .shared_outbound()
+        .outbound(Outbound::new("orders").no_listen().endpoint(orders.addr()))
+        .outbound(Outbound::new("billing").no_listen().endpoint(billing.addr()))
+        .start();
+    let url = agent.shared_url("/route");
+    for (host, want) in [
+        ("orders", "orders-app"),
+        ("orders:8080", "orders-app"),
+        ("billing", "billing-app"),
+        ("billing:15001", "billing-app"),
+    ] {
+        let r = Curl::get(url.clone()).header(&format!("Host: {host}")).run();
+        r.expect_status(200);
+        assert_eq!(r.header("x-upstream-name"), Some(want), "Host: {host}: {r}");
+    }
+    // HTTP/2: curl turns Host into :authority.
+    let r = Curl::get(url.clone()).http2().header("Host: billing").run();
+    r.expect_status(200);
+    assert_eq!(r.header("x-upstream-name"), Some("billing-app"), "{r}");
+
+    let r = Curl::get(url).header("Host: nosuchservice").run();
+    r.expect_status(404);
+    assert_eq!(r.header("x-vmesh-error"), Some("UNKNOWN_SERVICE"), "{r}");
+    assert!(!r.body.is_empty(), "a proxy error carries a short text body");
+    assert_eq!(orders.requests_seen() + billing.requests_seen(), 5);
+}

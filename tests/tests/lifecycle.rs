@@ -1,0 +1,234 @@
+//! Process lifecycle: SIGHUP reloads (good and bad configs), `check-config`, SIGTERM drain.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use vmesh_tests::agent::check_config;
+use vmesh_tests::{assert_eventually, eventually, Agent, Curl, Outbound, Signal, Upstream, DEFAULT_WAIT};
+
+fn reload_state(agent: &Agent) -> (u64, serde_json::Value) {
+    let doc = agent.admin_json("/config");
+    (doc["reloads"].as_u64().unwrap_or(0), doc["last_reload_error"].clone())
+}
+
+#[test]
+fn sighup_applies_a_changed_valid_config() {
+    let u1 = Upstream::python("u1").spawn();
+    let u2 = Upstream::python("u2").spawn();
+    let mut agent = Agent::builder()
+        .outbound(Outbound::new("orders").endpoint(u1.addr()))
+        .start();
+    let r = Curl::get(agent.outbound_url("orders", "/")).run();
+    assert_eq!(r.header("x-upstream-name"), Some("u1"), "{r}");
+    let (reloads_before, _) = reload_state(&agent);
+
+    // New endpoint for orders, and a new outbound with its own port.
+    let config = agent.config();
+    let orders = config.outbound_for("orders").clear_endpoints().endpoint(u2.addr());
+    let config = config
+        .outbound(orders)
+        .outbound(Outbound::new("billing").endpoint(u1.addr()));
+    agent.reload(config);
+
+    let orders_url = agent.outbound_url("orders", "/");
+    eventually(DEFAULT_WAIT, "orders to move to u2 after SIGHUP", || {
+        let r = Curl::get(orders_url.clone()).run();
+        match r.header("x-upstream-name") {
+            Some("u2") => Ok(()),
+            _ => Err(r.to_string()),
+        }
+    });
+    let billing_url = agent.outbound_url("billing", "/");
+    eventually(DEFAULT_WAIT, "the new billing port to serve after SIGHUP", || {
+        let r = Curl::get(billing_url.clone()).run();
+        match (r.status, r.header("x-upstream-name")) {
+            (200, Some("u1")) => Ok(()),
+            _ => Err(r.to_string()),
+        }
+    });
+    let (reloads, error) = reload_state(&agent);
+    assert!(reloads > reloads_before, "reloads counter did not move: {reloads}");
+    assert!(error.is_null(), "a good reload left last_reload_error = {error}");
+    let shown = agent.admin_json("/config")["config"].to_string();
+    assert!(
+        shown.contains("billing"),
+        "/config does not show the reloaded config: {shown}"
+    );
+}
+
+#[test]
+fn sighup_with_an_invalid_config_keeps_serving_the_old_one() {
+    let u1 = Upstream::python("u1").spawn();
+    let u2 = Upstream::python("u2").spawn();
+    let mut agent = Agent::builder()
+        .outbound(Outbound::new("orders").endpoint(u1.addr()))
+        .start();
+    let url = agent.outbound_url("orders", "/");
+    Curl::get(url.clone()).run().expect_status(200);
+
+    // Valid TOML, invalid config: an unknown key (and a changed endpoint that must NOT apply).
+    let bad = agent
+        .config()
+        .agent_set("no_such_key", true)
+        .outbound(Outbound::new("orders").clear_endpoints().endpoint(u2.addr()));
+    agent.write_raw_config(&bad.to_toml());
+    agent.send_signal(Signal::SIGHUP);
+    let error = eventually(
+        DEFAULT_WAIT,
+        "/config to report the failed reload",
+        || match reload_state(&agent).1 {
+            serde_json::Value::String(e) => Ok(e),
+            other => Err(format!("last_reload_error = {other}")),
+        },
+    );
+    assert!(
+        error.contains("no_such_key"),
+        "the reload error must name the key: {error}"
+    );
+    for _ in 0..5 {
+        let r = Curl::get(url.clone()).run();
+        assert_eq!((r.status, r.header("x-upstream-name")), (200, Some("u1")), "{r}");
+    }
+    assert!(agent.try_exit().is_none(), "a bad reload must not stop the agent");
+
+    // Broken TOML syntax: same story.
+    agent.write_raw_config("[agent\nthis is not toml");
+    agent.send_signal(Signal::SIGHUP);
+    let first_error = error;
+    eventually(
+        DEFAULT_WAIT,
+        "/config to report the unparsable file",
+        || match reload_state(&agent).1 {
+            serde_json::Value::String(e) if e != first_error => Ok(()),
+            other => Err(format!("last_reload_error = {other}")),
+        },
+    );
+    Curl::get(url.clone()).run().expect_status(200);
+
+    // A good config afterwards applies and clears the error.
+    let good = agent.config();
+    agent.reload(good);
+    assert_eventually!(
+        reload_state(&agent).1.is_null(),
+        "a good reload to clear last_reload_error"
+    );
+    Curl::get(url).run().expect_status(200);
+}
+
+#[test]
+fn check_config_reports_every_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = Agent::builder().outbound(Outbound::new("orders").endpoint(vmesh_tests::free_addr()));
+    let good_path = dir.path().join("good.toml");
+    std::fs::write(&good_path, good.to_toml()).expect("write good config");
+    let out = check_config(&good_path);
+    assert!(
+        out.status.success(),
+        "a valid config must pass check-config: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let bad = good.agent_set("colour_of_sky", "blue").outbound(
+        Outbound::new("orders")
+            .balancer("fastest-possible")
+            .timeout("soon")
+            .endpoint(vmesh_tests::free_addr()),
+    );
+    let bad_path = dir.path().join("bad.toml");
+    std::fs::write(&bad_path, bad.to_toml()).expect("write bad config");
+    let out = check_config(&bad_path);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2), "invalid config must exit 2: {text}");
+    for key in ["colour_of_sky", "balancer", "timeout"] {
+        assert!(text.contains(key), "check-config must name `{key}`:\n{text}");
+    }
+    let errors = text.lines().filter(|l| l.trim_start().starts_with("error:")).count();
+    assert!(
+        errors >= 3,
+        "one `error:` line per problem expected, got {errors}:\n{text}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_zero() {
+    let up = Upstream::python("slowpoke").spawn();
+    let mut agent = Agent::builder()
+        .outbound(Outbound::new("orders").timeout("20s").endpoint(up.addr()))
+        .start();
+    let addr = agent.outbound_addr("orders");
+    let url = agent.outbound_url("orders", "/slow?ms=2500");
+    let in_flight = std::thread::spawn(move || Curl::get(url).run());
+    assert_eventually!(up.in_flight() == 1, "the slow request to reach the upstream");
+
+    agent.send_signal(Signal::SIGTERM);
+    eventually(
+        Duration::from_secs(2),
+        "the listener to refuse new connections",
+        || match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight request ended before the listener closed: the drain did not wait for it"
+    );
+
+    let r = in_flight.join().expect("in-flight curl thread");
+    r.expect_status(200);
+    assert_eq!(r.header("x-upstream-name"), Some("slowpoke"));
+    let status = agent.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "vmesh must exit 0 after draining: {status}");
+}
+
+#[test]
+fn sigterm_with_idle_keep_alive_connections_exits_promptly() {
+    let up = Upstream::python("app").spawn();
+    let mut agent = Agent::builder()
+        .outbound(Outbound::new("orders").endpoint(up.addr()))
+        .start();
+    // An idle keep-alive client connection after one complete request.
+    let mut idle = TcpStream::connect(agent.outbound_addr("orders")).expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .expect("write");
+    idle.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut buf = [0u8; 4096];
+    let n = idle.read(&mut buf).expect("read response");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    let started = Instant::now();
+    agent.send_signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(8));
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an idle connection held the exit for {:?} (drain_timeout is 10s)",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn drain_timeout_bounds_the_shutdown() {
+    let up = Upstream::python("glacier").spawn();
+    let mut agent = Agent::builder()
+        .agent_set("drain_timeout", "1s")
+        .outbound(Outbound::new("orders").timeout("30s").endpoint(up.addr()))
+        .start();
+    let url = agent.outbound_url("orders", "/slow?ms=15000");
+    let _in_flight = std::thread::spawn(move || Curl::get(url).run());
+    assert_eventually!(up.in_flight() == 1, "the slow request to reach the upstream");
+    let started = Instant::now();
+    agent.send_signal(Signal::SIGTERM);
+    agent.wait_exit(Duration::from_secs(6));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "drain_timeout 1s, but exit took {:?}",
+        started.elapsed()
+    );
+}
