@@ -21,6 +21,7 @@ declare -A APT_FOR=(
   [protoc]=protobuf-compiler
   [etcd]=etcd-server
   [etcdctl]=etcd-client
+  [wrk]=wrk
 )
 
 missing=()

@@ -205,6 +205,14 @@ fn run(source: Source, demo_upstreams: bool) -> ExitCode {
         }
     };
     telemetry::init_logging(&config.agent.log_level);
+    // Before any thread exists: taking the sockets unsets LISTEN_FDS/LISTEN_PID.
+    let inherited = match vmesh_agent::proxy::activation::Inherited::from_systemd() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: cannot take the sockets passed by systemd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match build_runtime(&config) {
         Ok(r) => r,
         Err(e) => {
@@ -216,7 +224,7 @@ fn run(source: Source, demo_upstreams: bool) -> ExitCode {
         if demo_upstreams {
             demo::start_upstreams(&demo::quickstart_upstreams()).await?;
         }
-        lifecycle::run(source, config).await
+        lifecycle::run(source, config, inherited).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! Architecture invariant: the request path reads snapshots (route table, endpoint sets) and
 //! never awaits the registry, the CMDB or the store.
 
+pub mod activation;
 pub mod body;
 pub mod client;
 mod complete;
@@ -34,6 +35,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub access_log: AccessLog,
     pub limits: ProxyConfig,
+    /// Set when the agent starts draining: HTTP/1.1 responses then carry `Connection: close`.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// One listener's identity and target.

@@ -19,7 +19,8 @@ use crate::admin;
 use crate::config::RegistryKind;
 use crate::config::{self, Config, Source};
 use crate::discovery;
-use crate::proxy::listener::{bind, Running};
+use crate::proxy::activation::Inherited;
+use crate::proxy::listener::{take_or_bind, Running};
 use crate::proxy::{Drain, DrainWatch, ListenerSpec, Shared};
 use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
@@ -57,10 +58,12 @@ struct Runtime {
     drain_watch: DrainWatch,
     /// Services whose endpoints are being discovered.
     watched: HashSet<String>,
+    /// Sockets passed by systemd that no listener claimed yet (a reload may add one).
+    inherited: Inherited,
 }
 
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns.
-pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
+pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let access_log = AccessLog::start(
         &config.telemetry.access_log,
@@ -75,15 +78,20 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         access_log,
         limits: config.proxy.clone(),
+        draining: AtomicBool::new(false),
     });
 
     // Bind everything first: a port in use fails the start, before anything is registered.
-    let admin_listener = bind(config.agent.admin_listen)
+    let admin_listener = take_or_bind(&mut inherited, config.agent.admin_listen)
         .with_context(|| format!("agent.admin_listen: cannot bind {}", config.agent.admin_listen))?;
     let mut bound = Vec::new();
     for spec in ListenerSpec::from_config(&config) {
-        let l = bind(spec.addr).with_context(|| format!("{}: cannot bind {}", spec.name(), spec.addr))?;
+        let l = take_or_bind(&mut inherited, spec.addr)
+            .with_context(|| format!("{}: cannot bind {}", spec.name(), spec.addr))?;
         bound.push((spec, l));
+    }
+    if !inherited.is_empty() {
+        tracing::warn!(unclaimed = ?inherited.unclaimed(), "systemd passed sockets that no listener of the config uses (kept for a reload)");
     }
 
     let lifecycle = start_lifecycle(&config, &routes, &metrics)?;
@@ -105,6 +113,7 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
         listeners: Vec::new(),
         drain_watch,
         watched: HashSet::new(),
+        inherited,
     };
     for (spec, l) in bound {
         rt.start(spec, l);
@@ -132,6 +141,7 @@ pub async fn run(source: Source, config: Config) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     state.draining.store(true, Ordering::SeqCst);
+    rt.shared.draining.store(true, Ordering::SeqCst);
     tracing::info!(?timeout, "shutting down: draining");
     state.lifecycle.shutdown(timeout).await;
     for l in rt.listeners.drain(..) {
@@ -283,7 +293,8 @@ impl Runtime {
         let mut fresh = Vec::new();
         for spec in &specs {
             if !self.listeners.iter().any(|r| r.spec.addr == spec.addr) {
-                let l = bind(spec.addr).map_err(|e| format!("{}: cannot bind {}: {e}", spec.name(), spec.addr))?;
+                let l = take_or_bind(&mut self.inherited, spec.addr)
+                    .map_err(|e| format!("{}: cannot bind {}: {e}", spec.name(), spec.addr))?;
                 fresh.push((spec.clone(), l));
             }
         }

@@ -85,6 +85,10 @@ pub async fn forward(
     let grpc = is_grpc(&req) || cluster.is_grpc();
     let mut completion = early_completion(ctx, &req, start, Some(cluster.clone()));
     let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    // While the agent drains, HTTP/1.1 clients are told to reconnect (to the next agent on
+    // the same socket) after this response, instead of finding their connection closed.
+    let close_after =
+        req.version() <= Version::HTTP_11 && ctx.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
     let (mut parts, body) = req.into_parts();
     let path = match parts.uri.path_and_query() {
         Some(p) => p.clone(),
@@ -231,7 +235,7 @@ pub async fn forward(
 
         completion.endpoint = Some(in_flight);
         return match result {
-            Ok(resp) => respond(resp, completion, on_upgrade),
+            Ok(resp) => respond(resp, completion, on_upgrade, close_after),
             Err(TryOutcome::ConnectFailed) => fail(ProxyError::ConnectFailed, grpc, completion),
             Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => fail(ProxyError::Timeout, grpc, completion),
             Err(_) => fail(ProxyError::Reset, grpc, completion),
@@ -257,6 +261,7 @@ fn respond(
     mut resp: Response<Incoming>,
     mut completion: Completion,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    close_after: bool,
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
     completion.headers_time = completion.start.elapsed();
@@ -279,5 +284,10 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
+    if close_after {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     Response::from_parts(parts, ResponseBody::upstream(body, Some(completion)))
 }

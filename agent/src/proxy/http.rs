@@ -62,6 +62,15 @@ pub async fn serve(
             }
         }
         () = drain.signaled() => {
+            // Busy HTTP/1.1 connections close themselves after their next response
+            // (`Connection: close`); give them a moment before closing the idle rest, so a
+            // client rarely sends into a connection that is closing.
+            let linger = tokio::time::sleep(DRAIN_LINGER);
+            tokio::pin!(linger);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = &mut linger => {}
+            }
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
@@ -72,6 +81,9 @@ pub async fn serve(
         }
     }
 }
+
+/// How long a draining connection may still carry requests before it is shut down.
+const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Resolves once the connection has had no request in progress for `limit`.
 async fn idle(activity: &super::ConnActivity, limit: std::time::Duration) {

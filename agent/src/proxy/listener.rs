@@ -101,6 +101,18 @@ impl ListenerSpec {
     }
 }
 
+/// The listener for `addr`: the one systemd passed (socket activation), else a new one.
+pub fn take_or_bind(inherited: &mut super::activation::Inherited, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match inherited.take(addr) {
+        Some(l) => {
+            tracing::info!(%addr, "using the listening socket passed by systemd");
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        }
+        None => bind(addr),
+    }
+}
+
 /// Binds a TCP listener with address reuse and a deep backlog.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
