@@ -216,6 +216,11 @@ impl Watch {
         cluster
             .endpoints
             .store(Arc::new(EndpointSet::new(cluster.balancer, endpoints)));
+        // A reload may have swapped the route table meanwhile: install into the new one too.
+        if !Arc::ptr_eq(&*routes, &*self.routes.load()) {
+            drop(routes);
+            return self.install(found, count);
+        }
         if count {
             self.metrics
                 .discovery_updates

@@ -43,7 +43,11 @@ pub fn cmdb(config: &Config) -> Result<Option<Box<dyn Cmdb>>, CmdbError> {
                     token,
                     ca_file: c.ca_file.clone(),
                     timeout,
-                    fields: c.fields.clone().unwrap_or_else(FieldMap::rest_default),
+                    fields: c
+                        .fields
+                        .clone()
+                        .unwrap_or_default()
+                        .or_defaults(FieldMap::rest_default()),
                     allowed_status: c.allowed_status.clone(),
                 },
             )?)
@@ -51,7 +55,10 @@ pub fn cmdb(config: &Config) -> Result<Option<Box<dyn Cmdb>>, CmdbError> {
         CmdbKind::Http => Box::new(HttpJsonCmdb::new(
             url()?,
             token,
-            c.fields.clone().unwrap_or_else(FieldMap::http_default),
+            c.fields
+                .clone()
+                .unwrap_or_default()
+                .or_defaults(FieldMap::http_default()),
             c.allowed_status.clone(),
             timeout,
         )?),

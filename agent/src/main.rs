@@ -39,15 +39,22 @@ fn client_runtime<F: std::future::Future<Output = ExitCode>>(f: impl FnOnce() ->
     }
 }
 
-async fn drain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
-    let addr = match args.admin_addr() {
-        Ok(a) => a,
+/// The admin address and token for a mutating client command.
+fn admin_target(args: &AdminArgs) -> Result<(std::net::SocketAddr, Option<String>), ExitCode> {
+    match args.admin_addr() {
+        Ok(a) => Ok((a, vmesh_agent::cli::admin_token(&args.config))),
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(exit::FAILED);
+            Err(ExitCode::from(exit::FAILED))
         }
+    }
+}
+
+async fn drain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
+    let (addr, token) = match admin_target(args) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
-    let token = vmesh_agent::cli::admin_token(&args.config);
     match vmesh_agent::cli::admin_post(addr, "/drain", token.as_deref(), std::time::Duration::from_secs(30)).await {
         Ok((202 | 200, _)) => {}
         Ok((status, body)) => {
@@ -89,14 +96,10 @@ async fn drain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
 }
 
 async fn undrain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
-    let addr = match args.admin_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(exit::FAILED);
-        }
+    let (addr, token) = match admin_target(args) {
+        Ok(t) => t,
+        Err(code) => return code,
     };
-    let token = vmesh_agent::cli::admin_token(&args.config);
     let path = format!("/undrain?timeout={}s", timeout.as_secs().max(1));
     match vmesh_agent::cli::admin_post(
         addr,
@@ -265,16 +268,96 @@ fn admin_command(args: &AdminArgs, path: &str) -> ExitCode {
     });
     match result {
         Ok((200, body)) => {
-            print!("{body}");
+            match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) if !args.json => print!("{}", summary(path, &v)),
+                _ => print!("{body}"),
+            }
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
             eprintln!("error: admin API answered {status}: {body}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::FAILED)
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(3)
+            ExitCode::from(exit::ADMIN_UNREACHABLE)
         }
     }
+}
+
+/// A few lines for people; `--json` prints the admin API's answer as it is.
+fn summary(path: &str, v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    };
+    if path == "/clusters" {
+        for c in v["clusters"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{} {} ({}, {})",
+                s(&c["direction"]),
+                s(&c["service"]),
+                s(&c["protocol"]),
+                s(&c["balancer"])
+            );
+            for e in c["endpoints"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} weight {:>3}  in-flight {:>4}  ewma {:>8} ms  {}",
+                    s(&e["address"]),
+                    s(&e["weight"]),
+                    s(&e["in_flight"]),
+                    s(&e["ewma_ms"]),
+                    if e["healthy"] == true { "healthy" } else { "ejected" }
+                );
+            }
+        }
+        return out;
+    }
+    let l = &v["lifecycle"];
+    let _ = writeln!(
+        out,
+        "node:        {} (vmesh {}, up {} s)",
+        s(&v["node"]),
+        s(&v["version"]),
+        s(&v["uptime_seconds"])
+    );
+    let _ = writeln!(out, "ready:       {} {}", s(&v["ready"]), s(&v["not_ready_reason"]));
+    let _ = writeln!(
+        out,
+        "identity:    {} / {} (from {})",
+        s(&l["identity"]["service"]),
+        s(&l["identity"]["environment"]),
+        s(&l["identity_source"])
+    );
+    let _ = writeln!(
+        out,
+        "registry:    {} registered={} id={}",
+        s(&l["registry"]),
+        s(&l["registered"]),
+        s(&l["registration_id"])
+    );
+    let _ = writeln!(
+        out,
+        "weight:      advertised {} effective {}",
+        s(&l["weight"]),
+        s(&l["effective_weight"])
+    );
+    let _ = writeln!(out, "drain:       {} in-flight {}", s(&l["drain"]), s(&l["in_flight"]));
+    let _ = writeln!(
+        out,
+        "app healthy: {} {}",
+        s(&l["app"]["healthy"]),
+        s(&l["app"]["last_error"])
+    );
+    for key in ["identity_error", "registry_error"] {
+        if !l[key].is_null() {
+            let _ = writeln!(out, "{key}: {}", s(&l[key]));
+        }
+    }
+    out
 }

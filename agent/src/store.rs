@@ -87,6 +87,11 @@ impl SledStore {
         })?;
         match Self::open(&path).and_then(|s| s.check_schema().map(|()| s)) {
             Ok(s) => Ok(s),
+            // Another process holds the store: that is not corruption; never move it aside.
+            Err(e @ StoreError::Sled { .. }) if e.to_string().contains("lock") => Err(StoreError::Io {
+                path: path.display().to_string(),
+                problem: format!("in use by another process (is another vmesh running with this data_dir?): {e}"),
+            }),
             Err(e) => {
                 let aside = dir.join(format!("state.corrupt-{}", unix_now()));
                 tracing::error!(error = %e, moved_to = %aside.display(), code = "STORE_CORRUPT",

@@ -36,8 +36,16 @@ impl CmdbError {
         }
     }
 
-    /// Whether the CMDB could not be asked (as opposed to answering "no"): a cached identity
-    /// may then stand in.
+    /// Whether a cached identity may stand in: yes for outages and broken answers, no when
+    /// the CMDB answered that this VM is not (or no longer) a serving instance.
+    pub fn keeps_cache(&self) -> bool {
+        !matches!(
+            self,
+            Self::NotFound { .. } | Self::Decommissioned { .. } | Self::Ambiguous { .. }
+        )
+    }
+
+    /// Whether the CMDB could not be asked (as opposed to answering "no").
     pub fn is_outage(&self) -> bool {
         matches!(self, Self::Unreachable(_) | Self::BadResponse(_))
     }

@@ -7,8 +7,9 @@ use serde_json::Value;
 use crate::{CmdbError, ServiceIdentity};
 
 /// Paths of every identity field in a record; the first path that holds a non-null value wins.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+/// In a config, a field left out (or an empty list) keeps the backend's default paths.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
 pub struct FieldMap {
     #[serde(deserialize_with = "one_or_many")]
     pub service: Vec<String>,
@@ -83,6 +84,22 @@ impl FieldMap {
             owner: paths(&["owner"]),
             tags: paths(&["tags"]),
             status: Vec::new(),
+        }
+    }
+
+    /// These paths, with every field left empty taken from `defaults`.
+    pub fn or_defaults(self, defaults: FieldMap) -> FieldMap {
+        let pick = |mine: Vec<String>, theirs: Vec<String>| if mine.is_empty() { theirs } else { mine };
+        FieldMap {
+            service: pick(self.service, defaults.service),
+            environment: pick(self.environment, defaults.environment),
+            zone: pick(self.zone, defaults.zone),
+            version: pick(self.version, defaults.version),
+            weight: pick(self.weight, defaults.weight),
+            colour: pick(self.colour, defaults.colour),
+            owner: pick(self.owner, defaults.owner),
+            tags: pick(self.tags, defaults.tags),
+            status: pick(self.status, defaults.status),
         }
     }
 
@@ -218,6 +235,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("is a number"));
+    }
+
+    #[test]
+    fn overrides_keep_the_other_defaults() {
+        let m: FieldMap = toml::from_str("service = \"custom_fields.app\"\n").unwrap();
+        let m = m.or_defaults(FieldMap::rest_default());
+        assert_eq!(m.service, ["custom_fields.app"]);
+        assert_eq!(m.environment, ["custom_fields.vmesh_env"]);
     }
 
     #[test]

@@ -65,6 +65,15 @@ pub fn validate(config: &Config) -> Problems {
             "required when a registry is set: the inbound port is what gets registered".into(),
         ));
     }
+    if config.registry.kind == RegistryKind::Etcd
+        && config.registry.advertise_address.is_none()
+        && config.inbound.as_ref().is_some_and(|i| i.listen.ip().is_unspecified())
+    {
+        p.push((
+            "registry.advertise_address".into(),
+            "required with etcd when inbound.listen is a wildcard address: callers need an address to reach".into(),
+        ));
+    }
     if config.registry.check_ttl.get() < std::time::Duration::from_secs(1) {
         p.push(("registry.check_ttl".into(), "must be at least 1s".into()));
     }

@@ -288,6 +288,15 @@ impl Runtime {
     fn try_reload(&mut self) -> Result<(), String> {
         let new = config::load(&self.state.source).map_err(|e| e.to_string())?;
         let old = self.state.config.load_full();
+        if old.registry.kind != crate::config::RegistryKind::None
+            && old.inbound.as_ref().map(|i| i.listen) != new.inbound.as_ref().map(|i| i.listen)
+        {
+            return Err(
+                "inbound.listen: the registered port cannot change on reload; restart the agent \
+                 (it deregisters and registers the new port)"
+                    .into(),
+            );
+        }
         warn_restart_only(&old, &new);
         let specs = ListenerSpec::from_config(&new);
         let mut fresh = Vec::new();

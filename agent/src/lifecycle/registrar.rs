@@ -117,6 +117,8 @@ pub struct Registrar {
     draining_since: Option<Instant>,
     /// Registry writes wait until start-up has read the store and the first health check.
     started: bool,
+    /// The app's health at the last check (None before the first).
+    last_healthy: Option<bool>,
 }
 
 /// Retry period of failed registry writes and of a CMDB that has not answered yet.
@@ -156,6 +158,7 @@ impl Registrar {
             drain: DrainPhase::Serving,
             draining_since: None,
             started: false,
+            last_healthy: None,
         };
         tokio::spawn(r.run(rx, ready));
         Handle { tx, status }
@@ -273,8 +276,14 @@ impl Registrar {
 
     async fn on_health(&mut self) {
         let healthy = self.app_healthy();
-        if healthy && self.ramp.is_none() && self.drain == DrainPhase::Serving && self.identity.is_some() {
+        let recovered = healthy && self.last_healthy == Some(false);
+        // A new ramp for a new instance, and for an app that comes back cold after a failure.
+        if healthy && (self.ramp.is_none() || recovered) && self.drain == DrainPhase::Serving && self.identity.is_some()
+        {
             self.start_ramp();
+        }
+        if self.health.as_ref().is_some_and(|h| h.borrow().checks > 0) {
+            self.last_healthy = Some(healthy);
         }
         self.sync("health").await;
     }
@@ -426,7 +435,7 @@ impl Registrar {
         let result = match op {
             "health" => registry.set_health(&want).await,
             "maintenance" => registry.set_maintenance(&want).await,
-            _ => registry.register(&want).await,
+            _ => self.register(registry.as_ref(), &want).await,
         };
         match result {
             Ok(()) => {
@@ -445,6 +454,27 @@ impl Registrar {
             }
         }
         self.publish();
+    }
+
+    /// A full registration, then what a registration does not carry over: Consul keeps an
+    /// existing check's status and maintenance across a re-register, so both are set
+    /// explicitly when they changed (or are unknown, on the first registration of this run).
+    async fn register(
+        &self,
+        registry: &dyn Registry,
+        want: &Registration,
+    ) -> Result<(), crate::registry::RegistryError> {
+        let have = self.written.as_ref();
+        registry.register(want).await?;
+        if have.is_none_or(|h| h.maintenance != want.maintenance) {
+            registry.set_maintenance(want).await?;
+            self.count_write("maintenance");
+        }
+        if have.is_none_or(|h| h.healthy != want.healthy) {
+            registry.set_health(want).await?;
+            self.count_write("health");
+        }
+        Ok(())
     }
 
     fn count_write(&self, op: &'static str) {
@@ -508,7 +538,10 @@ impl Registrar {
             }
             Err(e) => {
                 self.metrics.cmdb_errors.get_or_create(&code_label(e.code())).inc();
-                if self.identity.is_none() {
+                if self.identity.is_none() && !e.keeps_cache() {
+                    tracing::error!(error = %e, code = e.code(),
+                        "the CMDB says this VM must not serve: refusing to register (the cached identity is not used)");
+                } else if self.identity.is_none() {
                     match self.store.identity() {
                         Ok(Some(cached)) => {
                             tracing::warn!(error = %e, code = e.code(), "CMDB failed at start: using the cached identity");
@@ -558,13 +591,18 @@ impl Registrar {
         }
         let grace = self.config.agent.drain_grace.get();
         let since = *self.draining_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= grace && self.in_flight() == 0 {
+        // Not drained while the registry may still send callers here (the write failed).
+        if since.elapsed() >= grace && self.in_flight() == 0 && !self.dirty {
             tracing::info!("drained: no request in flight");
             self.drain = DrainPhase::Drained;
         }
     }
 
     async fn undrain(&mut self, timeout: Duration) -> Result<(), String> {
+        if self.drain == DrainPhase::Serving {
+            // Already serving (a re-run CD hook): keep the ramp where it is.
+            return Ok(());
+        }
         if let Some(h) = &self.health {
             let mut h = h.clone();
             tokio::time::timeout(timeout, h.wait_for(|h| h.healthy))
@@ -581,11 +619,16 @@ impl Registrar {
         tracing::info!("undrain: serving again, slow start begins");
         self.dirty = true;
         self.sync("undrain").await;
-        if self.written.is_none() && self.registry.is_some() && self.identity.is_some() {
-            return Err(self
+        if self.registry.is_some() && self.identity.is_none() {
+            let why = self.status().identity_error.unwrap_or_else(|| "no identity".into());
+            return Err(format!("NOT_REGISTERED: no service identity: {why}"));
+        }
+        if self.dirty {
+            let why = self
                 .status()
                 .registry_error
-                .unwrap_or_else(|| "registration failed".into()));
+                .unwrap_or_else(|| "registration failed".into());
+            return Err(format!("REGISTRY_WRITE_FAILED: {why} (the agent keeps retrying)"));
         }
         self.publish();
         Ok(())

@@ -129,7 +129,7 @@ impl Consul {
                 "Name": "vmesh: application health",
                 "TTL": format!("{}s", r.check_ttl.as_secs().max(1)),
                 "DeregisterCriticalServiceAfter": format!("{}s", r.deregister_critical_after.as_secs().max(60)),
-                "Status": if r.healthy { "passing" } else { "critical" },
+                "Status": if r.healthy && !r.maintenance { "passing" } else { "critical" },
             },
         });
         if !r.address.is_empty() {
@@ -197,7 +197,13 @@ fn discovered(e: HealthEntry) -> Option<Discovered> {
     let ramp = super::ramp_info(|k| meta.get(&format!("vmesh-{}", k.replace('_', "-"))).cloned());
     Some(Discovered {
         address: std::net::SocketAddr::new(ip, e.service.port),
-        weight: e.service.weights.map_or(1, |w| w.passing).max(1),
+        // Instances not registered by vmesh (no vmesh-weight meta, e.g. consul-k8s pods) carry
+        // Consul's default weight 1: count them at vmesh's full weight instead.
+        weight: if meta.contains_key("vmesh-weight") {
+            e.service.weights.map_or(100, |w| w.passing).max(1)
+        } else {
+            100
+        },
         env,
         ramp,
     })
@@ -216,14 +222,9 @@ pub fn next_index(previous: u64, returned: u64) -> u64 {
 impl Registry for Consul {
     fn register<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<(), RegistryError>> {
         Box::pin(async move {
-            self.put(
-                "/v1/agent/service/register?replace-existing-checks=true",
-                Some(&Self::body(r)),
-            )
-            .await?;
-            if r.maintenance {
-                self.set_maintenance(r).await?;
-            }
+            // Without replace-existing-checks: a maintenance check survives a re-registration,
+            // so a drained instance never shows as passing in between.
+            self.put("/v1/agent/service/register", Some(&Self::body(r))).await?;
             Ok(())
         })
     }
@@ -303,7 +304,7 @@ mod tests {
     #[test]
     fn health_entries_map_to_endpoints() {
         let v: Vec<HealthEntry> = serde_json::from_value(json!([
-            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "", "Port": 80, "Meta": {"vmesh-ramp-start": "100", "vmesh-ramp-window": "60"}, "Weights": {"Passing": 10, "Warning": 1}}},
+            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "", "Port": 80, "Meta": {"vmesh-weight": "100", "vmesh-ramp-start": "100", "vmesh-ramp-window": "60"}, "Weights": {"Passing": 10, "Warning": 1}}},
             {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "127.0.0.6", "Port": 81, "Meta": {"external-source": "kubernetes"}}},
         ]))
         .unwrap();

@@ -111,9 +111,12 @@ impl Etcd {
             .iter()
             .map(|(k, v)| {
                 let key = k.strip_prefix("vmesh-").unwrap_or(k).replace('-', "_");
-                let value = v
-                    .parse::<u64>()
-                    .map_or_else(|_| serde_json::Value::from(v.clone()), serde_json::Value::from);
+                // Numbers where design.md has numbers; every other value stays a string.
+                let numeric = matches!(key.as_str(), "ramp_start" | "ramp_window" | "weight");
+                let value = match v.parse::<u64>() {
+                    Ok(n) if numeric => serde_json::Value::from(n),
+                    _ => serde_json::Value::from(v.clone()),
+                };
                 (key, value)
             })
             .collect();
