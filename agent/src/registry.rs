@@ -73,6 +73,13 @@ pub trait Registry: Send + Sync {
 
     /// `consul http://...` / `etcd http://...`.
     fn describe(&self) -> String;
+
+    /// Whether `register` alone sets health and maintenance too (etcd: the key is there or
+    /// not); otherwise they are set separately after a registration (Consul keeps a check's
+    /// status across re-registrations).
+    fn register_sets_state(&self) -> bool {
+        false
+    }
 }
 
 /// An endpoint of a service as found in a registry.

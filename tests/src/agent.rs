@@ -41,12 +41,15 @@ pub struct Inbound {
 pub struct AgentBuilder {
     admin: SocketAddr,
     agent: Table,
+    cmdb: Table,
     registry: Table,
     proxy: Table,
     shared_outbound: Option<SocketAddr>,
     telemetry: Table,
     inbound: Option<Inbound>,
     outbounds: Vec<Outbound>,
+    /// `agent.data_dir` chosen by the test (default: `<agent temp dir>/data`).
+    data_dir: Option<PathBuf>,
 }
 
 /// A running `vmesh run`, killed on drop (its logs are printed if the test is failing).
@@ -55,6 +58,8 @@ pub struct Agent {
     config: AgentBuilder,
     config_path: PathBuf,
     dir: TempDir,
+    /// How many times the process was started (names the log files of each run).
+    runs: u32,
 }
 
 // === impl Outbound ===
@@ -177,6 +182,32 @@ impl Inbound {
         self
     }
 
+    /// Sets a key of the sub-table `[inbound.<section>]` (e.g. `health`, `ramp`).
+    pub fn section_set(mut self, section: &str, key: &str, value: impl Into<Value>) -> Inbound {
+        let entry = self
+            .table
+            .entry(section.to_string())
+            .or_insert_with(|| Value::Table(Table::new()));
+        if !entry.is_table() {
+            *entry = Value::Table(Table::new());
+        }
+        if let Value::Table(t) = entry {
+            t.insert(key.to_string(), value.into());
+        }
+        self
+    }
+
+    /// `[inbound.health]`: an HTTP check of `path` every `interval` (e.g. `"500ms"`).
+    pub fn health(self, path: &str, interval: &str) -> Inbound {
+        self.section_set("health", "path", path)
+            .section_set("health", "interval", interval)
+    }
+
+    /// `[inbound.ramp] window` (slow start; `"0s"` disables it).
+    pub fn ramp(self, window: &str) -> Inbound {
+        self.section_set("ramp", "window", window)
+    }
+
     fn to_table(&self) -> Table {
         let mut t = self.table.clone();
         t.insert("listen".into(), self.listen.to_string().into());
@@ -209,18 +240,39 @@ impl AgentBuilder {
         AgentBuilder {
             admin,
             agent,
+            cmdb: Table::new(),
             registry,
             proxy: Table::new(),
             shared_outbound: None,
             telemetry,
             inbound: None,
             outbounds: Vec::new(),
+            data_dir: None,
         }
     }
 
     /// Sets a key of `[agent]`.
     pub fn agent_set(mut self, key: &str, value: impl Into<Value>) -> AgentBuilder {
         self.agent.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Sets a key of `[cmdb]` (the section is written only when a key is set).
+    pub fn cmdb_set(mut self, key: &str, value: impl Into<Value>) -> AgentBuilder {
+        self.cmdb.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// `[cmdb] kind = "file"` reading the identity TOML at `path`.
+    pub fn cmdb_file(self, path: &Path) -> AgentBuilder {
+        self.cmdb_set("kind", "file")
+            .cmdb_set("path", path.display().to_string())
+    }
+
+    /// Uses `dir` as `agent.data_dir` (the state store) instead of a fresh one in the agent's
+    /// temp dir: to start a second agent on the state an earlier one left behind.
+    pub fn data_dir(mut self, dir: &Path) -> AgentBuilder {
+        self.data_dir = Some(dir.to_path_buf());
         self
     }
 
@@ -274,6 +326,9 @@ impl AgentBuilder {
     pub fn to_toml(&self) -> String {
         let mut root = Table::new();
         root.insert("agent".into(), Value::Table(self.agent.clone()));
+        if !self.cmdb.is_empty() {
+            root.insert("cmdb".into(), Value::Table(self.cmdb.clone()));
+        }
         root.insert("registry".into(), Value::Table(self.registry.clone()));
         let mut proxy = self.proxy.clone();
         if let Some(shared) = self.shared_outbound {
@@ -301,24 +356,31 @@ impl AgentBuilder {
             .tempdir()
             .expect("create agent temp dir");
         let config_path = dir.path().join("vmesh.toml");
-        let config = self.agent_set("data_dir", dir.path().join("data").display().to_string());
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| dir.path().join("data"));
+        let config = self.agent_set("data_dir", data_dir.display().to_string());
         std::fs::write(&config_path, config.to_toml()).expect("write agent config");
-        let mut cmd = vmesh_command();
-        cmd.arg("run").arg("--config").arg(&config_path);
-        // The agent's log filter (`VMESH_LOG`), e.g. VMESH_TEST_LOG=debug for a failing test.
-        if let Ok(filter) = std::env::var("VMESH_TEST_LOG") {
-            cmd.env("VMESH_LOG", filter);
-        }
-        let process = Process::spawn("vmesh", cmd, dir.path());
+        let process = Process::spawn("vmesh", run_command(&config_path), dir.path());
         let mut agent = Agent {
             process,
             config,
             config_path,
             dir,
+            runs: 1,
         };
         agent.wait_live();
         agent
     }
+}
+
+/// `vmesh run --config <path>` with the test's log filter.
+fn run_command(config_path: &Path) -> Command {
+    let mut cmd = vmesh_command();
+    cmd.arg("run").arg("--config").arg(config_path);
+    // The agent's log filter (`VMESH_LOG`), e.g. VMESH_TEST_LOG=debug for a failing test.
+    if let Ok(filter) = std::env::var("VMESH_TEST_LOG") {
+        cmd.env("VMESH_LOG", filter);
+    }
+    cmd
 }
 
 // === impl Agent ===
@@ -439,7 +501,12 @@ impl Agent {
     /// Overwrites the config file with `config` (same admin port) without signalling.
     pub fn write_config(&mut self, config: AgentBuilder) {
         assert_eq!(config.admin, self.config.admin, "a reload cannot move the admin port");
-        let config = config.agent_set("data_dir", self.dir.path().join("data").display().to_string());
+        let data_dir = config
+            .data_dir
+            .clone()
+            .or_else(|| self.config.data_dir.clone())
+            .unwrap_or_else(|| self.dir.path().join("data"));
+        let config = config.agent_set("data_dir", data_dir.display().to_string());
         std::fs::write(&self.config_path, config.to_toml()).expect("write agent config");
         self.config = config;
     }
@@ -468,6 +535,61 @@ impl Agent {
     /// The exit status if the agent has exited.
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         self.process.try_exit()
+    }
+
+    /// `kill -9`: the agent gets no chance to deregister or flush anything.
+    pub fn kill9(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts `vmesh run` again with the same config file, ports and data_dir (after
+    /// [`Agent::kill9`] or a SIGTERM exit; a still-running process is killed first) and waits
+    /// until it is live. Each run logs to its own files (`vmesh.stderr`, `vmesh-run2.stderr`, ...).
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.runs += 1;
+        let name = format!("vmesh-run{}", self.runs);
+        self.process = Process::spawn(&name, run_command(&self.config_path), self.dir.path());
+        self.wait_live();
+    }
+
+    /// [`Agent::restart`] with a changed config (same admin port; the data_dir is kept unless
+    /// `config` names another one).
+    pub fn restart_with(&mut self, config: AgentBuilder) {
+        self.process.kill();
+        self.write_config(config);
+        self.restart();
+    }
+
+    /// The state store directory (`agent.data_dir`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.config
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// `GET /status` on the admin port, as JSON.
+    pub fn status_json(&self) -> serde_json::Value {
+        self.admin_json("/status")
+    }
+
+    /// The `lifecycle` object of `GET /status` (identity, registration, ramp, drain, app health).
+    pub fn lifecycle(&self) -> serde_json::Value {
+        self.status_json()["lifecycle"].clone()
+    }
+
+    /// `GET /metrics` as text.
+    pub fn metrics_text(&self) -> String {
+        let response = self.admin_get("/metrics");
+        assert_eq!(response.status, 200, "GET /metrics: {}", response.text());
+        response.text()
+    }
+
+    /// The value of one series, named exactly as exposed (`vmesh_registered` or
+    /// `vmesh_registry_writes_total{op="register"}`); `None` when absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric_value(&self.metrics_text(), series)
     }
 
     /// The process id.
@@ -515,9 +637,31 @@ impl Drop for Agent {
                 self.process.stderr_tail(60),
                 self.process.stdout_tail(20)
             );
+            for run in 1..self.runs {
+                let name = if run == 1 {
+                    "vmesh".to_string()
+                } else {
+                    format!("vmesh-run{run}")
+                };
+                let log = std::fs::read_to_string(self.dir.path().join(format!("{name}.stderr"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!(
+                    "=== vmesh stderr of earlier run {run} (tail) ===\n{}",
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
         }
         self.process.kill();
     }
+}
+
+/// The value of `series` (name plus labels exactly as exposed) in Prometheus text `text`.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(name, _)| name.trim() == series)
+        .and_then(|(_, value)| value.trim().parse().ok())
 }
 
 /// Runs `vmesh check-config --config <path>` and returns its output.

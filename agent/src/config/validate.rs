@@ -59,12 +59,7 @@ pub fn validate(config: &Config) -> Problems {
     if config.cmdb.refresh.get().is_zero() {
         p.push(("cmdb.refresh".into(), "must be greater than 0".into()));
     }
-    if config.registry.kind != RegistryKind::None && config.inbound.is_none() {
-        p.push((
-            "inbound".into(),
-            "required when a registry is set: the inbound port is what gets registered".into(),
-        ));
-    }
+
     if config.registry.kind == RegistryKind::Etcd
         && config.registry.advertise_address.is_none()
         && config.inbound.as_ref().is_some_and(|i| i.listen.ip().is_unspecified())

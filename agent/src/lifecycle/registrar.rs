@@ -466,6 +466,9 @@ impl Registrar {
     ) -> Result<(), crate::registry::RegistryError> {
         let have = self.written.as_ref();
         registry.register(want).await?;
+        if registry.register_sets_state() {
+            return Ok(());
+        }
         if have.is_none_or(|h| h.maintenance != want.maintenance) {
             registry.set_maintenance(want).await?;
             self.count_write("maintenance");

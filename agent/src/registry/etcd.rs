@@ -239,6 +239,10 @@ impl Registry for Etcd {
     fn describe(&self) -> String {
         format!("etcd {}", self.endpoints.join(","))
     }
+
+    fn register_sets_state(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,279 @@
+//! Registration in a real etcd (Debian's etcd-server): the instance key on a lease, the slow
+//! start written in steps, the key following the app's health, drain and undrain seen by a
+//! caller vmesh that watches the prefix, and a killed agent's key expiring with its lease.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmesh_tests::etcd::Etcd;
+use vmesh_tests::lifecycle::{self, etcd_key, summary, CliRun, Identity, Load};
+use vmesh_tests::{eventually, Agent, Outbound, Signal, Upstream, DEFAULT_WAIT};
+
+const STEPS: [u64; 5] = [1, 10, 33, 66, 100];
+
+fn wait_key(etcd: &Etcd, key: &str) -> Value {
+    eventually(DEFAULT_WAIT, &format!("etcd key {key} to appear"), || {
+        etcd.json(key).ok_or_else(|| "absent".to_string())
+    })
+}
+
+fn wait_no_key(etcd: &Etcd, key: &str, within: Duration) {
+    eventually(within, &format!("etcd key {key} to be deleted"), || {
+        match etcd.value(key) {
+            None => Ok(()),
+            Some(v) => Err(v),
+        }
+    });
+}
+
+/// Checks `holds` every 100 ms for `period`; panics the first time it is false.
+fn stays(period: Duration, what: &str, mut holds: impl FnMut() -> bool) {
+    let begin = Instant::now();
+    while begin.elapsed() < period {
+        assert!(holds(), "expected {what}, broken after {:?}", begin.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cli(agent: &Agent, args: &[&str]) -> CliRun {
+    agent.run_cli(args).into()
+}
+
+#[test]
+fn the_instance_key_is_leased_and_its_weight_steps_up_to_100() {
+    let etcd = Etcd::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let app = Upstream::python("app").spawn();
+    let t0 = lifecycle::unix_now();
+    let agent = lifecycle::etcd(lifecycle::instance("web-01", &identity, app.addr(), "10s"), &etcd).start();
+    let key = etcd_key("orders", "orders-web-01");
+
+    // Sample the value every 200 ms until the weight is 100 (bounded: 20 s).
+    let begin = Instant::now();
+    let mut samples: Vec<(Duration, u64)> = Vec::new();
+    let mut first_value = None;
+    while begin.elapsed() < Duration::from_secs(20) {
+        if let Some(v) = etcd.json(&key) {
+            let w = v["weight"].as_u64().unwrap_or(0);
+            samples.push((begin.elapsed(), w));
+            first_value.get_or_insert(v);
+            if w == 100 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let weights: Vec<u64> = samples.iter().map(|s| s.1).collect();
+    let (first_at, first) = *samples.first().unwrap_or_else(|| panic!("the key never appeared"));
+    let (last_at, last) = *samples.last().expect("samples");
+    assert!(first <= 10, "the ramp must start low: {samples:?}");
+    assert_eq!(last, 100, "the weight must reach 100 within 20 s: {samples:?}");
+    assert!(
+        weights.windows(2).all(|w| w[0] <= w[1]),
+        "the weight went down during the ramp: {samples:?}"
+    );
+    assert!(weights.iter().all(|w| STEPS.contains(w)), "{samples:?}");
+    for step in [33, 66] {
+        assert!(weights.contains(&step), "step {step} never written: {samples:?}");
+    }
+    let took = last_at - first_at;
+    assert!(
+        took >= Duration::from_secs(7) && took <= Duration::from_secs(13),
+        "a 10 s window took {took:?}: {samples:?}"
+    );
+
+    // The value follows design.md §4: address, port (the inbound port), weight, meta.
+    let v = first_value.expect("a value was sampled");
+    assert_eq!(v["address"], "127.0.0.1", "{v}");
+    assert_eq!(v["port"], agent.inbound_addr().port(), "{v}");
+    assert_eq!(v["meta"]["env"], "vm", "{v}");
+    assert_eq!(v["meta"]["zone"], "z1", "{v}");
+    assert_eq!(v["meta"]["version"], "v3", "{v}");
+    assert_eq!(v["meta"]["colour"], "blue", "{v}");
+    assert_eq!(v["meta"]["ramp_window"], 10, "{v}");
+    let start = v["meta"]["ramp_start"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("numeric ramp_start: {v}"));
+    assert!(
+        start >= t0 && start <= lifecycle::unix_now(),
+        "ramp_start {start}, test began {t0}"
+    );
+
+    // On a lease of lease_ttl (3 s), kept alive; a handful of writes for the whole ramp.
+    let kv = etcd.get(&key).expect("key present");
+    assert_ne!(kv.lease, 0, "the instance key must be bound to a lease: {kv:?}");
+    let (granted, remaining) = etcd.lease_ttl(kv.lease).expect("the lease is alive");
+    assert_eq!(granted, 3, "lease granted with lease_ttl");
+    assert!(remaining >= 1, "{remaining}");
+    // Still there all along, well past one lease TTL: the keep-alive works.
+    stays(
+        Duration::from_secs(4),
+        "the key to outlive its lease TTL while the agent runs",
+        || etcd.value(&key).is_some(),
+    );
+    let later = etcd.get(&key).expect("key present");
+    assert_eq!(later.lease, kv.lease, "same lease, kept alive");
+    assert_eq!(etcd.keys("/vmesh/services/"), [key.as_str()]);
+    let lc = agent.lifecycle();
+    assert_eq!(lc["registered"], true, "{lc}");
+    assert_eq!(lc["weight"], 100, "{lc}");
+    assert!(lc["registry"].as_str().unwrap_or("").starts_with("etcd"), "{lc}");
+
+    // Each put is a Raft write that wakes every watcher of the prefix: one per weight step
+    // (1, 10, 33, 66, 100), not more (the key's version counts the puts since it was created).
+    let versions = later.version;
+    assert!(
+        (3..=6).contains(&versions),
+        "the instance key was put {versions} times for one ramp of 5 weight steps (want <= 6)"
+    );
+}
+
+#[test]
+fn health_drain_and_undrain_move_the_key_and_the_caller_follows() {
+    let etcd = Etcd::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let mut app_a = Upstream::python("app-a").spawn();
+    let app_a_addr = app_a.addr();
+    let app_b = Upstream::python("app-b").spawn();
+    let mut a = lifecycle::etcd(lifecycle::instance("node-a", &identity, app_a_addr, "0s"), &etcd).start();
+    let b = lifecycle::etcd(lifecycle::instance("node-b", &identity, app_b.addr(), "0s"), &etcd).start();
+    let key_a = etcd_key("orders", "orders-node-a");
+    let key_b = etcd_key("orders", "orders-node-b");
+    let first = wait_key(&etcd, &key_a);
+    wait_key(&etcd, &key_b);
+
+    // The caller watches /vmesh/services/orders/ (it is itself an instance of "frontend").
+    let front_dir = tempfile::tempdir().expect("tempdir");
+    let front_identity = Identity::orders().set("service", "frontend").write_in(front_dir.path());
+    let front_app = Upstream::python("front").spawn();
+    let caller = lifecycle::etcd(
+        lifecycle::instance("caller", &front_identity, front_app.addr(), "0s")
+            .outbound(Outbound::new("orders").balancer("round-robin").timeout("5s")),
+        &etcd,
+    )
+    .start();
+    lifecycle::wait_discovered(&caller, "orders", &[a.inbound_addr(), b.inbound_addr()]);
+
+    // The app dies: its key goes, and the caller drops the endpoint.
+    app_a.kill();
+    wait_no_key(&etcd, &key_a, DEFAULT_WAIT);
+    assert!(etcd.value(&key_b).is_some(), "B's key must stay");
+    lifecycle::wait_discovered(&caller, "orders", &[b.inbound_addr()]);
+    // ...and comes back.
+    let _app_a = Upstream::python("app-a").on(app_a_addr).spawn();
+    wait_key(&etcd, &key_a);
+    lifecycle::wait_discovered(&caller, "orders", &[a.inbound_addr(), b.inbound_addr()]);
+
+    // Steady load through the caller while A is drained.
+    let load = Load::start(
+        caller.outbound_addr("orders"),
+        "/slow?ms=30",
+        4,
+        Duration::from_secs(40),
+        20_000,
+    );
+    let t_load = Instant::now();
+    eventually(DEFAULT_WAIT, "both instances to serve the load", || {
+        let (na, nb) = (
+            load.answered_by_since("app-a", t_load),
+            load.answered_by_since("app-b", t_load),
+        );
+        if na >= 10 && nb >= 10 {
+            Ok(())
+        } else {
+            Err(format!("app-a {na}, app-b {nb}"))
+        }
+    });
+    let drained = cli(&a, &["drain", "--timeout", "30s"]);
+    let t_drained = Instant::now();
+    assert_eq!(drained.code, 0, "{drained}");
+    assert!(etcd.value(&key_a).is_none(), "a drained instance's key must be deleted");
+    assert!(etcd.value(&key_b).is_some());
+    assert_eq!(a.lifecycle()["drain"], "drained");
+    assert_eq!(a.admin_get("/ready").status, 503);
+    eventually(DEFAULT_WAIT, "the load to go on after the drain", || {
+        let n = load.finished_since(t_drained);
+        if n >= 100 {
+            Ok(())
+        } else {
+            Err(format!("{n} requests since the drain"))
+        }
+    });
+    assert_eq!(
+        load.answered_by_since("app-a", t_drained),
+        0,
+        "the caller kept sending to the drained instance: {:?}",
+        summary(&load.records())
+    );
+    assert_eq!(lifecycle::discovered(&caller, "orders"), [b.inbound_addr().to_string()]);
+    // Anti-entropy (every 2 s) must not put a drained instance back.
+    stays(Duration::from_millis(2500), "the drained key to stay deleted", || {
+        etcd.value(&key_a).is_none()
+    });
+
+    let undrained = cli(&a, &["undrain", "--timeout", "30s"]);
+    let t_undrained = Instant::now();
+    assert_eq!(undrained.code, 0, "{undrained}");
+    let back = wait_key(&etcd, &key_a);
+    let (before, after) = (
+        first["meta"]["ramp_start"].as_u64().expect("ramp_start"),
+        back["meta"]["ramp_start"].as_u64().expect("ramp_start"),
+    );
+    assert!(after > before, "undrain must start a new ramp: {before} -> {after}");
+    eventually(DEFAULT_WAIT, "the caller to send to A again", || {
+        let n = load.answered_by_since("app-a", t_undrained);
+        if n >= 10 {
+            Ok(())
+        } else {
+            Err(format!("{n} requests reached app-a since the undrain"))
+        }
+    });
+    let records = load.stop();
+    eprintln!("load through the caller: {:?}", summary(&records));
+    let failed: Vec<_> = records.iter().filter(|r| r.outcome.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed during drain/undrain: first {:?}; all {:?}",
+        failed.len(),
+        records.len(),
+        failed.first(),
+        summary(&records)
+    );
+
+    // SIGTERM: the key is deleted at once (not left to the lease).
+    a.send_signal(Signal::SIGTERM);
+    let status = a.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(etcd.value(&key_a).is_none(), "SIGTERM must delete the key");
+    assert_eq!(etcd.keys("/vmesh/services/orders/"), [key_b]);
+}
+
+#[test]
+fn a_killed_agent_s_key_expires_with_its_lease() {
+    let etcd = Etcd::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let app = Upstream::python("app").spawn();
+    let mut agent = lifecycle::etcd(lifecycle::instance("web-01", &identity, app.addr(), "0s"), &etcd).start();
+    let key = etcd_key("orders", "orders-web-01");
+    wait_key(&etcd, &key);
+    let lease = etcd.get(&key).expect("key").lease;
+
+    agent.kill9();
+    let killed = Instant::now();
+    // Nobody deleted it: it is still there right after the kill...
+    assert!(
+        etcd.value(&key).is_some(),
+        "the key vanished at once: kill -9 cannot deregister, only the lease can remove it"
+    );
+    // ...and gone once the 3 s lease runs out (plus etcd's expiry check).
+    wait_no_key(&etcd, &key, Duration::from_secs(8));
+    let gone_after = killed.elapsed();
+    assert!(
+        gone_after >= Duration::from_millis(1000),
+        "the key went after {gone_after:?}: sooner than a lease expiry"
+    );
+    assert!(etcd.lease_ttl(lease).is_none(), "the lease must have expired");
+}
