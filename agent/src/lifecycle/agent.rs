@@ -221,10 +221,18 @@ fn start_lifecycle(
     Ok(Lifecycle { handle, ready })
 }
 
-/// Pings systemd's watchdog at half its period when the unit asks for one.
+/// Pings systemd's watchdog at half its period when the unit asks for one: `WATCHDOG_USEC`
+/// set and `WATCHDOG_PID`, when present, naming this process (sd_watchdog_enabled(3)).
 fn spawn_watchdog() {
-    let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+    let usec: u64 = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let for_us = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        .is_none_or(|p| p == std::process::id());
+    if usec > 0 && for_us {
         let every = std::time::Duration::from_micros(usec / 2);
         tracing::info!(?every, "systemd watchdog enabled");
         tokio::spawn(async move {
