@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-test-deps.sh
+bash scripts/install-packaging-deps.sh
+bash scripts/install-ansible-deps.sh
 # A real Nautobot for the CMDB tests: installed and migrated once (minutes on a new machine),
 # started in seconds afterwards, seeded with the test VMs through its REST API.
 bash scripts/nautobot.sh install

@@ -608,12 +608,16 @@ impl Registrar {
         }
         if let Some(h) = &self.health {
             let mut h = h.clone();
-            tokio::time::timeout(timeout, h.wait_for(|h| h.healthy))
-                .await
-                .map_err(|_| {
-                    format!("APP_UNHEALTHY: the application did not pass its health check within {timeout:?}")
-                })?
-                .map_err(|_| "the health checker stopped".to_owned())?;
+            // A check that ran after this request and passed itself: the last verdict may be
+            // stale (an app killed a moment ago still counts as healthy until the threshold).
+            let asked_at = h.borrow().checks;
+            tokio::time::timeout(
+                timeout,
+                h.wait_for(|h| h.checks > asked_at && h.healthy && h.last_error.is_none()),
+            )
+            .await
+            .map_err(|_| format!("APP_UNHEALTHY: the application did not pass its health check within {timeout:?}"))?
+            .map_err(|_| "the health checker stopped".to_owned())?;
         }
         self.store.set_drained(false).map_err(|e| format!("STORE_ERROR: {e}"))?;
         self.drain = DrainPhase::Serving;
