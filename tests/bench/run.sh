@@ -586,7 +586,7 @@ wrk_errors() {
 }
 wrk_requests() { awk '/ requests in / { print $1; exit }' "$1"; }
 
-declare -A RPS=() P50=() P99=() NOTES=() CPU_PCT=() THREADS=()
+declare -A RPS=() P50=() P99=() NOTES=() CPU_PCT=() CPU_TICKS=() THREADS=()
 for name in "${NAMES[@]}"; do
     url="http://127.0.0.1:${PORT_OF[$name]}/"
     say "$name: warm-up $WARMUP, ${CONNS} connections"
@@ -604,6 +604,7 @@ for name in "${NAMES[@]}"; do
         sampler_stop
         PEAK_KIB[$name]=$(<"$TMP/$name.peak")
         CPU_PCT[$name]=$(((c1 - c0) * 100 * 1000000000 / CLK_TCK / (t1 - t0)))
+        CPU_TICKS[$name]=$((c1 - c0))
         THREADS[$name]=$(proc_threads "${PID_OF[$name]}")
     fi
     say "$name: latency $DURATION, 1 connection"
@@ -724,10 +725,14 @@ if ((${#LOADBOUND[@]})); then
     LOADBOUND_NOTE="rps@$CONNS of ${LOADBOUND[*]} is within 10% of direct: probably bound by the load side, not the proxy (see the proxy CPU line)"
 fi
 THREADS_LINE="proxy processes/threads:"
+CPU_REQ_LINE="proxy CPU time per request in that run (lower is better, independent of the bottleneck):"
 CPU_LINE="proxy CPU during the $CONNS-connection run (100% = one core):"
 for name in "${NAMES[@]}"; do
     if [[ $name != direct ]]; then
+        reqs=$(wrk_requests "$TMP/$name.c$CONNS.txt")
         CPU_LINE+=" $name ${CPU_PCT[$name]}%"
+        CPU_REQ_LINE+=" $name $(awk -v t="${CPU_TICKS[$name]}" -v hz="$CLK_TCK" -v n="$reqs" \
+            'BEGIN { printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0) }') us"
         THREADS_LINE+=" $name ${THREADS[$name]}"
     fi
 done
@@ -812,6 +817,7 @@ mkdir -p "$OUT_DIR"
     print_text_table
     echo
     echo "$CPU_LINE"
+    echo "$CPU_REQ_LINE"
     echo "$THREADS_LINE"
     printf '%s\n' "${H2_LINES[@]}"
     notes
@@ -830,6 +836,7 @@ mkdir -p "$OUT_DIR"
     print_md_table
     echo
     printf -- '- %s\n' "$CPU_LINE"
+    printf -- '- %s\n' "$CPU_REQ_LINE"
     printf -- '- %s\n' "$THREADS_LINE"
     for line in "${H2_LINES[@]}"; do
         printf -- '- %s\n' "$line"

@@ -140,7 +140,8 @@ pub async fn forward(
     let body = if body.is_end_stream() {
         RequestBody::empty()
     } else if !upgrade
-        && !grpc
+        // A known, small length is a finite body (gRPC streams never declare one): buffering it
+        // lets a refused connection be retried, and an early error answer the whole request.
         && cluster.retry.attempts > 0
         && content_length(&parts.headers).is_some_and(|n| n <= cluster.retry_buffer)
     {
