@@ -30,7 +30,11 @@
 #   5. h2load -c 16 -m 10 -n 100000 (HTTP/2 prior knowledge) through vmesh's outbound port,
 #      and straight to the upstream's h2c listener as the baseline (skipped, with a note, when
 #      nginx lacks http_v2);
-#   6. prints the table, and writes it as markdown to target/bench/results.md.
+#   6. prints the table, and writes it as markdown to target/bench/results.md, with: each
+#      proxy's CPU use during the <conns>-connection run (~100% = the proxy was the bottleneck)
+#      and its CPU time per request (comparable even when the load side was the bottleneck),
+#      process/thread counts, access-log lines written vs requests (and drops from /metrics),
+#      and the issue-2 targets as met/MISSED (informational).
 #
 # CPU placement (--pin, default auto): every proxy runs under `taskset -c 0`, alone on that
 # core, so each proxy gets exactly the same single core and never fights the client or the
@@ -38,8 +42,8 @@
 # nginx under `taskset -c 2` with 3+ CPUs, else it shares CPU 1 with the load generator. So on
 # a 2-CPU machine the "direct" row is also the ceiling of the load side: a proxy row close to it
 # is load-bound, and the script says so. Nothing is pinned inside the proxies (no
-# worker_cpu_affinity, no cpu-map). With 1 CPU, or --pin none, nothing is pinned (on a shared
-# or 2-CPU machine, unpinned runs vary by 2x from run to run as the scheduler moves processes).
+# worker_cpu_affinity, no cpu-map). With 1 CPU, or --pin none, nothing is pinned (on a
+# 2-CPU VM unpinned runs varied far more from run to run, as the scheduler moves processes).
 # The script measures how busy the machine is (other than the benchmark) before and after the
 # run and warns when it was not idle: a compile in the background makes the numbers worthless.
 #
@@ -60,7 +64,7 @@ ONLY_PEERS=0
 WARMUP=2s
 H2_ARGS=(-c 16 -m 10 -n 100000)
 
-usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; }
 
 CMDLINE=$(printf '%q ' "$0" "$@")
 CMDLINE=${CMDLINE% }
@@ -118,6 +122,7 @@ fi
 TMP=$(mktemp -d -t vmesh-bench.XXXXXX)
 declare -A PID_OF=()
 SAMPLER_PID=
+LOAD_PID=
 
 stop_pid() {
     local pid=$1 i
@@ -134,6 +139,9 @@ cleanup() {
     trap - EXIT INT TERM
     if [[ -n $SAMPLER_PID ]]; then
         kill "$SAMPLER_PID" 2>/dev/null || true
+    fi
+    if [[ -n $LOAD_PID ]]; then
+        stop_pid "$LOAD_PID"
     fi
     for name in "${!PID_OF[@]}"; do
         stop_pid "${PID_OF[$name]}"
@@ -561,11 +569,23 @@ done
 
 # === measure ===
 
+# run_load OUT CMD...: run a load generator with output to OUT. In the background plus `wait`,
+# so that a signal to this script runs the cleanup trap at once instead of after the run.
+run_load() {
+    local out=$1 rc=0
+    shift
+    "$@" >"$out" 2>&1 &
+    LOAD_PID=$!
+    wait "$LOAD_PID" || rc=$?
+    LOAD_PID=
+    return "$rc"
+}
+
 # wrk_run OUT ARGS...: wrk on the load CPU, bounded by timeout.
 wrk_run() {
     local out=$1
     shift
-    "${LOAD_CPU[@]}" timeout $((DUR_S + 30)) wrk "$@" >"$out" 2>&1 ||
+    run_load "$out" "${LOAD_CPU[@]}" timeout $((DUR_S + 30)) wrk "$@" ||
         { cat "$out" >&2; die "wrk $* failed"; }
 }
 
@@ -644,11 +664,11 @@ h2_run() { # $1 = label, $2 = port, $3 = pid to sample ("" for none)
     if [[ -n $pid ]]; then
         sampler_start "$pid" "$TMP/h2.$label.peak"
     fi
-    "${LOAD_CPU[@]}" timeout 120 h2load "${H2_ARGS[@]}" "http://127.0.0.1:$port/" >"$out" 2>&1 ||
+    run_load "$out" "${LOAD_CPU[@]}" timeout 120 h2load "${H2_ARGS[@]}" "http://127.0.0.1:$port/" ||
         { cat "$out" >&2; die "h2load against $label failed"; }
     if [[ -n $pid ]]; then
         sampler_stop
-        peak=", RSS peak $(kib_to_mib "$(<"$TMP/h2.$label.peak")") MiB"
+        peak=", $label RSS peak $(kib_to_mib "$(<"$TMP/h2.$label.peak")") MiB"
     fi
     rps=$(awk '/^finished in/ { gsub(/,/, "", $4); printf "%.0f", $4 }' "$out")
     reqs=$(awk '/^requests:/ { sub(/^requests: */, ""); print; exit }' "$out")
