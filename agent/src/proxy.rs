@@ -13,6 +13,7 @@ mod forward;
 pub mod headers;
 mod http;
 pub mod listener;
+pub mod pool;
 mod tcp;
 
 use std::net::SocketAddr;

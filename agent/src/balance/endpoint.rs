@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 
+use crate::proxy::pool::ConnPool;
 use crate::telemetry::metrics::RequestMetrics;
 
 /// One endpoint of a cluster. Shared (`Arc`) between endpoint-set snapshots so its statistics
@@ -23,6 +24,8 @@ pub struct Endpoint {
     pub stats: Arc<EndpointStats>,
     /// Request metrics labelled with this endpoint's direction, service and env.
     pub metrics: RequestMetrics,
+    /// Idle HTTP/1.1 connections to this endpoint, shared like `stats`.
+    pub pool: Arc<ConnPool>,
 }
 
 /// Lock-free statistics read by the balancers and written by the request path.
@@ -59,6 +62,7 @@ impl Endpoint {
             env,
             stats: Arc::new(EndpointStats::new()),
             metrics,
+            pool: Arc::new(ConnPool::new(addr)),
         }
     }
 
@@ -71,6 +75,7 @@ impl Endpoint {
             env: self.env.clone(),
             stats: self.stats.clone(),
             metrics: self.metrics.clone(),
+            pool: self.pool.clone(),
         }
     }
 

@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::complete::Completion;
+use super::pool::Conn;
 
 /// The body of a request sent upstream.
 #[derive(Debug)]
@@ -75,6 +76,10 @@ pub struct ResponseBody {
     inner: Inner,
     bytes: u64,
     completion: Option<Completion>,
+    /// The upstream HTTP/1.1 connection, back to its endpoint's pool once the body has been
+    /// read to the end (a body abandoned halfway leaves the connection unusable: it closes).
+    conn: Option<Conn>,
+    ended: bool,
 }
 
 enum Inner {
@@ -83,11 +88,13 @@ enum Inner {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, completion: Option<Completion>) -> Self {
+    pub fn upstream(body: Incoming, completion: Option<Completion>, conn: Option<Conn>) -> Self {
         Self {
             inner: Inner::Upstream(body),
             bytes: 0,
             completion,
+            conn,
+            ended: false,
         }
     }
 
@@ -96,10 +103,19 @@ impl ResponseBody {
             inner: Inner::Full((!data.is_empty()).then_some(data)),
             bytes: 0,
             completion,
+            conn: None,
+            ended: false,
         }
     }
 
     fn finish(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.ended || self.is_end_stream() {
+                if let Some(ep) = self.completion.as_ref().and_then(|c| c.endpoint.as_ref()) {
+                    ep.endpoint().pool.put(conn);
+                }
+            }
+        }
         if let Some(c) = self.completion.take() {
             c.finish(self.bytes);
         }
@@ -125,8 +141,12 @@ impl Body for ResponseBody {
                     this.finish();
                 }
             }
-            Poll::Ready(None) => this.finish(),
+            Poll::Ready(None) => {
+                this.ended = true;
+                this.finish();
+            }
             Poll::Ready(Some(Err(_))) => {
+                this.conn = None;
                 if let Some(c) = this.completion.as_mut() {
                     c.set_error("UPSTREAM_RESET");
                 }

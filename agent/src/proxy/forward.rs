@@ -17,6 +17,7 @@ use super::body::{RequestBody, ResponseBody};
 use super::complete::{Completion, LogParts, Received};
 use super::error::ProxyError;
 use super::headers;
+use super::pool::SendError;
 use super::ConnCtx;
 use crate::balance::ring_hash_key;
 use crate::balance::PickCtx;
@@ -110,13 +111,21 @@ pub async fn forward(
     }
     parts.headers.remove(header::EXPECT);
     headers::append_forwarded_for(&mut parts.headers, &ctx.client_ip);
-    let request_id = headers::ensure_request_id(&mut parts.headers);
-    let original_host = parts.headers.get(header::HOST).cloned();
+    headers::ensure_request_id(&mut parts.headers);
+    if let Some(log) = completion.log.as_mut() {
+        log.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+        log.authority = parts.headers.get(header::HOST).cloned().or_else(|| {
+            parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+    }
     if h2_upstream {
         // HTTP/2 carries the authority in `:authority`; a `host` header beside it is a
         // duplicate that servers such as nginx reject.
         parts.headers.remove(header::HOST);
-    } else if original_host.is_none() {
+    } else if !parts.headers.contains_key(header::HOST) {
         if let Some(a) = parts
             .uri
             .authority()
@@ -126,15 +135,6 @@ pub async fn forward(
         }
     }
     let deadline = start + cluster.timeout;
-    if let Some(log) = completion.log.as_mut() {
-        log.request_id = Some(request_id);
-        log.authority = original_host.clone().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-    }
 
     // The body: empty and small bodies can be replayed for a retry; others stream once.
     let body = if body.is_end_stream() {
@@ -191,24 +191,49 @@ pub async fn forward(
         };
         let mut upstream_req = Request::new(this_body);
         *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.uri_mut() = upstream_uri(&endpoint.authority, &path);
         *upstream_req.version_mut() = version;
         *upstream_req.headers_mut() = head;
 
         let now = Instant::now();
         let try_deadline = cluster.per_try_timeout.map_or(deadline, |d| (now + d).min(deadline));
-        let sent = tokio::time::timeout_at(try_deadline.into(), cluster.client.request(upstream_req)).await;
+        let sent = if h2_upstream {
+            // One multiplexed connection per endpoint, from the cluster's HTTP/2 client.
+            *upstream_req.uri_mut() = upstream_uri(&endpoint.authority, &path);
+            tokio::time::timeout_at(try_deadline.into(), cluster.client.request(upstream_req))
+                .await
+                .map(|r| match r {
+                    Ok(resp) => Ok((resp, None)),
+                    Err(e) if e.is_connect() => Err(TryOutcome::ConnectFailed),
+                    Err(_) => Err(TryOutcome::Reset),
+                })
+        } else {
+            // HTTP/1.1: origin-form target on a pooled keep-alive connection.
+            *upstream_req.uri_mut() = Uri::from(path.clone());
+            if !upstream_req.headers().contains_key(header::HOST) {
+                if let Ok(h) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                    upstream_req.headers_mut().insert(header::HOST, h);
+                }
+            }
+            tokio::time::timeout_at(
+                try_deadline.into(),
+                endpoint.pool.send(upstream_req, cluster.connect_timeout),
+            )
+            .await
+            .map(|r| match r {
+                Ok((resp, conn)) => Ok((resp, Some(conn))),
+                Err(SendError::Connect(_)) => Err(TryOutcome::ConnectFailed),
+                Err(SendError::Http(_)) => Err(TryOutcome::Reset),
+            })
+        };
         let rtt = now.elapsed();
         completion.upstream_time += rtt;
 
         let result = match sent {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(TryOutcome::ConnectFailed),
-            Ok(Err(_)) => Err(TryOutcome::Reset),
+            Ok(r) => r,
             Err(_) if try_deadline < deadline => Err(TryOutcome::PerTryTimeout),
             Err(_) => Err(TryOutcome::Timeout),
         };
-        let status = result.as_ref().ok().map(|r| r.status().as_u16());
+        let status = result.as_ref().ok().map(|(r, _)| r.status().as_u16());
         if status.is_some() {
             endpoint.stats.observe_rtt(rtt);
         }
@@ -236,7 +261,7 @@ pub async fn forward(
 
         completion.endpoint = Some(in_flight);
         return match result {
-            Ok(resp) => respond(resp, completion, on_upgrade, close_after),
+            Ok((resp, conn)) => respond(resp, conn, completion, on_upgrade, close_after),
             Err(TryOutcome::ConnectFailed) => fail(ProxyError::ConnectFailed, grpc, completion),
             Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => fail(ProxyError::Timeout, grpc, completion),
             Err(_) => fail(ProxyError::Reset, grpc, completion),
@@ -260,6 +285,7 @@ fn content_length(h: &http::HeaderMap) -> Option<u64> {
 /// Shapes the upstream response for the client and attaches the completion to its body.
 fn respond(
     mut resp: Response<Incoming>,
+    conn: Option<super::pool::Conn>,
     mut completion: Completion,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
     close_after: bool,
@@ -290,5 +316,5 @@ fn respond(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Response::from_parts(parts, ResponseBody::upstream(body, Some(completion)))
+    Response::from_parts(parts, ResponseBody::upstream(body, Some(completion), conn))
 }

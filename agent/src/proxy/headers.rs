@@ -23,29 +23,46 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 7] {
 /// Removes hop-by-hop headers, including those named by `Connection`. With `keep_upgrade`
 /// the `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake).
 /// Returns whether the message asked for `TE: trailers` (gRPC needs it forwarded).
+///
+/// One pass over the names finds which hop-by-hop headers are present (comparing names, no
+/// hashing); only those are removed, so a message without any costs a scan of its names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
-    if let Some(conn) = h.get(&header::CONNECTION) {
-        // Tokens listed in Connection are hop-by-hop too.
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-            .collect();
-        for n in named {
-            h.remove(n);
+    let fixed = fixed_hop_by_hop();
+    let mut present = 0u8;
+    for name in h.keys() {
+        if let Some(i) = fixed.iter().position(|f| *f == name) {
+            present |= 1 << i;
         }
+    }
+    if present == 0 && !keep_upgrade {
+        return false;
     }
     let te_trailers = h
         .get(&header::TE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-    for name in fixed_hop_by_hop() {
-        if keep_upgrade && (name == header::UPGRADE || name == header::CONNECTION) {
+    // Tokens listed in Connection are hop-by-hop too (the fixed ones are handled below).
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(&header::CONNECTION) {
+        for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
+            let is_fixed = fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t));
+            if !t.is_empty() && !is_fixed {
+                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                    named.push(n);
+                }
+            }
+        }
+    }
+    for n in named {
+        h.remove(n);
+    }
+    for (i, name) in fixed.iter().enumerate() {
+        if keep_upgrade && (*name == header::UPGRADE || *name == header::CONNECTION) {
             continue;
         }
-        h.remove(name);
+        if present & (1 << i) != 0 {
+            h.remove(*name);
+        }
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -82,14 +99,11 @@ pub fn append_forwarded_for(h: &mut HeaderMap, client: &HeaderValue) {
     }
 }
 
-/// Ensures the request carries an `x-request-id`; returns it.
-pub fn ensure_request_id(h: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = h.get(&X_REQUEST_ID) {
-        return id.clone();
+/// Ensures the request carries an `x-request-id`.
+pub fn ensure_request_id(h: &mut HeaderMap) {
+    if !h.contains_key(&X_REQUEST_ID) {
+        h.insert(X_REQUEST_ID.clone(), new_request_id());
     }
-    let id = new_request_id();
-    h.insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
 
 /// A random version-4 UUID, formatted without allocation before the header value itself.
@@ -133,6 +147,31 @@ mod tests {
     }
 
     #[test]
+    fn messages_without_hop_by_hop_headers_are_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert("host", HeaderValue::from_static("svc"));
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let before = h.clone();
+        assert!(!strip_hop_by_hop(&mut h, false));
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn connection_tokens_across_several_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("X-One"));
+        h.append("connection", HeaderValue::from_static("x-two, keep-alive"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-keep", HeaderValue::from_static("yes"));
+        assert!(!strip_hop_by_hop(&mut h, false));
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+    }
+
+    #[test]
     fn upgrade_handshake_keeps_upgrade() {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("Upgrade"));
@@ -156,11 +195,14 @@ mod tests {
     #[test]
     fn request_ids_are_kept_or_made() {
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h);
+        ensure_request_id(&mut h);
+        let id = h[&X_REQUEST_ID].clone();
         assert_eq!(id.len(), 36);
         assert_eq!(id.as_bytes()[14], b'4');
-        assert_eq!(ensure_request_id(&mut h), id);
+        ensure_request_id(&mut h);
+        assert_eq!(h[&X_REQUEST_ID], id);
         let mut other = HeaderMap::new();
-        assert_ne!(ensure_request_id(&mut other), id);
+        ensure_request_id(&mut other);
+        assert_ne!(other[&X_REQUEST_ID], id);
     }
 }
