@@ -199,6 +199,11 @@ impl State {
         )
     }
 
+    /// Forgets the cached identity (the CMDB said this VM must not serve).
+    pub fn clear_identity(&self) -> Result<(), StoreError> {
+        self.inner.delete(keys::IDENTITY)
+    }
+
     pub fn registration(&self) -> Result<Option<RegistrationRecord>, StoreError> {
         self.get(keys::REGISTRATION)
     }

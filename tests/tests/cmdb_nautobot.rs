@@ -1,8 +1,9 @@
 //! The identity of a VM read from a real Nautobot (`scripts/nautobot.sh`: PostgreSQL, Redis and
 //! Nautobot from PyPI, seeded through its REST API), end to end: `vmesh identity`, registration
 //! in Consul (the test double) under that identity, a change in Nautobot re-registered within
-//! one refresh, and a Nautobot outage at boot (identity from the cache, or no registration and
-//! a reason when there is no cache).
+//! one refresh, a VM decommissioned in Nautobot withdrawn (and not brought back from the cache),
+//! and a Nautobot outage at boot (identity from the cache, or no registration and a reason when
+//! there is no cache).
 //!
 //! Nautobot is shared by the whole process: every test holds `Nautobot::exclusive()`, so the
 //! one that stops Nautobot or changes a VM never runs next to another. Changes are undone by
@@ -413,4 +414,57 @@ fn a_vm_decommissioned_in_nautobot_is_not_brought_back_from_the_cache() {
         lc["identity_source"]
     );
     assert_ne!(lc["identity_source"], "cache", "{lc}");
+}
+
+#[test]
+fn a_vm_decommissioned_while_its_agent_runs_is_withdrawn_and_returns_when_active_again() {
+    let _lock = Nautobot::exclusive();
+    let nb = Nautobot::require();
+    require_seeded(&nb);
+    let consul = ConsulDouble::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = Upstream::python("app").spawn();
+    let agent = instance(&nb, dir.path(), "web-01", "web-01", app.addr(), &consul).start();
+    wait_passing(&consul, &["orders-web-01"]);
+
+    // Nautobot answers "Decommissioning": an explicit no, not an outage.
+    let guard = nb.set_status_guarded("web-01", "Decommissioning", "Active");
+    eventually(
+        REFRESH + Duration::from_secs(3),
+        "the registration to be withdrawn within one refresh",
+        || match agent_service(&consul, "orders-web-01") {
+            None => Ok(()),
+            Some(svc) => Err(format!("still registered: {svc}")),
+        },
+    );
+    let lc = agent.lifecycle();
+    assert_eq!(lc["registered"], false, "{lc}");
+    assert!(
+        lc["identity_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("CMDB_VM_DECOMMISSIONED")),
+        "/status says why: {lc}"
+    );
+    assert!(
+        agent.stderr().contains("withdrawing the registration"),
+        "the withdrawal is logged:\n{}",
+        agent.stderr()
+    );
+    // The proxy goes on serving: a caller that still holds the address does not fail.
+    let r = vmesh_tests::Curl::get(agent.inbound_url("/")).run();
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Back to Active: registered again within one refresh, under the same instance ID.
+    guard.restore();
+    eventually(
+        REFRESH + Duration::from_secs(3),
+        "the instance to be registered again",
+        || {
+            agent_service(&consul, "orders-web-01")
+                .map(|_| ())
+                .ok_or_else(|| "not registered".to_owned())
+        },
+    );
+    assert_eq!(passing_ids(&consul, "orders"), ["orders-web-01"], "no duplicate");
+    assert_eq!(agent.lifecycle()["identity_source"], "cmdb");
 }

@@ -544,6 +544,9 @@ impl Registrar {
                 if self.identity.is_none() && !e.keeps_cache() {
                     tracing::error!(error = %e, code = e.code(),
                         "the CMDB says this VM must not serve: refusing to register (the cached identity is not used)");
+                    if self.written.is_some() {
+                        self.withdraw().await;
+                    }
                 } else if self.identity.is_none() {
                     match self.store.identity() {
                         Ok(Some(cached)) => {
@@ -555,6 +558,18 @@ impl Registrar {
                         _ => tracing::error!(error = %e, code = e.code(),
                             "CMDB failed and no identity is cached: refusing to register"),
                     }
+                } else if matches!(e, vmesh_cmdb::CmdbError::Decommissioned { .. }) {
+                    // An explicit answer, not an outage: stop advertising this instance. The
+                    // proxy keeps serving (callers that still hold the address do not fail).
+                    tracing::error!(error = %e, code = e.code(),
+                        "the CMDB marks this VM decommissioned: withdrawing the registration");
+                    self.identity = None;
+                    if let Err(e) = self.store.clear_identity() {
+                        tracing::error!(error = %e, "cannot forget the cached identity");
+                    }
+                    self.metrics.identity_from_cache.set(0);
+                    self.set_status(|s| s.identity_source = "none");
+                    self.withdraw().await;
                 } else {
                     tracing::warn!(error = %e, code = e.code(), "CMDB refresh failed: keeping the current identity");
                 }
@@ -639,6 +654,28 @@ impl Registrar {
         }
         self.publish();
         Ok(())
+    }
+
+    /// Deregisters what this agent registered (no identity to advertise any more).
+    async fn withdraw(&mut self) {
+        let (Some(registry), Some(have)) = (self.registry.clone(), self.written.clone()) else {
+            return;
+        };
+        match registry.deregister(&have.service, &have.id).await {
+            Ok(()) => {
+                self.count_write("deregister");
+                let _ = self.store.set_registration(None);
+                self.written = None;
+                self.dirty = false;
+                tracing::info!(id = %have.id, "deregistered: no identity to advertise");
+            }
+            Err(e) => {
+                // Retried on the next refresh (every 5 s while there is no identity).
+                tracing::warn!(id = %have.id, error = %e, "deregistration failed: retrying");
+                self.set_status(|s| s.registry_error = Some(format!("deregister: {e}")));
+            }
+        }
+        self.publish();
     }
 
     async fn shutdown(&mut self, timeout: Duration) {
