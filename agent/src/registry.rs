@@ -71,6 +71,14 @@ pub trait Registry: Send + Sync {
     /// Whether the instance still exists (anti-entropy after a registry restart).
     fn is_registered<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<bool, RegistryError>>;
 
+    /// What the registry still holds of instance `id` from an earlier run, for an agent whose
+    /// state store was lost: `None` when the instance is not there, or the registry keeps
+    /// nothing beyond the agent's life (etcd: the key dies with its lease).
+    fn recover<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Recovered>, RegistryError>> {
+        let _ = id;
+        Box::pin(async { Ok(None) })
+    }
+
     /// `consul http://...` / `etcd http://...`.
     fn describe(&self) -> String;
 
@@ -80,6 +88,15 @@ pub trait Registry: Send + Sync {
     fn register_sets_state(&self) -> bool {
         false
     }
+}
+
+/// An instance's state as an earlier run left it in the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Recovered {
+    /// The instance is in maintenance (it was drained).
+    pub maintenance: bool,
+    /// The slow start it advertised: start (unix seconds) and window (seconds).
+    pub ramp: Option<(u64, u64)>,
 }
 
 /// An endpoint of a service as found in a registry.

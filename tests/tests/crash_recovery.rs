@@ -1,6 +1,7 @@
 //! A killed agent recovers from its state store (sled, under `agent.data_dir`): no duplicate or
 //! stale registration, the drain flag kept, the ramp not restarted, an identity changed between
-//! runs cleaned up, and a corrupt store moved aside and rebuilt. Consul is the test double;
+//! runs cleaned up, a corrupt store moved aside and rebuilt, and a lost store whose drain flag
+//! and ramp come back from the registry. Consul is the test double;
 //! every kill is a `kill -9`, so the agent gets no chance to tidy up.
 
 use serde_json::Value;
@@ -330,4 +331,59 @@ fn a_corrupt_state_store_is_moved_aside_and_the_agent_registers() {
         agent.stderr()
     );
     assert_eq!(all_instances(&consul), [pair("orders", "orders-web-01")]);
+}
+
+#[test]
+fn a_lost_store_takes_the_drain_flag_and_the_ramp_back_from_the_registry() {
+    let consul = ConsulDouble::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let app = Upstream::python("app").spawn();
+    let mut agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "60s"), &consul).start();
+    wait_passing(&consul, "orders", &["orders-web-01"]);
+    let first = agent_service(&consul, "orders-web-01").expect("registered");
+    let ramp_start: u64 = meta(&first, "vmesh-ramp-start").parse().expect("ramp start");
+    let drained = cli(&agent, &["drain", "--timeout", "30s"]);
+    assert_eq!(drained.code, 0, "{drained}");
+
+    // kill -9, and the whole store is gone (a wiped data_dir, a replaced disk).
+    agent.kill9();
+    std::fs::remove_dir_all(agent.data_dir().join("state")).expect("remove the store");
+    agent.restart();
+    let registered = |agent: &Agent| {
+        eventually(DEFAULT_WAIT, "the restarted agent to register", || {
+            match agent.lifecycle()["registered"].as_bool() {
+                Some(true) => Ok(()),
+                other => Err(format!("registered {other:?}")),
+            }
+        })
+    };
+    registered(&agent);
+    let lc = agent.lifecycle();
+    assert_eq!(
+        lc["drain"], "drained",
+        "an instance drained in Consul must stay drained when its store is lost: {lc}"
+    );
+    assert_eq!(
+        lc["ramp"]["start"], ramp_start,
+        "the ramp start comes back from Meta: {lc}"
+    );
+    assert!(passing_ids(&consul, "orders").is_empty(), "not passing while drained");
+    let m = maintenance_check(&consul, "orders-web-01").expect("maintenance check kept");
+    assert_eq!(m["Status"], "critical", "{m}");
+    assert_eq!(all_instances(&consul), [pair("orders", "orders-web-01")]);
+    assert!(
+        agent.stderr().contains("taking its state from the registry"),
+        "the recovery is logged:\n{}",
+        agent.stderr()
+    );
+
+    // The recovered flag is in the new store: another kill -9 keeps it without asking Consul.
+    agent.kill9();
+    agent.restart();
+    registered(&agent);
+    assert_eq!(agent.lifecycle()["drain"], "drained");
+    let undrained = cli(&agent, &["undrain", "--timeout", "30s"]);
+    assert_eq!(undrained.code, 0, "{undrained}");
+    wait_passing(&consul, "orders", &["orders-web-01"]);
 }

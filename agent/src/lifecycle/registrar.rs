@@ -244,6 +244,9 @@ impl Registrar {
             None
         });
         self.refresh_identity().await;
+        if matches!(self.store.registration(), Ok(None)) {
+            self.recover_from_registry().await;
+        }
         // A registration left by an earlier run: adopt it if it is ours now, else remove it.
         if let (Ok(Some(old)), Some(registry)) = (self.store.registration(), self.registry.clone()) {
             let current = self.desired().map(|d| d.id);
@@ -268,6 +271,49 @@ impl Registrar {
         self.started = true;
         self.on_health().await;
         self.publish();
+    }
+
+    /// No registration record in the store (a new VM, or a store lost or moved aside): what the
+    /// registry still holds of this instance stands in, so a drained instance stays drained and
+    /// a running slow start is not restarted.
+    async fn recover_from_registry(&mut self) {
+        let (Some(registry), Some(want)) = (self.registry.clone(), self.desired()) else {
+            return;
+        };
+        let found = match registry.recover(&want.id).await {
+            Ok(Some(found)) => found,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(id = %want.id, error = %e, "cannot read this instance's state from the registry");
+                return;
+            }
+        };
+        tracing::warn!(id = %want.id, maintenance = found.maintenance, ramp = ?found.ramp,
+            "the store has no registration record but the registry has this instance: taking its state from the registry");
+        if found.maintenance && self.drain == DrainPhase::Serving {
+            tracing::warn!(
+                "the registry shows the instance in maintenance: staying drained (run `vmesh undrain` to serve)"
+            );
+            if let Err(e) = self.store.set_drained(true) {
+                tracing::error!(error = %e, "cannot store the drain flag");
+            }
+            self.drain = DrainPhase::Drained;
+        }
+        if let (Some((start, window_secs)), None) = (found.ramp, self.ramp) {
+            let rec = RampRecord { start, window_secs };
+            if let Err(e) = self.store.set_ramp(Some(rec)) {
+                tracing::error!(error = %e, "cannot store the ramp start");
+            }
+            self.ramp = Some(rec);
+        }
+        let record = RegistrationRecord {
+            registry: registry.describe(),
+            id: want.id.clone(),
+            service: want.service.clone(),
+        };
+        if let Err(e) = self.store.set_registration(Some(&record)) {
+            tracing::error!(error = %e, "cannot store the registration record");
+        }
     }
 
     fn app_healthy(&self) -> bool {

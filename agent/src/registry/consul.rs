@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{backoff, BoxFuture, Discovered, Registration, Registry, RegistryError};
+use super::{backoff, BoxFuture, Discovered, Recovered, Registration, Registry, RegistryError};
 
 /// A Consul client (one agent address).
 #[derive(Clone)]
@@ -72,6 +72,26 @@ impl Consul {
             req = req.header("X-Consul-Token", t);
         }
         req
+    }
+
+    /// A GET of a JSON document; 404 is `Ok(None)`.
+    async fn get_json(&self, path: &str) -> Result<Option<Value>, RegistryError> {
+        let resp = self
+            .request(reqwest::Method::GET, path)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unreachable(format!("GET {path}: {e}")))?;
+        match resp.status().as_u16() {
+            200 => resp
+                .json()
+                .await
+                .map(Some)
+                .map_err(|e| RegistryError::BadResponse(format!("GET {path}: {e}"))),
+            404 => Ok(None),
+            403 => Err(RegistryError::Denied(format!("GET {path}: 403"))),
+            s => Err(RegistryError::Unreachable(format!("GET {path}: HTTP {s}"))),
+        }
     }
 
     /// A PUT with retries and backoff; 404 is returned to the caller as `Ok(404)`.
@@ -281,6 +301,20 @@ impl Registry for Consul {
                 403 => Err(RegistryError::Denied(format!("GET {path}: 403"))),
                 s => Err(RegistryError::Unreachable(format!("GET {path}: HTTP {s}"))),
             }
+        })
+    }
+
+    fn recover<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Recovered>, RegistryError>> {
+        Box::pin(async move {
+            let Some(svc) = self.get_json(&format!("/v1/agent/service/{id}")).await? else {
+                return Ok(None);
+            };
+            let meta = |k: &str| svc["Meta"][k].as_str().and_then(|v| v.parse::<u64>().ok());
+            let ramp = meta("vmesh-ramp-start").zip(meta("vmesh-ramp-window"));
+            // The maintenance check Consul adds for `/v1/agent/service/maintenance/:id`.
+            let checks = self.get_json("/v1/agent/checks").await?.unwrap_or(Value::Null);
+            let maintenance = checks.get(format!("_service_maintenance:{id}")).is_some();
+            Ok(Some(Recovered { maintenance, ramp }))
         })
     }
 
