@@ -24,6 +24,9 @@ pub fn server_builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
+        // One buffer per write: a head and a small body in one `write` (~3% fewer instructions
+        // per request than hyper's vectored queue, by callgrind); big bodies cost a memcpy.
+        .writev(false)
         // Also bounds the idle time between keep-alive requests.
         .header_read_timeout(limits.header_read_timeout.get())
         .max_buf_size(

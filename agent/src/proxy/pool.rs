@@ -141,7 +141,9 @@ impl ConnPool {
             }
         };
         let _ = stream.set_nodelay(true);
+        // Flattened writes, as on the downstream side (see http.rs).
         let (conn, driver) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Http)?;
