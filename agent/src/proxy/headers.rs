@@ -20,35 +20,46 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 7] {
     ]
 }
 
+/// The position of `name` in [`fixed_hop_by_hop`] (names are lower case in a `HeaderMap`).
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "transfer-encoding" => Some(3),
+        "te" => Some(4),
+        "trailer" => Some(5),
+        "upgrade" => Some(6),
+        _ => None,
+    }
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`. With `keep_upgrade`
 /// the `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake).
 /// Returns whether the message asked for `TE: trailers` (gRPC needs it forwarded).
 ///
-/// One pass over the names finds which hop-by-hop headers are present (comparing names, no
-/// hashing); only those are removed, so a message without any costs a scan of its names.
+/// One pass over the headers finds which hop-by-hop ones are present, the `Connection` tokens
+/// and `TE: trailers` (no hashing); only those present are removed, so a message without any
+/// costs a scan of its names.
 pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
     let fixed = fixed_hop_by_hop();
     let mut present = 0u8;
-    for name in h.keys() {
-        if let Some(i) = fixed.iter().position(|f| *f == name) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 && !keep_upgrade {
-        return false;
-    }
-    let te_trailers = h
-        .get(&header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let mut te_trailers = false;
     // Tokens listed in Connection are hop-by-hop too (the fixed ones are handled below).
     let mut named: Vec<HeaderName> = Vec::new();
-    for v in h.get_all(&header::CONNECTION) {
-        for t in v.to_str().unwrap_or("").split(',').map(str::trim) {
-            let is_fixed = fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t));
-            if !t.is_empty() && !is_fixed {
-                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-                    named.push(n);
+    for (name, value) in h.iter() {
+        let Some(i) = hop_index(name) else { continue };
+        present |= 1 << i;
+        let tokens = || value.to_str().unwrap_or("").split(',').map(str::trim);
+        if *fixed[i] == header::TE {
+            te_trailers |= tokens().any(|t| t.eq_ignore_ascii_case("trailers"));
+        } else if *fixed[i] == header::CONNECTION {
+            for t in tokens() {
+                let is_fixed = fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t));
+                if !t.is_empty() && !is_fixed {
+                    if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                        named.push(n);
+                    }
                 }
             }
         }
@@ -144,6 +155,14 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h, false));
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn hop_index_knows_every_fixed_name() {
+        for (i, name) in fixed_hop_by_hop().iter().enumerate() {
+            assert_eq!(hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_index(&header::HOST), None);
     }
 
     #[test]
