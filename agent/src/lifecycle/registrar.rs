@@ -17,7 +17,7 @@ use vmesh_cmdb::{Cmdb, ServiceIdentity};
 use super::health::Health;
 use super::ramp::{self, Ramp};
 use crate::config::{Config, RegistryKind};
-use crate::registry::{Registration, Registry};
+use crate::registry::{Registration, Registry, RegistryError};
 use crate::route::RouteTable;
 use crate::store::{unix_now, RampRecord, RegistrationRecord, State};
 use crate::telemetry::Metrics;
@@ -252,12 +252,8 @@ impl Registrar {
             let current = self.desired().map(|d| d.id);
             if current.as_deref() != Some(old.id.as_str()) {
                 tracing::info!(id = %old.id, "removing the registration of an earlier run (identity changed)");
-                match registry.deregister(&old.service, &old.id).await {
-                    Ok(()) => {
-                        self.count_write("deregister");
-                        let _ = self.store.set_registration(None);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot remove the earlier registration; will retry"),
+                if let Err(e) = self.deregister(registry.as_ref(), &old.service, &old.id).await {
+                    tracing::warn!(error = %e, "cannot remove the earlier registration; will retry");
                 }
             } else {
                 tracing::info!(id = %old.id, "adopting the registration of an earlier run");
@@ -300,12 +296,13 @@ impl Registrar {
             self.drain = DrainPhase::Drained;
         }
         if let (Some((start, window_secs)), None) = (found.ramp, self.ramp) {
-            let rec = RampRecord { start, window_secs };
-            if let Err(e) = self.store.set_ramp(Some(rec)) {
-                tracing::error!(error = %e, "cannot store the ramp start");
-            }
-            self.ramp = Some(rec);
+            self.set_ramp(RampRecord { start, window_secs });
         }
+        self.record_registration(registry.as_ref(), &want);
+    }
+
+    /// Stores which instance this agent owns, so a later run adopts or removes it.
+    fn record_registration(&self, registry: &dyn Registry, want: &Registration) {
         let record = RegistrationRecord {
             registry: registry.describe(),
             id: want.id.clone(),
@@ -345,14 +342,17 @@ impl Registrar {
 
     fn start_ramp(&mut self) {
         let Some(shape) = self.ramp_shape() else { return };
-        let rec = RampRecord {
+        tracing::info!(window = ?shape.window, "slow start: ramp begins at weight 1");
+        self.set_ramp(RampRecord {
             start: unix_now(),
             window_secs: shape.window.as_secs(),
-        };
+        });
+    }
+
+    fn set_ramp(&mut self, rec: RampRecord) {
         if let Err(e) = self.store.set_ramp(Some(rec)) {
             tracing::error!(error = %e, "cannot store the ramp start");
         }
-        tracing::info!(window = ?shape.window, "slow start: ramp begins at weight 1");
         self.ramp = Some(rec);
     }
 
@@ -469,15 +469,8 @@ impl Registrar {
                 }
             }
         }
-        let record = RegistrationRecord {
-            registry: registry.describe(),
-            id: want.id.clone(),
-            service: want.service.clone(),
-        };
         // Recorded before the write: a crash right after it must still know what to clean up.
-        if let Err(e) = self.store.set_registration(Some(&record)) {
-            tracing::error!(error = %e, "cannot store the registration record");
-        }
+        self.record_registration(registry.as_ref(), &want);
         let result = match op {
             "health" => registry.set_health(&want).await,
             "maintenance" => registry.set_maintenance(&want).await,
@@ -707,10 +700,8 @@ impl Registrar {
         let (Some(registry), Some(have)) = (self.registry.clone(), self.written.clone()) else {
             return;
         };
-        match registry.deregister(&have.service, &have.id).await {
+        match self.deregister(registry.as_ref(), &have.service, &have.id).await {
             Ok(()) => {
-                self.count_write("deregister");
-                let _ = self.store.set_registration(None);
                 self.written = None;
                 self.dirty = false;
                 tracing::info!(id = %have.id, "deregistered: no identity to advertise");
@@ -738,14 +729,20 @@ impl Registrar {
         while self.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        match registry.deregister(&have.service, &have.id).await {
-            Ok(()) => {
-                self.count_write("deregister");
-                let _ = self.store.set_registration(None);
-                tracing::info!(id = %have.id, "deregistered");
-            }
+        match self.deregister(registry.as_ref(), &have.service, &have.id).await {
+            Ok(()) => tracing::info!(id = %have.id, "deregistered"),
             Err(e) => tracing::warn!(error = %e, "deregistration failed at shutdown"),
         }
+    }
+
+    /// Removes instance `id` and the store's record of it.
+    async fn deregister(&self, registry: &dyn Registry, service: &str, id: &str) -> Result<(), RegistryError> {
+        registry.deregister(service, id).await?;
+        self.count_write("deregister");
+        if let Err(e) = self.store.set_registration(None) {
+            tracing::error!(error = %e, "cannot delete the registration record");
+        }
+        Ok(())
     }
 
     fn set_status(&self, f: impl FnOnce(&mut LifecycleStatus)) {
