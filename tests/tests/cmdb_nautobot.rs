@@ -100,6 +100,37 @@ fn require_seeded(nb: &Nautobot) {
     nb.require_seeded("web-01", "vmesh_service", &json!("orders"));
 }
 
+/// web-01 (seeded in Nautobot) with its app and a Consul double, its agent started; the fields
+/// are bound in the order they must be dropped in reverse (the Nautobot lock last).
+struct Web01 {
+    _lock: std::sync::MutexGuard<'static, ()>,
+    nb: Nautobot,
+    consul: ConsulDouble,
+    dir: tempfile::TempDir,
+    app: vmesh_tests::RunningUpstream,
+    agent: vmesh_tests::Agent,
+}
+
+impl Web01 {
+    fn start() -> Self {
+        let _lock = Nautobot::exclusive();
+        let nb = Nautobot::require();
+        require_seeded(&nb);
+        let consul = ConsulDouble::spawn();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = Upstream::python("app").spawn();
+        let agent = instance(&nb, dir.path(), "web-01", "web-01", app.addr(), &consul).start();
+        Self {
+            _lock,
+            nb,
+            consul,
+            dir,
+            app,
+            agent,
+        }
+    }
+}
+
 #[test]
 fn vmesh_identity_prints_what_nautobot_says_and_names_what_is_wrong() {
     let _lock = Nautobot::exclusive();
@@ -167,13 +198,14 @@ fn vmesh_identity_prints_what_nautobot_says_and_names_what_is_wrong() {
 
 #[test]
 fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_refresh() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let agent = instance(&nb, dir.path(), "web-01", "web-01", app.addr(), &consul).start();
+    let Web01 {
+        _lock,
+        nb,
+        consul,
+        dir,
+        app: _app,
+        agent,
+    } = Web01::start();
 
     let svc = registered(&consul, "orders-web-01");
     for (key, want) in [
@@ -259,13 +291,14 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
 
 #[test]
 fn with_nautobot_down_the_agent_starts_from_its_cache_or_says_why_it_cannot() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let mut agent = instance(&nb, dir.path(), "web-01", "web-01", app.addr(), &consul).start();
+    let Web01 {
+        _lock,
+        nb,
+        consul,
+        dir,
+        app: _app,
+        mut agent,
+    } = Web01::start();
     wait_passing(&consul, &["orders-web-01"]);
     assert_eq!(agent.lifecycle()["identity_source"], "cmdb");
 
@@ -380,13 +413,14 @@ fn with_nautobot_down_the_agent_starts_from_its_cache_or_says_why_it_cannot() {
 
 #[test]
 fn a_vm_decommissioned_in_nautobot_is_not_brought_back_from_the_cache() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let mut agent = instance(&nb, dir.path(), "web-01", "web-01", app.addr(), &consul).start();
+    let Web01 {
+        _lock,
+        nb,
+        consul,
+        dir: _dir,
+        app: _app,
+        mut agent,
+    } = Web01::start();
     wait_passing(&consul, &["orders-web-01"]);
 
     // The VM is taken out of service in the CMDB while its agent is stopped.
@@ -418,13 +452,14 @@ fn a_vm_decommissioned_in_nautobot_is_not_brought_back_from_the_cache() {
 
 #[test]
 fn a_vm_decommissioned_while_its_agent_runs_is_withdrawn_and_returns_when_active_again() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let agent = instance(&nb, dir.path(), "web-01", "web-01", app.addr(), &consul).start();
+    let Web01 {
+        _lock,
+        nb,
+        consul,
+        dir: _dir,
+        app: _app,
+        agent,
+    } = Web01::start();
     wait_passing(&consul, &["orders-web-01"]);
 
     // Nautobot answers "Decommissioning": an explicit no, not an outage.
