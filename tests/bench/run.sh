@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # vmesh proxy benchmark: vmesh next to HAProxy and nginx, same upstream, same run.
 #
-# Usage: tests/bench/run.sh [--duration 10s] [--conns 64] [--pin auto|none]
-#                           [--no-accesslog] [--no-h2] [--only-peers]
+# Usage: tests/bench/run.sh [--duration 10s] [--rounds 3] [--conns 64] [--pin auto|none]
+#                           [--no-accesslog] [--no-h2] [--no-bare] [--only-peers]
 #
 # What it does (all traffic on 127.0.0.1, ports picked free at start, everything under one
 # mktemp dir, every process stopped by the EXIT trap):
 #   1. builds `cargo build --release -p vmesh-agent`, unless VMESH_BIN points at a binary
-#      (or --only-peers is given: then vmesh is not run at all);
+#      (or --only-peers is given: then vmesh is not run at all), and tests/bench/bare-hyper
+#      (unless --no-bare or --only-peers);
 #   2. starts ONE nginx upstream (single process, one worker, `return 200` with a fixed small
 #      body, access log off, huge keepalive_requests), plus an h2c (prior-knowledge) listener on
 #      a second port when this nginx has the http_v2 module, used as the HTTP/2 baseline;
@@ -15,18 +16,23 @@
 #        vmesh           worker_threads = 1, access_log = "off"
 #        vmesh+accesslog the same, access log written to a file in the temp dir (--no-accesslog
 #                        skips it)
+#        hyper-bare      tests/bench/bare-hyper: a hyper 1.x proxy with no features on one
+#                        current_thread runtime, the floor of what vmesh is built on
 #        haproxy         nbthread 1, mode http, http-reuse always, option http-keep-alive,
 #                        no logging
 #        nginx           master + 1 worker, upstream keepalive 64, proxy_http_version 1.1,
 #                        Connection "", access log off
-#   4. for each of direct (wrk straight to the upstream), the vmeshes, haproxy, nginx:
-#        warm-up        wrk -t1 -c<conns> -d2s (discarded)
-#        throughput     wrk -t1 -c<conns> -d<duration>                -> requests/s
-#        latency        wrk -t1 -c1 -d<duration> --latency            -> p50, p99 (us)
+#   4. for each of direct (wrk straight to the upstream), the vmeshes, hyper-bare, haproxy,
+#      nginx a warm-up (wrk -t1 -c<conns> -d2s, discarded), then <rounds> interleaved rounds:
+#      each round gives every row in turn <duration>/<rounds> seconds (at least 2) of
+#        throughput     wrk -t1 -c<conns>                              -> requests/s
+#        latency        wrk -t1 -c1 --latency                          -> p50, p99 (us)
+#      and a row's numbers are the medians over its rounds (a VM whose speed drifts over
+#      minutes then shifts every row alike); then
 #        added latency  proxy p50/p99 minus direct p50/p99
 #        RSS            VmRSS of the proxy's process tree (master + workers), idle = after start
 #                       before any request, peak = max of samples every 200 ms during the
-#                       <conns>-connection run;
+#                       <conns>-connection runs;
 #   5. h2load -c 16 -m 10 -n 100000 (HTTP/2 prior knowledge) through vmesh's outbound port,
 #      and straight to the upstream's h2c listener as the baseline (skipped, with a note, when
 #      nginx lacks http_v2);
@@ -56,11 +62,13 @@ set -euo pipefail
 # === arguments ===
 
 DURATION=10s
+ROUNDS=3
 CONNS=64
 PIN=auto
 ACCESSLOG=1
 H2=1
 ONLY_PEERS=0
+BARE=1
 WARMUP=2s
 H2_ARGS=(-c 16 -m 10 -n 100000)
 
@@ -75,6 +83,8 @@ fi
 while [[ $# -gt 0 ]]; do
     case $1 in
         --duration) DURATION=${2:?--duration needs a value}; shift 2 ;;
+        --rounds) ROUNDS=${2:?--rounds needs a value}; shift 2 ;;
+        --rounds=*) ROUNDS=${1#*=}; shift ;;
         --duration=*) DURATION=${1#*=}; shift ;;
         --conns) CONNS=${2:?--conns needs a value}; shift 2 ;;
         --conns=*) CONNS=${1#*=}; shift ;;
@@ -83,6 +93,7 @@ while [[ $# -gt 0 ]]; do
         --no-accesslog) ACCESSLOG=0; shift ;;
         --no-h2) H2=0; shift ;;
         --only-peers) ONLY_PEERS=1; shift ;;
+        --no-bare) BARE=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) printf 'bench: unknown argument %q\n' "$1" >&2; usage >&2; exit 2 ;;
     esac
@@ -105,6 +116,10 @@ duration_secs() {
 [[ $PIN == auto || $PIN == none ]] || die "--pin must be auto or none, got '$PIN'"
 DUR_S=$(duration_secs "$DURATION")
 ((DUR_S <= 60)) || die "--duration is capped at 60s so the whole run stays bounded"
+[[ $ROUNDS =~ ^[1-9]$|^10$ ]] || die "--rounds must be 1..10, got '$ROUNDS'"
+# Each round runs every row for an equal share of --duration (at least 2 s).
+ROUND_S=$((DUR_S / ROUNDS))
+((ROUND_S >= 2)) || ROUND_S=2
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 OUT_DIR=$REPO_ROOT/target/bench
@@ -314,7 +329,7 @@ fi
 
 # === ports ===
 
-mapfile -t PORTS < <(python3 - 8 <<'EOF'
+mapfile -t PORTS < <(python3 - 9 <<'EOF'
 import socket, sys
 socks = []
 for _ in range(int(sys.argv[1])):
@@ -325,7 +340,7 @@ for s in socks:
     print(s.getsockname()[1])
 EOF
 )
-[[ ${#PORTS[@]} -eq 8 ]] || die "could not pick free ports"
+[[ ${#PORTS[@]} -eq 9 ]] || die "could not pick free ports"
 UP_PORT=${PORTS[0]}
 UP_H2_PORT=${PORTS[1]}
 VMESH_PORT=${PORTS[2]}
@@ -334,6 +349,7 @@ VMESHLOG_PORT=${PORTS[4]}
 VMESHLOG_ADMIN=${PORTS[5]}
 HAPROXY_PORT=${PORTS[6]}
 NGINX_PORT=${PORTS[7]}
+BARE_PORT=${PORTS[8]}
 
 BODY="hello from the vmesh bench upstream"
 
@@ -346,6 +362,14 @@ if ((!ONLY_PEERS)); then
         VMESH_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/vmesh
     fi
     [[ -x $VMESH_BIN ]] || die "vmesh binary not found or not executable: $VMESH_BIN"
+fi
+BARE_BIN=
+if ((!ONLY_PEERS && BARE)); then
+    say "building: tests/bench/bare-hyper (cargo build --release, its own workspace)"
+    BARE_TARGET=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/bare-hyper
+    CARGO_TARGET_DIR=$BARE_TARGET cargo build --release --quiet \
+        --manifest-path "$REPO_ROOT/tests/bench/bare-hyper/Cargo.toml" || die "building bare-hyper failed"
+    BARE_BIN=$BARE_TARGET/release/bare-hyper
 fi
 
 # === upstream nginx ===
@@ -517,6 +541,12 @@ if ((!ONLY_PEERS)); then
         PORT_OF[vmesh+accesslog]=$VMESHLOG_PORT
     fi
 fi
+if [[ -n $BARE_BIN ]]; then
+    say "starting hyper-bare on 127.0.0.1:$BARE_PORT"
+    start hyper-bare "${PROXY_CPU[@]}" "$BARE_BIN" "127.0.0.1:$BARE_PORT" "127.0.0.1:$UP_PORT"
+    NAMES+=(hyper-bare)
+    PORT_OF[hyper-bare]=$BARE_PORT
+fi
 say "starting haproxy on 127.0.0.1:$HAPROXY_PORT"
 start haproxy "${PROXY_CPU[@]}" haproxy -db -f "$TMP/haproxy.cfg"
 say "starting nginx proxy on 127.0.0.1:$NGINX_PORT"
@@ -539,6 +569,9 @@ wait_listen() {
     fail_with_log "$name" "$name did not listen on port $port within 10 s"
 }
 wait_listen haproxy "$HAPROXY_PORT"
+if [[ -n $BARE_BIN ]]; then
+    wait_listen hyper-bare "$BARE_PORT"
+fi
 wait_listen nginx "$NGINX_PORT"
 if ((!ONLY_PEERS)); then
     wait_listen vmesh "$VMESH_PORT"
@@ -606,39 +639,69 @@ wrk_errors() {
 }
 wrk_requests() { awk '/ requests in / { print $1; exit }' "$1"; }
 
-declare -A RPS=() P50=() P99=() NOTES=() CPU_PCT=() CPU_TICKS=() THREADS=()
-for name in "${NAMES[@]}"; do
-    url="http://127.0.0.1:${PORT_OF[$name]}/"
-    say "$name: warm-up $WARMUP, ${CONNS} connections"
-    wrk_run "$TMP/$name.warm.txt" -t1 -c"$CONNS" -d"$WARMUP" "$url"
-    say "$name: throughput $DURATION, ${CONNS} connections"
-    if [[ $name != direct ]]; then
-        sampler_start "${PID_OF[$name]}" "$TMP/$name.peak"
-        t0=$(date +%s%N)
-        c0=$(cpu_ticks "${PID_OF[$name]}")
-    fi
-    wrk_run "$TMP/$name.c$CONNS.txt" -t1 -c"$CONNS" -d"$DURATION" "$url"
-    if [[ $name != direct ]]; then
-        c1=$(cpu_ticks "${PID_OF[$name]}")
-        t1=$(date +%s%N)
-        sampler_stop
-        PEAK_KIB[$name]=$(<"$TMP/$name.peak")
-        CPU_PCT[$name]=$(((c1 - c0) * 100 * 1000000000 / CLK_TCK / (t1 - t0)))
-        CPU_TICKS[$name]=$((c1 - c0))
-        THREADS[$name]=$(proc_threads "${PID_OF[$name]}")
-    fi
-    say "$name: latency $DURATION, 1 connection"
-    wrk_run "$TMP/$name.c1.txt" -t1 -c1 -d"$DURATION" --latency "$url"
+# median of the numbers given as arguments (the lower middle one for an even count)
+median() { printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
-    RPS[$name]=$(wrk_rps "$TMP/$name.c$CONNS.txt")
-    P50[$name]=$(wrk_pct "$TMP/$name.c1.txt" 50%)
-    P99[$name]=$(wrk_pct "$TMP/$name.c1.txt" 99%)
-    errs=$(wrk_errors "$TMP/$name.c$CONNS.txt")$(wrk_errors "$TMP/$name.c1.txt")
-    if [[ -n $errs ]]; then
-        NOTES[$name]="${errs%; }"
+# Interleaved rounds: each round gives every row one short run in turn, and a row's number is
+# its median over the rounds. A machine whose speed drifts over minutes (a shared VM) then
+# shifts every row alike instead of favouring the rows measured in its fast minutes.
+declare -A RPS=() P50=() P99=() NOTES=() CPU_PCT=() CPU_TICKS=() THREADS=() REQS=()
+declare -A RPS_R=() P50_R=() P99_R=() NS=()
+for name in "${NAMES[@]}"; do
+    say "$name: warm-up $WARMUP, ${CONNS} connections"
+    wrk_run "$TMP/$name.warm.txt" -t1 -c"$CONNS" -d"$WARMUP" "http://127.0.0.1:${PORT_OF[$name]}/"
+    CPU_TICKS[$name]=0
+    REQS[$name]=0
+    NS[$name]=0
+    PEAK_KIB[$name]=0
+done
+for ((round = 1; round <= ROUNDS; round++)); do
+    for name in "${NAMES[@]}"; do
+        url="http://127.0.0.1:${PORT_OF[$name]}/"
+        out="$TMP/$name.c$CONNS.r$round.txt"
+        say "round $round/$ROUNDS: $name: throughput ${ROUND_S}s, ${CONNS} connections"
+        if [[ $name != direct ]]; then
+            sampler_start "${PID_OF[$name]}" "$TMP/$name.peak"
+            t0=$(date +%s%N)
+            c0=$(cpu_ticks "${PID_OF[$name]}")
+        fi
+        wrk_run "$out" -t1 -c"$CONNS" -d"${ROUND_S}s" "$url"
+        if [[ $name != direct ]]; then
+            c1=$(cpu_ticks "${PID_OF[$name]}")
+            t1=$(date +%s%N)
+            sampler_stop
+            peak=$(<"$TMP/$name.peak")
+            ((peak > PEAK_KIB[$name])) && PEAK_KIB[$name]=$peak
+            CPU_TICKS[$name]=$((CPU_TICKS[$name] + c1 - c0))
+            NS[$name]=$((NS[$name] + t1 - t0))
+            THREADS[$name]=$(proc_threads "${PID_OF[$name]}")
+        fi
+        REQS[$name]=$((REQS[$name] + $(wrk_requests "$out")))
+        RPS_R[$name]+="$(wrk_rps "$out") "
+        errs=$(wrk_errors "$out")
+        say "round $round/$ROUNDS: $name: latency ${ROUND_S}s, 1 connection"
+        out1="$TMP/$name.c1.r$round.txt"
+        wrk_run "$out1" -t1 -c1 -d"${ROUND_S}s" --latency "$url"
+        P50_R[$name]+="$(wrk_pct "$out1" 50%) "
+        P99_R[$name]+="$(wrk_pct "$out1" 99%) "
+        errs+=$(wrk_errors "$out1")
+        if [[ -n $errs ]]; then
+            NOTES[$name]+="round $round: ${errs%; }; "
+        fi
+    done
+done
+for name in "${NAMES[@]}"; do
+    # shellcheck disable=SC2086 # word splitting of the per-round lists is intended
+    RPS[$name]=$(median ${RPS_R[$name]})
+    # shellcheck disable=SC2086
+    P50[$name]=$(median ${P50_R[$name]})
+    # shellcheck disable=SC2086
+    P99[$name]=$(median ${P99_R[$name]})
+    if [[ $name != direct ]]; then
+        CPU_PCT[$name]=$((CPU_TICKS[$name] * 100 * 1000000000 / CLK_TCK / NS[$name]))
     fi
     [[ -n ${RPS[$name]} && ${P50[$name]} != NaN && ${P99[$name]} != NaN ]] ||
-        { cat "$TMP/$name.c$CONNS.txt" "$TMP/$name.c1.txt" >&2; die "could not parse wrk output for $name"; }
+        die "could not parse wrk output for $name (raw output in $TMP with KEEP_TMP=1)"
 done
 
 ACCESSLOG_NOTE=
@@ -749,7 +812,7 @@ CPU_REQ_LINE="proxy CPU time per request in that run (lower is better, independe
 CPU_LINE="proxy CPU during the $CONNS-connection run (100% = one core):"
 for name in "${NAMES[@]}"; do
     if [[ $name != direct ]]; then
-        reqs=$(wrk_requests "$TMP/$name.c$CONNS.txt")
+        reqs=${REQS[$name]}
         CPU_LINE+=" $name ${CPU_PCT[$name]}%"
         CPU_REQ_LINE+=" $name $(awk -v t="${CPU_TICKS[$name]}" -v hz="$CLK_TCK" -v n="$reqs" \
             'BEGIN { printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0) }') us"
@@ -817,6 +880,9 @@ notes() {
     if ((ONLY_PEERS)); then
         printf -- '- --only-peers: vmesh not run\n'
     fi
+    if [[ -n $BARE_BIN ]]; then
+        printf -- '- hyper-bare: tests/bench/bare-hyper, a hyper 1.x proxy with no features (hyper-util client, one current_thread runtime): the floor of the stack vmesh is built on; vmesh minus hyper-bare is what its features cost\n'
+    fi
 }
 
 header() {
@@ -824,7 +890,7 @@ header() {
 machine: $NPROC CPUs, $CPU_MODEL, Linux $(uname -r)
 versions: vmesh $VMESH_VER; nginx $NGINX_VER; HAProxy $HAPROXY_VER; wrk $WRK_VER; $H2LOAD_VER
 command: $CMDLINE
-load: wrk -t1, warm-up $WARMUP, throughput -c$CONNS -d$DURATION, latency -c1 -d$DURATION --latency
+load: wrk -t1, warm-up $WARMUP, then $ROUNDS interleaved rounds of throughput -c$CONNS -d${ROUND_S}s and latency -c1 -d${ROUND_S}s --latency per row; medians over the rounds
 cpu placement: $PIN_NOTE
 EOF
 }
