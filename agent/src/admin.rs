@@ -282,6 +282,7 @@ fn clusters(state: &AgentState) -> Value {
                         "in_flight": e.stats.in_flight(),
                         "ewma_ms": (e.stats.ewma_ns() / 1e6 * 1000.0).round() / 1000.0,
                         "healthy": !e.stats.is_ejected(),
+                        "idle_connections": e.pool.idle(),
                     })
                 })
                 .collect();

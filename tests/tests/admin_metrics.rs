@@ -41,7 +41,14 @@ fn clusters_lists_endpoints_with_weight_in_flight_and_ewma() {
     let endpoints = orders["endpoints"].as_array().expect("endpoints array");
     assert_eq!(endpoints.len(), 2, "{orders}");
     for e in endpoints {
-        for key in ["address", "weight", "in_flight", "ewma_ms", "healthy"] {
+        for key in [
+            "address",
+            "weight",
+            "in_flight",
+            "ewma_ms",
+            "healthy",
+            "idle_connections",
+        ] {
             assert!(e.get(key).is_some(), "endpoint lacks `{key}`: {e}");
         }
         assert!(
@@ -88,6 +95,19 @@ fn clusters_lists_endpoints_with_weight_in_flight_and_ewma() {
         .filter_map(|e| e["ewma_ms"].as_f64())
         .fold(0.0, f64::max);
     assert!(max_ewma > 0.0, "ewma_ms still 0 after a 1.5 s request: {doc}");
+    // The upstream connection of that request went back to the endpoint's pool.
+    let idle_total = || -> u64 {
+        let doc = agent.admin_json("/clusters");
+        doc["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["service"] == "orders")
+            .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
+            .filter_map(|e| e["idle_connections"].as_u64())
+            .sum()
+    };
+    assert_eventually!(idle_total() == 1, "/clusters to show one idle pooled connection");
 }
 
 #[test]
