@@ -70,44 +70,36 @@ fn clusters_lists_endpoints_with_weight_in_flight_and_ewma() {
     // in_flight counts a request while it is at the upstream.
     let url = agent.outbound_url("orders", "/slow?ms=1500");
     let slow = std::thread::spawn(move || Curl::get(url).run());
-    let in_flight_total = || -> u64 {
-        let doc = agent.admin_json("/clusters");
-        doc["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["service"] == "orders")
-            .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
-            .filter_map(|e| e["in_flight"].as_u64())
-            .sum()
-    };
-    assert_eventually!(in_flight_total() == 1, "/clusters to show the slow request in flight");
+    let in_flight_total = || endpoint_values(&agent, "orders", "in_flight").iter().sum::<f64>();
+    assert_eventually!(in_flight_total() == 1.0, "/clusters to show the slow request in flight");
     slow.join().expect("slow request").expect_status(200);
-    assert_eventually!(in_flight_total() == 0, "in_flight to drop back to 0");
+    assert_eventually!(in_flight_total() == 0.0, "in_flight to drop back to 0");
     // ...and the latency estimate has seen that request.
+    let ewma = endpoint_values(&agent, "orders", "ewma_ms");
+    assert!(
+        ewma.iter().any(|&v| v > 0.0),
+        "ewma_ms still 0 after a 1.5 s request: {ewma:?}"
+    );
+    // The upstream connection of that request went back to the endpoint's pool.
+    let idle_total = || {
+        endpoint_values(&agent, "orders", "idle_connections")
+            .iter()
+            .sum::<f64>()
+    };
+    assert_eventually!(idle_total() == 1.0, "/clusters to show one idle pooled connection");
+}
+
+/// Field `key` of every endpoint of the clusters of `service` in `/clusters`.
+fn endpoint_values(agent: &Agent, service: &str, key: &str) -> Vec<f64> {
     let doc = agent.admin_json("/clusters");
-    let max_ewma = doc["clusters"]
+    doc["clusters"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter(|c| c["service"] == "orders")
+        .filter(|c| c["service"] == service)
         .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
-        .filter_map(|e| e["ewma_ms"].as_f64())
-        .fold(0.0, f64::max);
-    assert!(max_ewma > 0.0, "ewma_ms still 0 after a 1.5 s request: {doc}");
-    // The upstream connection of that request went back to the endpoint's pool.
-    let idle_total = || -> u64 {
-        let doc = agent.admin_json("/clusters");
-        doc["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["service"] == "orders")
-            .flat_map(|c| c["endpoints"].as_array().into_iter().flatten())
-            .filter_map(|e| e["idle_connections"].as_u64())
-            .sum()
-    };
-    assert_eventually!(idle_total() == 1, "/clusters to show one idle pooled connection");
+        .filter_map(|e| e[key].as_f64())
+        .collect()
 }
 
 #[test]
