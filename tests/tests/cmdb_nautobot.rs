@@ -489,7 +489,8 @@ fn a_vm_decommissioned_while_its_agent_runs_is_withdrawn_and_returns_when_active
     let r = vmesh_tests::Curl::get(agent.inbound_url("/")).run();
     assert_eq!(r.status, 200, "{r:?}");
 
-    // Back to Active: registered again within one refresh, under the same instance ID.
+    // Back to Active: registered again within one refresh (the agent asks every `refresh`
+    // while it has no identity, as it is shorter than 5 s), under the same instance ID.
     guard.restore();
     eventually(
         REFRESH + Duration::from_secs(3),

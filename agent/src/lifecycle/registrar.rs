@@ -204,7 +204,7 @@ impl Registrar {
                 _ = refresh.tick() => {
                     self.refresh_identity().await;
                     if self.identity.is_none() {
-                        refresh.reset_after(RETRY.max(Duration::from_secs(5)));
+                        refresh.reset_after(self.refresh_period());
                     }
                 }
                 _ = anti_entropy.tick() => self.anti_entropy().await,
@@ -221,11 +221,13 @@ impl Registrar {
         }
     }
 
+    /// The CMDB is asked every `cmdb.refresh`; without an identity at least every 5 s.
     fn refresh_period(&self) -> Duration {
+        let refresh = self.config.cmdb.refresh.get();
         if self.identity.is_some() {
-            self.config.cmdb.refresh.get()
+            refresh
         } else {
-            Duration::from_secs(5)
+            refresh.min(Duration::from_secs(5))
         }
     }
 
