@@ -438,8 +438,13 @@ impl Registrar {
         if !self.started {
             return;
         }
-        let (Some(registry), Some(want)) = (self.registry.clone(), self.desired()) else {
+        let Some(registry) = self.registry.clone() else {
             self.dirty = false;
+            return;
+        };
+        let Some(want) = self.desired() else {
+            // Nothing to advertise (no identity): remove what an earlier identity registered.
+            self.withdraw(registry.as_ref()).await;
             return;
         };
         let op = match &self.written {
@@ -582,12 +587,25 @@ impl Registrar {
             }
             Err(e) => {
                 self.metrics.cmdb_errors.get_or_create(&code_label(e.code())).inc();
-                if self.identity.is_none() && !e.keeps_cache() {
+                if matches!(e, vmesh_cmdb::CmdbError::Decommissioned { .. }) {
+                    // An explicit answer, not an outage: nothing is advertised (the sync below
+                    // withdraws a registration) and the cache may not bring it back. The proxy
+                    // keeps serving: callers that still hold the address do not fail.
+                    if self.identity.take().is_some() {
+                        tracing::error!(error = %e, code = e.code(),
+                            "the CMDB marks this VM decommissioned: withdrawing the registration");
+                    } else {
+                        tracing::error!(error = %e, code = e.code(),
+                            "the CMDB marks this VM decommissioned: refusing to register (the cached identity is not used)");
+                    }
+                    if let Err(e) = self.store.clear_identity() {
+                        tracing::error!(error = %e, "cannot forget the cached identity");
+                    }
+                    self.metrics.identity_from_cache.set(0);
+                    self.set_status(|s| s.identity_source = "none");
+                } else if self.identity.is_none() && !e.keeps_cache() {
                     tracing::error!(error = %e, code = e.code(),
                         "the CMDB says this VM must not serve: refusing to register (the cached identity is not used)");
-                    if self.written.is_some() {
-                        self.withdraw().await;
-                    }
                 } else if self.identity.is_none() {
                     match self.store.identity() {
                         Ok(Some(cached)) => {
@@ -599,18 +617,6 @@ impl Registrar {
                         _ => tracing::error!(error = %e, code = e.code(),
                             "CMDB failed and no identity is cached: refusing to register"),
                     }
-                } else if matches!(e, vmesh_cmdb::CmdbError::Decommissioned { .. }) {
-                    // An explicit answer, not an outage: stop advertising this instance. The
-                    // proxy keeps serving (callers that still hold the address do not fail).
-                    tracing::error!(error = %e, code = e.code(),
-                        "the CMDB marks this VM decommissioned: withdrawing the registration");
-                    self.identity = None;
-                    if let Err(e) = self.store.clear_identity() {
-                        tracing::error!(error = %e, "cannot forget the cached identity");
-                    }
-                    self.metrics.identity_from_cache.set(0);
-                    self.set_status(|s| s.identity_source = "none");
-                    self.withdraw().await;
                 } else {
                     tracing::warn!(error = %e, code = e.code(), "CMDB refresh failed: keeping the current identity");
                 }
@@ -697,19 +703,21 @@ impl Registrar {
         Ok(())
     }
 
-    /// Deregisters what this agent registered (no identity to advertise any more).
-    async fn withdraw(&mut self) {
-        let (Some(registry), Some(have)) = (self.registry.clone(), self.written.clone()) else {
+    /// Deregisters what this agent registered (no identity to advertise any more). A failure
+    /// keeps the record and is retried by the next sync (every identity retry, at most 5 s).
+    async fn withdraw(&mut self, registry: &dyn Registry) {
+        let Some(have) = self.written.clone() else {
+            self.dirty = false;
             return;
         };
-        match self.deregister(registry.as_ref(), &have.service, &have.id).await {
+        match self.deregister(registry, &have.service, &have.id).await {
             Ok(()) => {
                 self.written = None;
                 self.dirty = false;
                 tracing::info!(id = %have.id, "deregistered: no identity to advertise");
+                self.set_status(|s| s.registry_error = None);
             }
             Err(e) => {
-                // Retried on the next refresh (every 5 s while there is no identity).
                 tracing::warn!(id = %have.id, error = %e, "deregistration failed: retrying");
                 self.set_status(|s| s.registry_error = Some(format!("deregister: {e}")));
             }

@@ -106,10 +106,13 @@ impl ConnPool {
             since: Instant::now(),
         });
         drop(idle);
-        // A body dropped while the runtime shuts down has no runtime to sweep on.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            if !self.sweeping.swap(true, Ordering::Relaxed) {
-                rt.spawn(sweep(Arc::downgrade(self)));
+        // The common case (a sweeper runs) costs one load. A body dropped while the runtime
+        // shuts down has no runtime to sweep on.
+        if !self.sweeping.load(Ordering::Relaxed) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                if !self.sweeping.swap(true, Ordering::Relaxed) {
+                    rt.spawn(sweep(Arc::downgrade(self)));
+                }
             }
         }
     }

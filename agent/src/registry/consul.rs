@@ -287,21 +287,7 @@ impl Registry for Consul {
     }
 
     fn is_registered<'a>(&'a self, r: &'a Registration) -> BoxFuture<'a, Result<bool, RegistryError>> {
-        Box::pin(async move {
-            let path = format!("/v1/agent/service/{}", r.id);
-            let resp = self
-                .request(reqwest::Method::GET, &path)
-                .timeout(Duration::from_secs(10))
-                .send()
-                .await
-                .map_err(|e| RegistryError::Unreachable(format!("GET {path}: {e}")))?;
-            match resp.status().as_u16() {
-                200 => Ok(true),
-                404 => Ok(false),
-                403 => Err(RegistryError::Denied(format!("GET {path}: 403"))),
-                s => Err(RegistryError::Unreachable(format!("GET {path}: HTTP {s}"))),
-            }
-        })
+        Box::pin(async move { Ok(self.get_json(&format!("/v1/agent/service/{}", r.id)).await?.is_some()) })
     }
 
     fn recover<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<Recovered>, RegistryError>> {
