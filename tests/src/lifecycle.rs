@@ -78,6 +78,42 @@ pub fn instance(node: &str, identity: &Path, app: SocketAddr, ramp: &str) -> Age
         .inbound(Inbound::new(app, "http").health("/healthz", "500ms").ramp(ramp))
 }
 
+/// A caller of "orders": a vmesh that is itself an instance of "frontend" (an agent with a
+/// registry needs an inbound) whose outbound "orders" has no endpoints, so it discovers them
+/// through the registry that `registry` configures ([`consul`] or [`etcd`]). Derefs to its
+/// [`crate::Agent`]; its app and identity file live as long as it does.
+pub struct Caller {
+    agent: crate::Agent,
+    _app: crate::RunningUpstream,
+    _dir: tempfile::TempDir,
+}
+
+impl Caller {
+    pub fn start(registry: impl FnOnce(AgentBuilder) -> AgentBuilder) -> Caller {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = Identity::orders().set("service", "frontend").write_in(dir.path());
+        let app = crate::Upstream::python("front").spawn();
+        let agent = registry(
+            instance("caller", &identity, app.addr(), "0s")
+                .outbound(crate::Outbound::new("orders").balancer("round-robin").timeout("5s")),
+        )
+        .start();
+        Caller {
+            agent,
+            _app: app,
+            _dir: dir,
+        }
+    }
+}
+
+impl std::ops::Deref for Caller {
+    type Target = crate::Agent;
+
+    fn deref(&self) -> &crate::Agent {
+        &self.agent
+    }
+}
+
 /// `[registry] kind = "consul"` at the double, anti-entropy every 2 s, 5 s blocking queries.
 pub fn consul(builder: AgentBuilder, consul: &ConsulDouble) -> AgentBuilder {
     builder
@@ -351,20 +387,21 @@ pub fn discovered(caller: &crate::Agent, service: &str) -> Vec<String> {
 
 /// Waits (bounded) until `caller` balances `service` over exactly `want` (any order).
 pub fn wait_discovered(caller: &crate::Agent, service: &str, want: &[SocketAddr]) {
+    wait_discovered_within(crate::DEFAULT_WAIT, caller, service, want);
+}
+
+/// [`wait_discovered`] with another bound.
+pub fn wait_discovered_within(limit: std::time::Duration, caller: &crate::Agent, service: &str, want: &[SocketAddr]) {
     let mut want: Vec<String> = want.iter().map(SocketAddr::to_string).collect();
     want.sort();
-    crate::eventually(
-        crate::DEFAULT_WAIT,
-        &format!("the caller to balance {service} over {want:?}"),
-        || {
-            let found = discovered(caller, service);
-            if found == want {
-                Ok(())
-            } else {
-                Err(format!("{found:?}"))
-            }
-        },
-    );
+    crate::eventually(limit, &format!("the caller to balance {service} over {want:?}"), || {
+        let found = discovered(caller, service);
+        if found == want {
+            Ok(())
+        } else {
+            Err(format!("{found:?}"))
+        }
+    });
 }
 
 /// A caller's view of Consul: a thread running blocking queries on the passing instances of a

@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use vmesh_tests::consul::ConsulDouble;
 use vmesh_tests::lifecycle::{self, passing_ids, summary, CliRun, Identity, Load};
-use vmesh_tests::{eventually, fixture, free_addr, tools, vmesh_bin, workspace_root, Outbound, Process, Upstream};
+use vmesh_tests::{eventually, fixture, free_addr, tools, vmesh_bin, workspace_root, Process, Upstream};
 
 const INSTALL_HINT: &str = "run `bash scripts/install-ansible-deps.sh` (pinned ansible-core and ansible-lint)";
 
@@ -430,21 +430,6 @@ impl Drop for Fleet {
     }
 }
 
-/// The addresses of the "orders" endpoints the caller has discovered, sorted.
-fn discovered(caller: &vmesh_tests::Agent) -> Vec<String> {
-    let doc = caller.admin_json("/clusters");
-    let mut found: Vec<String> = doc["clusters"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|c| c["service"] == "orders" && c["direction"] == "outbound")
-        .flat_map(|c| c["endpoints"].as_array().cloned().unwrap_or_default())
-        .filter_map(|e| e["address"].as_str().map(str::to_string))
-        .collect();
-    found.sort();
-    found
-}
-
 // === tests ===
 
 #[test]
@@ -539,25 +524,9 @@ fn install_and_rolling_rollout_under_load_lose_no_request() {
 
     // The caller: a third vmesh (itself an instance of "frontend": an agent with a registry
     // needs an inbound) whose outbound "orders" has no endpoints: discovered from Consul.
-    let front_dir = tempfile::tempdir().expect("tempdir");
-    let front_identity = Identity::orders().set("service", "frontend").write_in(front_dir.path());
-    let front_app = Upstream::python("front").spawn();
-    let caller = lifecycle::consul(
-        lifecycle::instance("caller", &front_identity, front_app.addr(), "0s")
-            .outbound(Outbound::new("orders").balancer("round-robin").timeout("5s")),
-        &consul,
-    )
-    .start();
-    let mut want: Vec<String> = fleet.hosts.iter().map(|h| h.inbound.to_string()).collect();
-    want.sort();
-    eventually(Duration::from_secs(20), "the caller to discover vm1 and vm2", || {
-        let found = discovered(&caller);
-        if found == want {
-            Ok(())
-        } else {
-            Err(format!("{found:?}"))
-        }
-    });
+    let caller = lifecycle::Caller::start(|b| lifecycle::consul(b, &consul));
+    let want: Vec<SocketAddr> = fleet.hosts.iter().map(|h| h.inbound).collect();
+    lifecycle::wait_discovered_within(Duration::from_secs(20), &caller, "orders", &want);
 
     // Steady traffic through the caller for the whole rollout: 2 clients, each request ~20 ms
     // at the app; bounded in time and count.

@@ -10,7 +10,7 @@ use vmesh_tests::consul::ConsulDouble;
 use vmesh_tests::lifecycle::{
     self, agent_service, all_ids, check, meta, passing_ids, summary, CliRun, Identity, Load, PassingWatcher,
 };
-use vmesh_tests::{eventually, free_addr, Agent, Outbound, Signal, Upstream, DEFAULT_WAIT};
+use vmesh_tests::{eventually, free_addr, Agent, Signal, Upstream, DEFAULT_WAIT};
 
 /// The steps of the default ramp, as `[inbound.ramp] steps` has them.
 const STEPS: [u64; 5] = [1, 10, 33, 66, 100];
@@ -282,15 +282,7 @@ fn drain_under_steady_load_loses_no_request_and_undrain_brings_the_instance_back
 
     // The caller: a third vmesh (itself an instance of "frontend": the agent requires an
     // inbound when a registry is set) whose outbound "orders" is discovered from Consul.
-    let front_dir = tempfile::tempdir().expect("tempdir");
-    let front_identity = Identity::orders().set("service", "frontend").write_in(front_dir.path());
-    let front_app = Upstream::python("front").spawn();
-    let caller = lifecycle::consul(
-        lifecycle::instance("caller", &front_identity, front_app.addr(), "0s")
-            .outbound(Outbound::new("orders").balancer("round-robin").timeout("5s")),
-        &consul,
-    )
-    .start();
+    let caller = lifecycle::Caller::start(|b| lifecycle::consul(b, &consul));
     lifecycle::wait_discovered(&caller, "orders", &[a.inbound_addr(), b.inbound_addr()]);
 
     // Steady load through the caller: 4 clients, each request ~30 ms at the app (bounded).

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmesh_tests::etcd::Etcd;
 use vmesh_tests::lifecycle::{self, etcd_key, summary, CliRun, Identity, Load};
-use vmesh_tests::{eventually, Agent, Outbound, Signal, Upstream, DEFAULT_WAIT};
+use vmesh_tests::{eventually, Agent, Signal, Upstream, DEFAULT_WAIT};
 
 const STEPS: [u64; 5] = [1, 10, 33, 66, 100];
 
@@ -145,15 +145,7 @@ fn health_drain_and_undrain_move_the_key_and_the_caller_follows() {
     wait_key(&etcd, &key_b);
 
     // The caller watches /vmesh/services/orders/ (it is itself an instance of "frontend").
-    let front_dir = tempfile::tempdir().expect("tempdir");
-    let front_identity = Identity::orders().set("service", "frontend").write_in(front_dir.path());
-    let front_app = Upstream::python("front").spawn();
-    let caller = lifecycle::etcd(
-        lifecycle::instance("caller", &front_identity, front_app.addr(), "0s")
-            .outbound(Outbound::new("orders").balancer("round-robin").timeout("5s")),
-        &etcd,
-    )
-    .start();
+    let caller = lifecycle::Caller::start(|b| lifecycle::etcd(b, &etcd));
     lifecycle::wait_discovered(&caller, "orders", &[a.inbound_addr(), b.inbound_addr()]);
 
     // The app dies: its key goes, and the caller drops the endpoint.
