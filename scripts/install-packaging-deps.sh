@@ -12,6 +12,8 @@ CARGO_DEB_VERSION="${CARGO_DEB_VERSION:-3.8.0}"
 CARGO_GENERATE_RPM_VERSION="${CARGO_GENERATE_RPM_VERSION:-0.21.1}"
 
 log() { printf 'install-packaging-deps: %s\n' "$*"; }
+# shellcheck source=scripts/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 # --- Debian packages -------------------------------------------------------------------------
 # command -> package that provides it
@@ -43,15 +45,7 @@ done
 [ -x /usr/bin/python3 ] || missing+=(python3-minimal)
 
 if [ "${#missing[@]}" -gt 0 ]; then
-  mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
-  if [ "$(id -u)" -ne 0 ]; then
-    log "missing packages ${pkgs[*]}; run this script as root" >&2
-    exit 1
-  fi
-  log "installing ${pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update
-  apt-get install -y --no-install-recommends "${pkgs[@]}"
+  apt_install "${missing[@]}"
 else
   log "Debian packages present"
 fi

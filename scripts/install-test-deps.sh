@@ -9,6 +9,8 @@ PYTHON="${PYTHON:-python3}"
 PIP_PACKAGES=("grpcio>=1.60,<2" "websockets>=17,<18")
 
 log() { printf 'install-test-deps: %s\n' "$*"; }
+# shellcheck source=scripts/apt.sh
+. "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 # --- Debian packages -------------------------------------------------------------------------
 # command -> package that provides it
@@ -35,27 +37,7 @@ if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
 fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
-  # unique package names
-  mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
-  if [ "$(id -u)" -ne 0 ]; then
-    log "missing packages ${pkgs[*]}; run this script as root" >&2
-    exit 1
-  fi
-  log "installing ${pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  # Keep the packages' own services (nginx, prometheus) from being started by the install:
-  # policy-rc.d exit 101 = "action forbidden" for invoke-rc.d; removed again on exit.
-  policy=/usr/sbin/policy-rc.d
-  added_policy=0
-  if [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod +x "$policy"
-    added_policy=1
-  fi
-  cleanup() { if [ "$added_policy" = 1 ]; then rm -f "$policy"; fi; }
-  trap cleanup EXIT
-  apt-get update
-  apt-get install -y --no-install-recommends "${pkgs[@]}"
+  apt_install "${missing[@]}"
   # A package whose postinst started its service anyway (no policy-rc.d honoured): stop it.
   for svc in nginx prometheus; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
