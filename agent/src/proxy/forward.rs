@@ -206,8 +206,14 @@ pub async fn forward(
                 .await
                 .map(|r| match r {
                     Ok(resp) => Ok((resp, None)),
-                    Err(e) if e.is_connect() => Err(TryOutcome::ConnectFailed),
-                    Err(_) => Err(TryOutcome::Reset),
+                    Err(e) => {
+                        tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
+                        Err(if e.is_connect() {
+                            TryOutcome::ConnectFailed
+                        } else {
+                            TryOutcome::Reset
+                        })
+                    }
                 })
         } else {
             // HTTP/1.1: origin-form target on a pooled keep-alive connection.
@@ -224,8 +230,13 @@ pub async fn forward(
             .await
             .map(|r| match r {
                 Ok((resp, conn)) => Ok((resp, Some(conn))),
-                Err(SendError::Connect(_)) => Err(TryOutcome::ConnectFailed),
-                Err(SendError::Http(_)) => Err(TryOutcome::Reset),
+                Err(e) => {
+                    tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
+                    Err(match e {
+                        SendError::Connect(_) => TryOutcome::ConnectFailed,
+                        SendError::Http(_) => TryOutcome::Reset,
+                    })
+                }
             })
         };
         let rtt = now.elapsed();

@@ -39,11 +39,13 @@ struct Idle {
 }
 
 /// Why a request could not be sent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// No connection could be made (refused, unreachable, connect timeout).
+    #[error("connect: {0}")]
     Connect(std::io::Error),
     /// The connection failed while the request was on it (reset, closed, bad response).
+    #[error("{0}")]
     Http(hyper::Error),
 }
 
@@ -73,13 +75,12 @@ impl ConnPool {
                 Some(c) => (c, true),
                 None => (self.connect(connect_timeout).await?, false),
             };
-            if conn.ready().await.is_err() {
+            if let Err(e) = conn.ready().await {
                 if reused {
                     continue;
                 }
-                return Err(SendError::Connect(std::io::Error::other(
-                    "connection closed before use",
-                )));
+                // A new connection that closed before its first request: a failed connect.
+                return Err(SendError::Connect(std::io::Error::other(e)));
             }
             match conn.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, conn)),
