@@ -534,6 +534,10 @@ fn anti_entropy_registers_again_after_the_consul_agent_lost_its_services() {
     )
     .start();
     wait_passing(&consul, "orders", &["orders-web-01"]);
+    // Let the start-up writes settle (the registration, its first TTL pass, the sync after the
+    // next health check): a restart among them is noticed by a failing TTL update, not by
+    // anti-entropy, which is what this test is about.
+    std::thread::sleep(Duration::from_millis(1500));
     let registers = writes(&consul, "register");
 
     consul.control("restart");
