@@ -24,6 +24,9 @@ declare -A APT_FOR=(
   [etcd]=etcd-server
   [etcdctl]=etcd-client
   [wrk]=wrk
+  # The Kubernetes API double is checked with the real kubectl (over TLS: openssl makes the cert).
+  [kubectl]=kubectl
+  [openssl]=openssl
 )
 
 missing=()

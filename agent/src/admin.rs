@@ -6,12 +6,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use crate::balance::EndpointSet;
+use crate::discovery::shift::{Policy, ShiftError, ShiftStatus};
 use crate::lifecycle::AgentState;
 
 /// Serves the admin API until the process exits.
@@ -36,10 +38,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
 }
 
 async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() == Method::POST {
+    // Every call that is not a read needs the admin token when one is set.
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
         if let Err(r) = authorize(state, &req) {
             return *r;
         }
+    }
+    if let Some(service) = req.uri().path().strip_prefix("/shift/") {
+        let service = service.to_owned();
+        return shift(state, req, &service).await;
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
@@ -91,7 +98,8 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
                 .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
             r
         }
-        (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics") => {
+        (&Method::GET, "/shift" | "/shift/") => json_response(shift_all(state)),
+        (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics" | "/shift") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -223,6 +231,10 @@ fn status(state: &AgentState) -> Value {
         "ready": not_ready(state).is_none(),
         "not_ready_reason": not_ready(state),
         "lifecycle": lifecycle_json(state),
+        "discovery": {
+            "stale": !state.discovery.stale_services().is_empty(),
+            "stale_services": state.discovery.stale_services(),
+        },
     })
 }
 
@@ -278,7 +290,11 @@ fn clusters(state: &AgentState) -> Value {
                     json!({
                         "address": e.addr.to_string(),
                         "weight": e.weight,
-                        "env": &*e.env,
+                        "env": e.env().as_str(),
+                        "zone": &*e.labels.zone,
+                        "version": &*e.labels.version,
+                        "colour": &*e.labels.colour,
+                        "source": e.labels.source.as_str(),
                         "in_flight": e.stats.in_flight(),
                         "ewma_ms": (e.stats.ewma_ns() / 1e6 * 1000.0).round() / 1000.0,
                         "healthy": !e.stats.is_ejected(),
@@ -286,6 +302,7 @@ fn clusters(state: &AgentState) -> Value {
                     })
                 })
                 .collect();
+            let discovery = state.discovery.status(&c.service);
             json!({
                 "service": &*c.service,
                 "direction": c.direction.as_str(),
@@ -294,10 +311,147 @@ fn clusters(state: &AgentState) -> Value {
                 "timeout_ms": c.timeout.as_millis() as u64,
                 "retries_in_flight": c.budget.active_retries(),
                 "endpoints": endpoints,
+                "shift": discovery.as_ref().map(|d| shift_json(&d.shift, &set)),
+                "discovery": discovery.as_ref().map(|d| json!({
+                    "stale": d.stale,
+                    "last_update": d.last_update,
+                    "error": d.error,
+                    "sources": d.sources,
+                    "ramp_suspended": d.ramp_suspended,
+                })),
             })
         })
         .collect();
     json!({ "clusters": clusters })
+}
+
+// === /shift ===
+
+/// The shift in force and the split it produces now.
+fn shift_json(s: &ShiftStatus, set: &EndpointSet) -> Value {
+    let split: Vec<Value> = set
+        .split()
+        .into_iter()
+        .map(|(env, pct, n)| json!({"env": env.as_str(), "percent": pct, "endpoints": n}))
+        .collect();
+    json!({
+        "policy": s.policy,
+        "source": s.source,
+        "index": s.index,
+        "error": s.error,
+        "split": split,
+    })
+}
+
+/// The requests each environment of `service` answered, from the request counters.
+fn observed(state: &AgentState, service: &str) -> Value {
+    let text = state.metrics.encode_prometheus();
+    let mut by_env = serde_json::Map::new();
+    let prefix = "vmesh_requests_total{";
+    for line in text.lines().filter(|l| l.starts_with(prefix)) {
+        let Some((labels, value)) = line[prefix.len()..].split_once("} ") else {
+            continue;
+        };
+        let get = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")).map(|v| v.trim_end_matches('"')))
+        };
+        if get("direction") != Some("outbound") || get("service") != Some(service) {
+            continue;
+        }
+        let Some(env) = get("env") else { continue };
+        let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
+        let entry = by_env.entry(env.to_owned()).or_insert(json!(0));
+        *entry = json!(entry.as_u64().unwrap_or(0) + n);
+    }
+    Value::Object(by_env)
+}
+
+fn shift_all(state: &AgentState) -> Value {
+    let config = state.config.load();
+    let routes = state.routes.load();
+    let services: Vec<Value> = config
+        .outbound
+        .iter()
+        .filter_map(|o| {
+            let d = state.discovery.status(&o.service)?;
+            let set = routes.services.get(o.service.as_str())?.endpoints.load();
+            Some(json!({"service": o.service, "shift": shift_json(&d.shift, &set)}))
+        })
+        .collect();
+    json!({ "services": services })
+}
+
+fn shift_error(e: &ShiftError) -> Response<Full<Bytes>> {
+    let mut r = json_response(json!({"error": e.code(), "message": e.to_string()}));
+    *r.status_mut() = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    r
+}
+
+/// `GET /shift/<service>`: policy, source, index, and the observed split;
+/// `PUT /shift/<service>[?cas=N]` with `{"vm": 80, "k8s": 20}`: writes the central policy with
+/// compare-and-set (against the index this agent last saw when `cas` is absent).
+async fn shift(state: &AgentState, req: Request<Incoming>, service: &str) -> Response<Full<Bytes>> {
+    let Some(status) = state.discovery.status(service) else {
+        return shift_error(&ShiftError::UnknownService(service.to_owned()));
+    };
+    let current = |state: &AgentState| {
+        let d = state.discovery.status(service).unwrap_or_default();
+        let routes = state.routes.load();
+        let shift = routes
+            .services
+            .get(service)
+            .map(|c| shift_json(&d.shift, &c.endpoints.load()))
+            .unwrap_or(Value::Null);
+        json!({
+            "service": service,
+            "shift": shift,
+            "observed": observed(state, service),
+        })
+    };
+    match *req.method() {
+        Method::GET => json_response(current(state)),
+        Method::PUT => {
+            let cas = match query_param(&req, "cas").map(|c| c.parse::<u64>()) {
+                None => None,
+                Some(Ok(c)) => Some(c),
+                Some(Err(_)) => {
+                    return shift_error(&ShiftError::Invalid("cas must be an unsigned integer index".into()))
+                }
+            };
+            let body = match http_body_util::Limited::new(req.into_body(), 4096).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return shift_error(&ShiftError::Invalid(format!("cannot read the body: {e}"))),
+            };
+            let policy = match Policy::from_json(&body) {
+                Ok(p) => p,
+                Err(e) => return shift_error(&e),
+            };
+            let _ = status;
+            match state.discovery.policies().write(service, policy, cas).await {
+                Ok(()) => {
+                    tracing::info!(service, vm = policy.vm, k8s = policy.k8s, "shift policy written");
+                    // Answer with the new policy in force (the watch sees the write at once).
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        state.discovery.policies().seen(service, policy),
+                    )
+                    .await;
+                    // Let the service task pick it up too.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+                        while state.discovery.status(service).and_then(|d| d.shift.policy) != Some(policy) {
+                            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                    })
+                    .await;
+                    json_response(current(state))
+                }
+                Err(e) => shift_error(&e),
+            }
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "use GET or PUT\n"),
+    }
 }
 
 #[cfg(test)]

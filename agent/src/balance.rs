@@ -1,19 +1,25 @@
-//! Load balancing over an endpoint set: the algorithms, and the set they pick from.
+//! Load balancing over an endpoint set: the stages that choose an endpoint, and the set they
+//! choose from.
 //!
-//! An [`EndpointSet`] is immutable once built (the balancer's precomputed schedule or ring is
-//! built with it); a change of endpoints builds a new set that is swapped in atomically.
+//! A pick runs three stages, each in its own file: [`subset`] (the environment split of a shift
+//! policy: a weighted choice among label subsets that falls back to a non-empty one),
+//! [`locality`] (the caller's own zone while enough of it is healthy), then the balancer.
+//! An [`EndpointSet`] is immutable once built (the schedules, rings and pools are built with
+//! it); a change of endpoints or policy builds a new set that is swapped in atomically.
 
 pub mod endpoint;
 mod least_request;
+pub mod locality;
 mod p2c_ewma;
 mod random;
 mod ring_hash;
 mod round_robin;
+pub mod subset;
 mod weighted;
 
 use std::sync::Arc;
 
-pub use endpoint::{Endpoint, EndpointStats, InFlight};
+pub use endpoint::{Endpoint, EndpointStats, Env, InFlight, Labels, Source};
 pub use ring_hash::hash_bytes as ring_hash_key;
 
 use crate::config::BalancerKind;
@@ -27,9 +33,28 @@ pub struct PickCtx {
     pub exclude: Option<usize>,
 }
 
-/// The endpoints of one cluster with the balancer state built for them.
+/// How a set splits and orders its endpoints besides the balancer.
+#[derive(Clone, Debug, Default)]
+pub struct SetPolicy {
+    /// Percent of requests per environment (a shift policy); `None`: one pool for all.
+    pub split: Option<Vec<(Env, u32)>>,
+    /// The caller's zone and the healthy share its endpoints need to keep traffic local.
+    pub locality: Option<locality::Locality>,
+    /// Counts requests that the split sent to another environment than it chose.
+    pub fallbacks: Option<prometheus_client::metrics::counter::Counter>,
+}
+
+/// The endpoints of one cluster with the stage and balancer state built for them.
 #[derive(Debug)]
 pub struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
+    subsets: subset::Subsets,
+}
+
+/// Some endpoints of a set (global indexes into the set) with a balancer over them.
+#[derive(Debug)]
+pub struct Pool {
+    members: Vec<usize>,
     endpoints: Vec<Arc<Endpoint>>,
     picker: Picker,
 }
@@ -39,28 +64,23 @@ enum Picker {
     RoundRobin(round_robin::RoundRobin),
     Weighted(weighted::SmoothWeighted),
     Random(random::WeightedRandom),
-    LeastRequest,
-    P2cEwma,
+    /// Candidates drawn by weight (`None`: all weights equal, drawn uniformly).
+    LeastRequest(Option<random::WeightedRandom>),
+    P2cEwma(Option<random::WeightedRandom>),
     RingHash(ring_hash::Ring),
 }
 
 // === impl EndpointSet ===
 
 impl EndpointSet {
+    /// A set with one pool for all endpoints.
     pub fn new(kind: BalancerKind, endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight.max(1)).collect();
-        let picker = match kind {
-            BalancerKind::RoundRobin => Picker::RoundRobin(round_robin::RoundRobin::default()),
-            BalancerKind::Weighted => Picker::Weighted(weighted::SmoothWeighted::new(&weights)),
-            BalancerKind::Random => Picker::Random(random::WeightedRandom::new(&weights)),
-            BalancerKind::LeastRequest => Picker::LeastRequest,
-            BalancerKind::P2cEwma => Picker::P2cEwma,
-            BalancerKind::RingHash => {
-                let keys: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
-                Picker::RingHash(ring_hash::Ring::new(&keys, &weights))
-            }
-        };
-        Self { endpoints, picker }
+        Self::with_policy(kind, endpoints, &SetPolicy::default())
+    }
+
+    pub fn with_policy(kind: BalancerKind, endpoints: Vec<Arc<Endpoint>>, policy: &SetPolicy) -> Self {
+        let subsets = subset::Subsets::build(kind, &endpoints, policy);
+        Self { endpoints, subsets }
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
@@ -71,37 +91,102 @@ impl EndpointSet {
         self.endpoints.is_empty()
     }
 
-    /// Picks an endpoint index: the balancer's choice when usable, else the next usable one.
-    /// Ejected endpoints are skipped unless every endpoint is ejected (panic mode, as Envoy).
+    /// The split in force: `(env, percent, endpoints)` per environment; empty without a split.
+    pub fn split(&self) -> Vec<(Env, u32, usize)> {
+        self.subsets.describe()
+    }
+
+    /// Picks an endpoint index: environment, then locality, then the balancer. Ejected
+    /// endpoints are skipped unless every endpoint of the pool is ejected (panic mode, as Envoy).
     pub fn pick(&self, ctx: PickCtx) -> Option<usize> {
-        let n = self.endpoints.len();
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        self.subsets.pick(&self.endpoints, ctx)
+    }
+}
+
+// === impl Pool ===
+
+impl Pool {
+    pub fn new(kind: BalancerKind, all: &[Arc<Endpoint>], members: Vec<usize>) -> Self {
+        let endpoints: Vec<Arc<Endpoint>> = members.iter().map(|&i| all[i].clone()).collect();
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight.max(1)).collect();
+        let uneven = weights.windows(2).any(|w| w[0] != w[1]);
+        let by_weight = || uneven.then(|| random::WeightedRandom::new(&weights));
+        let picker = match kind {
+            BalancerKind::RoundRobin if uneven => Picker::Weighted(weighted::SmoothWeighted::new(&weights)),
+            BalancerKind::RoundRobin => Picker::RoundRobin(round_robin::RoundRobin::default()),
+            BalancerKind::Weighted => Picker::Weighted(weighted::SmoothWeighted::new(&weights)),
+            BalancerKind::Random => Picker::Random(random::WeightedRandom::new(&weights)),
+            BalancerKind::LeastRequest => Picker::LeastRequest(by_weight()),
+            BalancerKind::P2cEwma => Picker::P2cEwma(by_weight()),
+            BalancerKind::RingHash => {
+                let keys: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
+                Picker::RingHash(ring_hash::Ring::new(&keys, &weights))
+            }
+        };
+        Self {
+            members,
+            endpoints,
+            picker,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Whether some member other than `exclude` is not ejected.
+    pub fn has_usable(&self, exclude: Option<usize>) -> bool {
+        self.members
+            .iter()
+            .zip(&self.endpoints)
+            .any(|(&g, e)| Some(g) != exclude && !e.stats.is_ejected())
+    }
+
+    /// Members not ejected.
+    pub fn healthy(&self) -> usize {
+        self.endpoints.iter().filter(|e| !e.stats.is_ejected()).count()
+    }
+
+    /// The balancer's choice when usable, else the next usable member, else (all ejected)
+    /// any member but `exclude`. Returns a global index.
+    pub fn pick(&self, ctx: PickCtx) -> Option<usize> {
+        let n = self.members.len();
         if n == 0 {
             return None;
         }
-        let usable = |i: usize| Some(i) != ctx.exclude && !self.endpoints[i].stats.is_ejected();
+        let exclude = ctx.exclude.and_then(|g| self.members.iter().position(|&m| m == g));
+        let usable = |i: usize| Some(i) != exclude && !self.endpoints[i].stats.is_ejected();
         for _ in 0..2 {
-            let i = self.choose(ctx);
+            let i = self.choose(ctx.hash);
             if usable(i) {
-                return Some(i);
+                return Some(self.members[i]);
             }
         }
         let start = fastrand::usize(..n);
-        (0..n)
+        let local = (0..n)
             .map(|k| (start + k) % n)
             .find(|&i| usable(i))
-            .or_else(|| (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != ctx.exclude))
-            .or(Some(start))
+            .or_else(|| (0..n).map(|k| (start + k) % n).find(|&i| Some(i) != exclude))
+            .unwrap_or(start);
+        Some(self.members[local])
     }
 
-    fn choose(&self, ctx: PickCtx) -> usize {
+    fn choose(&self, hash: Option<u64>) -> usize {
         let n = self.endpoints.len();
         match &self.picker {
             Picker::RoundRobin(rr) => rr.next(n),
             Picker::Weighted(w) => w.next(),
             Picker::Random(r) => r.next(),
-            Picker::LeastRequest => least_request::pick(&self.endpoints),
-            Picker::P2cEwma => p2c_ewma::pick(&self.endpoints),
-            Picker::RingHash(ring) => match ctx.hash {
+            Picker::LeastRequest(w) => least_request::pick(&self.endpoints, w.as_ref()),
+            Picker::P2cEwma(w) => p2c_ewma::pick(&self.endpoints, w.as_ref()),
+            Picker::RingHash(ring) => match hash {
                 Some(h) => ring.lookup(h),
                 None => fastrand::usize(..n),
             },
@@ -109,11 +194,18 @@ impl EndpointSet {
     }
 }
 
-/// Two distinct random indexes of `0..n` (n >= 2), for power-of-two-choices.
-fn two_choices(n: usize) -> (usize, usize) {
-    let a = fastrand::usize(..n);
-    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-    (a, b)
+/// Two random indexes of `0..n` (n >= 2) for power-of-two-choices: distinct when weights are
+/// even; drawn by weight with replacement otherwise, so that with equal load each endpoint's
+/// share is its weight's share (a ramping instance gets its ramp's share).
+fn two_choices(n: usize, by_weight: Option<&random::WeightedRandom>) -> (usize, usize) {
+    match by_weight {
+        Some(w) => (w.next(), w.next()),
+        None => {
+            let a = fastrand::usize(..n);
+            let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+            (a, b)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -127,7 +219,12 @@ pub(crate) mod test_support {
             .enumerate()
             .map(|(i, &w)| {
                 let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
-                Arc::new(Endpoint::new(addr, w, "vm".into(), RequestMetrics::detached()))
+                Arc::new(Endpoint::new(
+                    addr,
+                    w,
+                    Arc::new(Labels::env(Env::Vm)),
+                    RequestMetrics::detached(),
+                ))
             })
             .collect()
     }

@@ -1,4 +1,4 @@
-//! The command line: `vmesh run | demo | check-config | status | clusters`. Commands other
+//! The command line: `vmesh run | demo | check-config | status | clusters | shift | drain | undrain | identity`. Commands other
 //! than `run` and `demo` talk to the local admin API.
 
 use std::net::SocketAddr;
@@ -52,6 +52,17 @@ pub enum Command {
         /// Longest wait for the application to pass its health check.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+    },
+    /// Show or set the traffic shift of an outbound service between environments:
+    /// `vmesh shift orders` shows it, `vmesh shift orders vm=80 k8s=20` writes the central policy
+    /// (compare-and-set against the policy just read). Exit 0 done, 1 conflict, 2 invalid.
+    Shift {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// The outbound service.
+        service: String,
+        /// New percentages, e.g. `vm=80 k8s=20` (integers summing to 100).
+        values: Vec<String>,
     },
     /// Print this VM's identity as the CMDB has it (asks the CMDB directly).
     Identity {
@@ -109,6 +120,30 @@ pub async fn admin_post(
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let req = req.body(Empty::new())?;
+    let resp = tokio::time::timeout(wait, client.request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in {wait:?}"))?
+        .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// PUTs `body` to `path` on the admin API (with the admin token when given).
+pub async fn admin_put(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    body: String,
+) -> anyhow::Result<(u16, String)> {
+    let client: Client<_, http_body_util::Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req =
+        http::Request::put(format!("http://{addr}{path}")).header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req.body(http_body_util::Full::new(Bytes::from(body)))?;
+    let wait = std::time::Duration::from_secs(15);
     let resp = tokio::time::timeout(wait, client.request(req))
         .await
         .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in {wait:?}"))?

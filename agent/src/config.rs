@@ -5,6 +5,7 @@
 mod load;
 mod locate;
 mod model;
+mod secret;
 mod units;
 mod validate;
 
@@ -12,6 +13,7 @@ use std::fmt;
 
 pub use load::{load, load_str, Source};
 pub use model::*;
+pub use secret::{read_secret, SecretError};
 pub use units::{ByteSize, Dur};
 
 /// One problem found in a config: the key it concerns and what is wrong.

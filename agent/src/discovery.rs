@@ -1,234 +1,267 @@
-//! Registry discovery: for every outbound service without static endpoints, watch its
-//! instances in Consul (blocking queries on passing instances) or etcd (prefix watch) and swap
-//! the cluster's endpoint set. During a slow start the weights are interpolated from the ramp
-//! metadata every second, between the few step writes the registry gets.
+//! Discovery: where every outbound service's endpoints come from. Each source (one file here:
+//! `static`, Consul, etcd, Kubernetes) publishes what it knows of a service as a [`View`]; one
+//! task per outbound service ([`service`]) is the only writer of that service's endpoint set: it
+//! merges its sources ([`merge`]), interpolates slow starts, applies the shift policy
+//! ([`shift`]) and locality, keeps the last known set in the state store ([`snapshot`]) and
+//! swaps the set into the cluster.
 //!
 //! Architecture invariant: the request path never waits for discovery; it reads the last set.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+pub mod consul;
+pub mod etcd;
+pub mod kubernetes;
+pub mod merge;
+pub mod service;
+pub mod shift;
+pub mod snapshot;
+mod static_endpoints;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::balance::{Endpoint, EndpointSet};
-use crate::config::{Config, RegistryKind};
-use crate::registry::consul::{next_index, Consul};
-use crate::registry::etcd::Etcd;
-use crate::registry::{backoff, Discovered};
+use crate::config::{Config, OutboundConfig, SourceKind};
+use crate::registry::RegistryClient;
 use crate::route::RouteTable;
-use crate::store::unix_now;
-use crate::telemetry::metrics::{ClusterLabels, Direction};
+use crate::store::Store;
 use crate::telemetry::Metrics;
 
-/// Watches one service.
-struct Watch {
-    service: String,
+/// What one source currently knows of one service.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// `None` until the source has answered once.
+    pub endpoints: Option<Arc<Vec<Found>>>,
+    /// The last error since the last good answer: the endpoints are then stale.
+    pub error: Option<String>,
+    /// Unix seconds of the last good answer.
+    pub updated: Option<u64>,
+}
+
+/// An endpoint as a source found it, with the labels it carried.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Found {
+    pub address: SocketAddr,
+    /// Weight advertised by the source (1..=10000).
+    pub weight: u32,
+    /// Environment as the source said it (mapped to `vm`, `k8s` or `other` before it is used).
+    pub env: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub colour: String,
+    /// Slow start in progress, for caller-side interpolation.
+    #[serde(default)]
+    pub ramp: Option<RampInfo>,
+}
+
+/// A ramp advertised in registry metadata.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RampInfo {
+    /// Unix seconds.
+    pub start: u64,
+    pub window: u64,
+    /// The weight at the end of the ramp.
+    pub target: u32,
+    pub aggression: f64,
+}
+
+impl RampInfo {
+    /// Reads ramp metadata through `get` (keys `ramp_start`, `ramp_window`, optional `weight`
+    /// and `ramp_aggression`); `None` without a start and a window, or with nonsense values.
+    pub fn from_meta(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let aggression = get("ramp_aggression")
+            .and_then(|a| a.parse::<f64>().ok())
+            .filter(|a| *a > 0.0 && *a <= 10.0)
+            .unwrap_or(1.0);
+        Some(Self {
+            start: get("ramp_start")?.parse().ok()?,
+            // A window beyond a day is not a slow start.
+            window: get("ramp_window")?.parse().ok().filter(|w| *w <= 86_400)?,
+            target: get("weight")
+                .and_then(|w| w.parse::<u32>().ok())
+                .map_or(100, |w| w.clamp(1, 10_000)),
+            aggression,
+        })
+    }
+}
+
+/// What a service task asks of a source.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Want {
+    pub service: String,
+    /// Consul: passing instances only.
+    pub passing_only: bool,
+    /// Consul: instances with this tag only.
+    pub tag: Option<String>,
+}
+
+/// A source of endpoints: a subscription is a watch of one service's [`View`]; dropping the
+/// receiver ends it.
+pub trait EndpointSource: Send + Sync {
+    fn subscribe(&self, want: &Want) -> watch::Receiver<View>;
+}
+
+/// The sources an agent has, built once from the config.
+#[derive(Clone, Default)]
+pub struct Sources {
+    pub consul: Option<Arc<consul::ConsulSource>>,
+    pub etcd: Option<Arc<etcd::EtcdSource>>,
+    pub kubernetes: Option<Arc<kubernetes::KubernetesSource>>,
+}
+
+/// What the admin API shows of one service's discovery.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DiscoveryStatus {
+    /// Some source has failed since its last answer, or the set came from the store.
+    pub stale: bool,
+    /// Unix seconds of the newest good answer of any source.
+    pub last_update: Option<u64>,
+    pub error: Option<String>,
+    /// Per source: `{source, endpoints, error, updated}`.
+    pub sources: Vec<SourceStatus>,
+    /// The shift policy in force and where it came from.
+    pub shift: shift::ShiftStatus,
+    /// Ramping endpoints run at full weight because more than half of the service ramps.
+    pub ramp_suspended: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct SourceStatus {
+    pub source: &'static str,
+    pub endpoints: Option<usize>,
+    pub error: Option<String>,
+    pub updated: Option<u64>,
+}
+
+/// The caller's own zone (from its identity), read when sets are built.
+pub type ZoneFn = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Every service task and the shared sources.
+pub struct Discovery {
     routes: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
-    last: Option<Vec<Discovered>>,
+    store: Option<Arc<dyn Store>>,
+    sources: Sources,
+    policies: shift::PolicyWatch,
+    zone: ZoneFn,
+    tasks: Mutex<HashMap<String, service::Handle>>,
 }
 
-/// Starts a watcher for each discovered service of `config` not in `watched`.
-pub fn spawn_watchers(
-    config: &Config,
-    routes: &Arc<ArcSwap<RouteTable>>,
-    metrics: &Arc<Metrics>,
-    watched: &mut std::collections::HashSet<String>,
-) -> Result<(), String> {
-    if config.registry.kind == RegistryKind::None {
-        return Ok(());
-    }
-    let token = match &config.registry.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| format!("registry.token_file {}: {e}", p.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None => None,
-    };
-    for out in config.outbound.iter().filter(|o| o.endpoints.is_empty()) {
-        if !watched.insert(out.service.clone()) {
-            continue;
+/// How often a service task rebuilds its set without news (ramps, stale flags, store writes).
+pub const TICK: Duration = Duration::from_secs(1);
+
+impl Discovery {
+    /// Builds the sources the config needs and starts a task per outbound service.
+    pub fn start(
+        config: &Config,
+        registry: Option<&RegistryClient>,
+        routes: &Arc<ArcSwap<RouteTable>>,
+        metrics: &Arc<Metrics>,
+        store: Option<Arc<dyn Store>>,
+        zone: ZoneFn,
+    ) -> Result<Arc<Self>, String> {
+        let mut sources = Sources::default();
+        let wanted = |k: SourceKind| {
+            config
+                .outbound
+                .iter()
+                .any(|o| o.sources(config.registry.kind).contains(&k))
+        };
+        let policies = match registry {
+            Some(RegistryClient::Consul(c)) => {
+                if wanted(SourceKind::Consul) {
+                    sources.consul = Some(consul::ConsulSource::new(
+                        c.clone(),
+                        config.registry.watch_wait.get(),
+                        config.registry.max_watches,
+                    ));
+                }
+                consul::watch_policies(c.clone(), config.registry.watch_wait.get())
+            }
+            Some(RegistryClient::Etcd(e)) => {
+                let (src, policies) = etcd::EtcdSource::start(e.clone());
+                sources.etcd = Some(src);
+                policies
+            }
+            None => shift::PolicyWatch::none(),
+        };
+        if wanted(SourceKind::Kubernetes) {
+            sources.kubernetes = Some(kubernetes::KubernetesSource::start(&config.kubernetes)?);
         }
-        let w = Watch {
-            service: out.service.clone(),
+        let d = Arc::new(Self {
             routes: routes.clone(),
             metrics: metrics.clone(),
-            last: None,
-        };
-        let wait = config.registry.watch_wait.get();
-        match config.registry.kind {
-            RegistryKind::Consul => {
-                let consul = Consul::new(&config.registry.address, token.clone()).map_err(|e| e.to_string())?;
-                tokio::spawn(w.consul(consul, wait));
-            }
-            RegistryKind::Etcd => {
-                let etcd = Etcd::new(&config.registry.address, config.registry.lease_ttl.get());
-                tokio::spawn(w.etcd(etcd));
-            }
-            RegistryKind::None => {}
-        }
-        tracing::info!(service = %out.service, "discovering endpoints from the registry");
+            store,
+            sources,
+            policies,
+            zone,
+            tasks: Mutex::new(HashMap::new()),
+        });
+        d.reconcile(config);
+        Ok(d)
     }
-    Ok(())
+
+    /// Brings the tasks in line with `config`: new services get a task, changed ones their new
+    /// settings, removed ones stop. A source the agent was started without is reported in the
+    /// service's status (it needs a restart).
+    pub fn reconcile(&self, config: &Config) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|s, _| config.outbound.iter().any(|o| &o.service == s));
+        for out in &config.outbound {
+            let spec = Arc::new(service::Spec::new(out, config));
+            match tasks.get(&out.service) {
+                Some(h) => h.update(spec),
+                None => {
+                    let h = service::spawn(spec, self.context());
+                    tasks.insert(out.service.clone(), h);
+                }
+            }
+        }
+    }
+
+    fn context(&self) -> service::Context {
+        service::Context {
+            routes: self.routes.clone(),
+            metrics: self.metrics.clone(),
+            store: self.store.clone(),
+            sources: self.sources.clone(),
+            policies: self.policies.subscribe(),
+            zone: self.zone.clone(),
+        }
+    }
+
+    /// The discovery status of `service`, if it is an outbound service.
+    pub fn status(&self, service: &str) -> Option<DiscoveryStatus> {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.get(service).map(service::Handle::status)
+    }
+
+    /// Whether any outbound service is running on stale endpoints.
+    pub fn stale_services(&self) -> Vec<String> {
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = tasks
+            .iter()
+            .filter(|(_, h)| h.status().stale)
+            .map(|(s, _)| s.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The central policies as last read (for `GET /shift`).
+    pub fn policies(&self) -> &shift::PolicyWatch {
+        &self.policies
+    }
 }
 
-impl Watch {
-    fn still_wanted(&self) -> bool {
-        self.routes.load().services.contains_key(self.service.as_str())
-    }
-
-    async fn consul(mut self, consul: Consul, wait: Duration) {
-        let mut index = 0u64;
-        let mut errors = 0u32;
-        let service = self.service.clone();
-        let query = |index: u64| {
-            let (c, s) = (consul.clone(), service.clone());
-            Box::pin(async move { c.health_service(&s, index, wait).await })
-        };
-        let mut pending = query(index);
-        let mut sent = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            tokio::select! {
-                result = &mut pending => {
-                    if !self.still_wanted() {
-                        return;
-                    }
-                    match result {
-                        Ok((endpoints, returned)) => {
-                            errors = 0;
-                            let next = next_index(index, returned);
-                            // Never spin: an answer that came back at once with the same index
-                            // is a misbehaving server; pause before asking again.
-                            if next == index && sent.elapsed() < Duration::from_millis(100) {
-                                tokio::time::sleep(Duration::from_secs(1)).await;
-                            }
-                            index = next;
-                            self.apply(endpoints);
-                        }
-                        Err(e) => {
-                            errors += 1;
-                            let pause = backoff(errors, Duration::from_secs(30));
-                            tracing::warn!(service = %self.service, error = %e, ?pause, "discovery failed; keeping the last endpoints");
-                            tokio::time::sleep(pause).await;
-                        }
-                    }
-                    pending = query(index);
-                    sent = Instant::now();
-                }
-                _ = tick.tick() => self.reapply_ramps(),
-            }
-        }
-    }
-
-    async fn etcd(mut self, etcd: Etcd) {
-        let mut errors = 0u32;
-        let etcd = Arc::new(etcd);
-        loop {
-            if !self.still_wanted() {
-                return;
-            }
-            let revision = match etcd.list(&self.service).await {
-                Ok((endpoints, rev)) => {
-                    errors = 0;
-                    self.apply(endpoints);
-                    rev
-                }
-                Err(e) => {
-                    errors += 1;
-                    let pause = backoff(errors, Duration::from_secs(30));
-                    tracing::warn!(service = %self.service, error = %e, ?pause, "discovery failed; keeping the last endpoints");
-                    tokio::time::sleep(pause).await;
-                    continue;
-                }
-            };
-            let (e2, s2) = (etcd.clone(), self.service.clone());
-            let mut change = Box::pin(async move { e2.wait_change(&s2, revision).await });
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    r = &mut change => {
-                        if let Err(e) = r {
-                            tracing::debug!(service = %self.service, error = %e, "etcd watch ended");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                        break;
-                    }
-                    _ = tick.tick() => self.reapply_ramps(),
-                }
-            }
-        }
-    }
-
-    fn reapply_ramps(&mut self) {
-        let now = unix_now();
-        if let Some(last) = self.last.clone() {
-            // Interpolate while ramping, and once more right after the ramp ends.
-            if last
-                .iter()
-                .any(|d| d.ramp.is_some_and(|r| now <= r.start + r.window + 1))
-            {
-                self.install(&last, false);
-            }
-        }
-    }
-
-    fn apply(&mut self, endpoints: Vec<Discovered>) {
-        if self.last.as_ref() == Some(&endpoints) {
-            return;
-        }
-        tracing::info!(service = %self.service, endpoints = endpoints.len(), "discovered endpoints changed");
-        self.install(&endpoints, true);
-        self.last = Some(endpoints);
-    }
-
-    /// Builds and swaps in the endpoint set, reusing endpoints (and their statistics).
-    fn install(&self, found: &[Discovered], count: bool) {
-        let routes = self.routes.load();
-        let Some(cluster) = routes.services.get(self.service.as_str()) else {
-            return;
-        };
-        let now = unix_now();
-        let old = cluster.endpoints.load();
-        let endpoints: Vec<Arc<Endpoint>> = found
-            .iter()
-            .map(|d| {
-                let weight = d.effective_weight(now);
-                match old.endpoints().iter().find(|e| e.addr == d.address && *e.env == *d.env) {
-                    Some(e) if e.weight == weight => e.clone(),
-                    Some(e) => Arc::new(e.reweighted(weight)),
-                    None => Arc::new(Endpoint::new(
-                        d.address,
-                        weight,
-                        d.env.as_str().into(),
-                        self.metrics.request(Direction::Outbound, &self.service, &d.env),
-                    )),
-                }
-            })
-            .collect();
-        let unchanged = endpoints.len() == old.endpoints().len()
-            && endpoints.iter().zip(old.endpoints()).all(|(a, b)| Arc::ptr_eq(a, b));
-        if unchanged {
-            return;
-        }
-        cluster
-            .endpoints
-            .store(Arc::new(EndpointSet::new(cluster.balancer, endpoints)));
-        // A reload may have swapped the route table meanwhile: install into the new one too.
-        if !Arc::ptr_eq(&*routes, &*self.routes.load()) {
-            drop(routes);
-            return self.install(found, count);
-        }
-        if count {
-            self.metrics
-                .discovery_updates
-                .get_or_create(&ClusterLabels {
-                    direction: Direction::Outbound,
-                    service: self.service.clone(),
-                })
-                .inc();
-        }
-    }
+/// Whether `out` is discovered from `kind`.
+pub fn uses(out: &OutboundConfig, config: &Config, kind: SourceKind) -> bool {
+    out.sources(config.registry.kind).contains(&kind)
 }

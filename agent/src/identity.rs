@@ -52,6 +52,7 @@ pub fn cmdb(config: &Config) -> Result<Option<Box<dyn Cmdb>>, CmdbError> {
                 },
             )?)
         }
+        CmdbKind::Env => return Err(CmdbError::Config("cmdb.kind = \"env\" is being built".into())),
         CmdbKind::Http => Box::new(HttpJsonCmdb::new(
             url()?,
             token,

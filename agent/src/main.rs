@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Drain { admin, timeout } => client_runtime(|| drain(&admin, timeout)),
         Command::Undrain { admin, timeout } => client_runtime(|| undrain(&admin, timeout)),
         Command::Identity { config, json } => client_runtime(|| identity(config, json)),
+        Command::Shift { admin, service, values } => client_runtime(|| shift(&admin, &service, &values)),
     }
 }
 
@@ -27,6 +28,8 @@ mod exit {
     pub const FAILED: u8 = 2;
     pub const ADMIN_UNREACHABLE: u8 = 3;
     pub const CMDB_ERROR: u8 = 4;
+    /// `vmesh shift`: the policy changed since it was read.
+    pub const CONFLICT: u8 = 1;
 }
 
 fn client_runtime<F: std::future::Future<Output = ExitCode>>(f: impl FnOnce() -> F) -> ExitCode {
@@ -93,6 +96,105 @@ async fn drain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+}
+
+/// `vmesh shift SERVICE [vm=N k8s=N]`: shows the shift, or writes it with compare-and-set
+/// against the index just read.
+async fn shift(args: &AdminArgs, service: &str, values: &[String]) -> ExitCode {
+    let (addr, token) = match admin_target(args) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
+    let path = format!("/shift/{service}");
+    let answer = if values.is_empty() {
+        admin_get(addr, &path).await
+    } else {
+        let policy = match vmesh_agent::discovery::shift::Policy::from_args(values) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(exit::FAILED);
+            }
+        };
+        let index = match admin_get(addr, &path).await {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["shift"]["index"].as_u64())
+                .unwrap_or(0),
+            Ok((_, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                eprintln!("error: {}", v["message"].as_str().unwrap_or(body.trim()));
+                return ExitCode::from(exit::FAILED);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(exit::ADMIN_UNREACHABLE);
+            }
+        };
+        vmesh_agent::cli::admin_put(addr, &format!("{path}?cas={index}"), token.as_deref(), policy.to_json()).await
+    };
+    match answer {
+        Ok((200, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if args.json {
+                print!("{body}");
+            } else {
+                print!("{}", shift_summary(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            eprintln!("error: {}", v["message"].as_str().unwrap_or(body.trim()));
+            ExitCode::from(if status == 409 && v["error"] == "SHIFT_CONFLICT" {
+                exit::CONFLICT
+            } else {
+                exit::FAILED
+            })
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::ADMIN_UNREACHABLE)
+        }
+    }
+}
+
+fn shift_summary(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let sh = &v["shift"];
+    let policy = match sh["policy"].as_object() {
+        Some(p) => format!("vm={} k8s={}", p["vm"], p["k8s"]),
+        None => "none (one pool for every environment)".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "{}: {policy} (source {}, index {})",
+        v["service"].as_str().unwrap_or("-"),
+        sh["source"].as_str().unwrap_or("-"),
+        sh["index"]
+    );
+    for s in sh["split"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  {:<5} {:>3}%  {} endpoint(s)",
+            s["env"].as_str().unwrap_or("-"),
+            s["percent"],
+            s["endpoints"]
+        );
+    }
+    if let Some(obs) = v["observed"].as_object() {
+        let total: u64 = obs.values().filter_map(serde_json::Value::as_u64).sum();
+        for (env, n) in obs {
+            let n = n.as_u64().unwrap_or(0);
+            let pct = (n * 100).checked_div(total).unwrap_or(0);
+            let _ = writeln!(out, "  observed {env}: {n} request(s) ({pct}%)");
+        }
+    }
+    if let Some(e) = sh["error"].as_str() {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    out
 }
 
 async fn undrain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
@@ -304,15 +406,32 @@ fn summary(path: &str, v: &serde_json::Value) -> String {
                 s(&c["protocol"]),
                 s(&c["balancer"])
             );
+            if let Some(p) = c["shift"]["policy"].as_object() {
+                let _ = writeln!(
+                    out,
+                    "  shift vm={} k8s={} ({})",
+                    p["vm"],
+                    p["k8s"],
+                    s(&c["shift"]["source"])
+                );
+            }
+            if c["discovery"]["stale"] == true {
+                let _ = writeln!(out, "  discovery STALE: {}", s(&c["discovery"]["error"]));
+            }
             for e in c["endpoints"].as_array().into_iter().flatten() {
                 let _ = writeln!(
                     out,
-                    "  {:<22} weight {:>3}  in-flight {:>4}  ewma {:>8} ms  {}",
+                    "  {:<22} weight {:>3}  in-flight {:>4}  ewma {:>8} ms  {}  env {} zone {} version {} colour {} from {}",
                     s(&e["address"]),
                     s(&e["weight"]),
                     s(&e["in_flight"]),
                     s(&e["ewma_ms"]),
-                    if e["healthy"] == true { "healthy" } else { "ejected" }
+                    if e["healthy"] == true { "healthy" } else { "ejected" },
+                    s(&e["env"]),
+                    s(&e["zone"]),
+                    s(&e["version"]),
+                    s(&e["colour"]),
+                    s(&e["source"])
                 );
             }
         }

@@ -7,7 +7,10 @@ pub mod etcd;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::config::{read_secret, Config, RegistryKind};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -99,56 +102,39 @@ pub struct Recovered {
     pub ramp: Option<(u64, u64)>,
 }
 
-/// An endpoint of a service as found in a registry.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Discovered {
-    pub address: std::net::SocketAddr,
-    /// Weight advertised in the registry.
-    pub weight: u32,
-    /// `vm` or `k8s`.
-    pub env: String,
-    /// Slow start in progress, for caller-side interpolation.
-    pub ramp: Option<RampInfo>,
+/// The one registry client of an agent, built once from the config and shared by the
+/// registrar (as a [`Registry`]) and discovery (blocking queries, watches, policy writes).
+#[derive(Clone)]
+pub enum RegistryClient {
+    Consul(Arc<consul::Consul>),
+    Etcd(Arc<etcd::Etcd>),
 }
 
-/// A ramp advertised in registry metadata.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct RampInfo {
-    /// Unix seconds.
-    pub start: u64,
-    pub window: u64,
-    /// The weight at the end of the ramp.
-    pub target: u32,
-    pub aggression: f64,
-}
+impl RegistryClient {
+    /// The client `config.registry` names, or `None` for `kind = "none"`.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, String> {
+        let token = match &config.registry.token_file {
+            Some(p) => Some(read_secret("registry.token_file", p).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(match config.registry.kind {
+            RegistryKind::None => None,
+            RegistryKind::Consul => Some(Self::Consul(Arc::new(
+                consul::Consul::new(&config.registry.address, token).map_err(|e| e.to_string())?,
+            ))),
+            RegistryKind::Etcd => Some(Self::Etcd(Arc::new(etcd::Etcd::new(
+                &config.registry.address,
+                config.registry.lease_ttl.get(),
+            )))),
+        })
+    }
 
-impl Discovered {
-    /// The weight to balance with now: the registry's weight, or during a slow start the
-    /// point on the ramp's curve between the registry's step writes.
-    pub fn effective_weight(&self, now_unix: u64) -> u32 {
-        match self.ramp {
-            Some(r) if now_unix < r.start.saturating_add(r.window) => {
-                let elapsed = Duration::from_secs(now_unix.saturating_sub(r.start));
-                let w = crate::lifecycle::ramp::weight_at(Duration::from_secs(r.window), r.aggression, elapsed);
-                crate::lifecycle::ramp::scale(w, r.target).max(1)
-            }
-            _ => self.weight,
+    pub fn as_registry(&self) -> Arc<dyn Registry> {
+        match self {
+            Self::Consul(c) => c.clone(),
+            Self::Etcd(e) => e.clone(),
         }
     }
-
-    pub fn ramping(&self, now_unix: u64) -> bool {
-        self.ramp.is_some_and(|r| now_unix < r.start.saturating_add(r.window))
-    }
-}
-
-/// Reads ramp metadata: start and window, and optional target weight and aggression.
-pub fn ramp_info(get: impl Fn(&str) -> Option<String>) -> Option<RampInfo> {
-    Some(RampInfo {
-        start: get("ramp_start")?.parse().ok()?,
-        window: get("ramp_window")?.parse().ok()?,
-        target: get("weight").and_then(|w| w.parse().ok()).unwrap_or(100),
-        aggression: get("ramp_aggression").and_then(|a| a.parse().ok()).unwrap_or(1.0),
-    })
 }
 
 /// Exponential backoff with jitter for retries: 200 ms doubling to `max`.

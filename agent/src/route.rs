@@ -9,7 +9,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::HeaderName;
 
-use crate::balance::{Endpoint, EndpointSet};
+use crate::balance::{Endpoint, EndpointSet, Env, Labels, Source};
 use crate::config::{BalancerKind, Config, EndpointConfig, InboundConfig, OutboundConfig, Protocol, RetryConfig};
 use crate::proxy::client::{self, UpstreamClient};
 use crate::resilience::{Outlier, RetryBudget, RetryPolicy};
@@ -87,7 +87,7 @@ struct Spec<'a> {
     per_try_timeout: Option<Duration>,
     connect_timeout: Duration,
     retry: &'a RetryConfig,
-    endpoints: Vec<(std::net::SocketAddr, u32, &'a str)>,
+    endpoints: Vec<(std::net::SocketAddr, u32, Labels)>,
 }
 
 impl Cluster {
@@ -111,7 +111,7 @@ impl Cluster {
                 per_try_timeout: None,
                 connect_timeout: c.connect_timeout.get(),
                 retry: &retry,
-                endpoints: vec![(c.app, 100, "vm")],
+                endpoints: vec![(c.app, 100, Labels::env(Env::Vm))],
             },
             prev,
             metrics,
@@ -134,7 +134,17 @@ impl Cluster {
                 endpoints: c
                     .endpoints
                     .iter()
-                    .map(|e: &EndpointConfig| (e.address(), e.weight(), e.env()))
+                    .map(|e: &EndpointConfig| {
+                        let (zone, version, colour) = e.labels();
+                        let labels = Labels {
+                            env: Env::parse(e.env()),
+                            zone: zone.into(),
+                            version: version.into(),
+                            colour: colour.into(),
+                            source: Source::Static,
+                        };
+                        (e.address(), e.weight(), labels)
+                    })
                     .collect(),
             },
             prev,
@@ -145,33 +155,27 @@ impl Cluster {
 
     fn build(spec: Spec<'_>, prev: Option<&Cluster>, metrics: &Metrics, retry_buffer: u64) -> Self {
         let old = prev.map(|p| p.endpoints.load_full());
-        // A cluster without static endpoints is fed by discovery: keep what it found.
-        let discovered = spec
-            .endpoints
-            .is_empty()
-            .then(|| old.as_ref().map(|s| s.endpoints().to_vec()));
-        let endpoints = if let Some(found) = discovered {
-            found.unwrap_or_default()
-        } else {
-            spec.endpoints
-                .iter()
-                .map(|&(addr, weight, env)| {
+        // An outbound cluster's endpoints are written by its discovery task (static ones
+        // included); a reload keeps the set in force until the task installs the new one. A
+        // new cluster starts from its static endpoints, so it serves before the task runs.
+        let endpoints = match old {
+            Some(set) if spec.direction == Direction::Outbound => set.endpoints().to_vec(),
+            _ => spec
+                .endpoints
+                .into_iter()
+                .map(|(addr, weight, labels)| {
                     let reused = old.as_ref().and_then(|set| {
                         set.endpoints()
                             .iter()
-                            .find(|e| e.addr == addr && e.weight == weight && &*e.env == env)
+                            .find(|e| e.addr == addr && e.weight == weight && *e.labels == labels)
                             .cloned()
                     });
                     reused.unwrap_or_else(|| {
-                        Arc::new(Endpoint::new(
-                            addr,
-                            weight,
-                            env.into(),
-                            metrics.request(spec.direction, spec.service, env),
-                        ))
+                        let m = metrics.request(spec.direction, spec.service, labels.env.as_str());
+                        Arc::new(Endpoint::new(addr, weight, Arc::new(labels), m))
                     })
                 })
-                .collect()
+                .collect(),
         };
         if endpoints.is_empty() && spec.direction == Direction::Outbound {
             tracing::warn!(
@@ -189,7 +193,12 @@ impl Cluster {
             protocol: spec.protocol,
             balancer: spec.balancer,
             hash_header: spec.hash_header.and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
-            endpoints: ArcSwap::from_pointee(EndpointSet::new(spec.balancer, endpoints)),
+            endpoints: match (prev, spec.direction) {
+                // Same balancer: the set in force stays as it is (with its shift subsets) until
+                // the discovery task installs the next one.
+                (Some(p), Direction::Outbound) if p.balancer == spec.balancer => ArcSwap::new(p.endpoints.load_full()),
+                _ => ArcSwap::from_pointee(EndpointSet::new(spec.balancer, endpoints)),
+            },
             timeout: spec.timeout,
             per_try_timeout: spec.per_try_timeout,
             connect_timeout: spec.connect_timeout,

@@ -18,6 +18,11 @@ pub trait Store: Send + Sync {
     fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn put_raw(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Writes without waiting for durability (data that may be lost in a crash, such as the
+    /// last known endpoints: sled flushes them within its flush interval).
+    fn put_raw_lazy(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.put_raw(key, value)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +70,7 @@ pub struct RampRecord {
 
 /// Typed access over any [`Store`].
 pub struct State<S: ?Sized = dyn Store> {
-    inner: Box<S>,
+    inner: std::sync::Arc<S>,
 }
 
 /// The sled implementation.
@@ -111,7 +116,9 @@ impl SledStore {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(4 << 20)
-            .flush_every_ms(None)
+            // State changes flush themselves before they are acted on; this background flush
+            // makes the lazy writes (the last known endpoint sets) durable within a second.
+            .flush_every_ms(Some(1000))
             .open()
             .map_err(|source| StoreError::Sled {
                 path: path.display().to_string(),
@@ -156,13 +163,22 @@ impl Store for SledStore {
         self.db.remove(key).map_err(|e| self.err(e))?;
         self.db.flush().map(|_| ()).map_err(|e| self.err(e))
     }
+
+    fn put_raw_lazy(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.db.insert(key, value).map(|_| ()).map_err(|e| self.err(e))
+    }
 }
 
 // === impl State ===
 
 impl State {
-    pub fn new(store: Box<dyn Store>) -> Self {
+    pub fn new(store: std::sync::Arc<dyn Store>) -> Self {
         Self { inner: store }
+    }
+
+    /// The store itself, shared with discovery (the last known endpoint sets).
+    pub fn shared(&self) -> std::sync::Arc<dyn Store> {
+        self.inner.clone()
     }
 
     fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
@@ -253,7 +269,7 @@ mod tests {
     fn records_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+            let s = State::new(std::sync::Arc::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
             s.set_identity(&identity()).unwrap();
             s.set_drained(true).unwrap();
             s.set_ramp(Some(RampRecord {
@@ -268,7 +284,7 @@ mod tests {
             }))
             .unwrap();
         }
-        let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        let s = State::new(std::sync::Arc::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
         assert_eq!(s.identity().unwrap().unwrap().identity, identity());
         assert!(s.drained().unwrap());
         assert_eq!(
@@ -291,7 +307,7 @@ mod tests {
         // Garbage where sled expects its files.
         std::fs::write(state.join("conf"), b"\xff\xfenot a sled config").unwrap();
         std::fs::write(state.join("db"), vec![0xAB; 4096]).unwrap();
-        let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        let s = State::new(std::sync::Arc::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
         assert_eq!(s.identity().unwrap(), None);
         let moved = std::fs::read_dir(dir.path())
             .unwrap()
@@ -308,7 +324,7 @@ mod tests {
             s.put_raw(keys::SCHEMA, b"99").unwrap();
             s.put_raw(keys::DRAIN, b"true").unwrap();
         }
-        let s = State::new(Box::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        let s = State::new(std::sync::Arc::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
         assert!(!s.drained().unwrap());
     }
 }

@@ -12,6 +12,7 @@ pub mod consul;
 pub mod etcd;
 pub mod eventually;
 pub mod http;
+pub mod k8s;
 pub mod lifecycle;
 pub mod nautobot;
 pub mod ports;

@@ -18,14 +18,47 @@ pub struct Endpoint {
     /// `addr` as an URI authority, built once.
     pub authority: Authority,
     pub weight: u32,
-    /// Environment label (`vm` | `k8s`).
-    pub env: Arc<str>,
+    /// Environment, zone, version, colour and source.
+    pub labels: Arc<Labels>,
     /// Shared with the same endpoint in later sets (a new weight keeps the statistics).
     pub stats: Arc<EndpointStats>,
     /// Request metrics labelled with this endpoint's direction, service and env.
     pub metrics: RequestMetrics,
     /// Idle HTTP/1.1 connections to this endpoint, shared like `stats`.
     pub pool: Arc<ConnPool>,
+}
+
+/// The environment an endpoint runs in. Anything a registry says besides `vm` and `k8s` is
+/// `Other`, so registry metadata never reaches a metric label unmapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub enum Env {
+    #[default]
+    Vm,
+    K8s,
+    Other,
+}
+
+/// Where an endpoint was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Source {
+    #[default]
+    Static,
+    Consul,
+    Etcd,
+    Kubernetes,
+    /// The last known set kept in the state store (the registry has not answered yet).
+    Store,
+}
+
+/// What callers know of an endpoint besides its address and weight.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Labels {
+    pub env: Env,
+    /// Locality (empty: unknown).
+    pub zone: Box<str>,
+    pub version: Box<str>,
+    pub colour: Box<str>,
+    pub source: Source,
 }
 
 /// Lock-free statistics read by the balancers and written by the request path.
@@ -51,15 +84,53 @@ const EWMA_DEFAULT_NS: f64 = 100_000.0;
 
 // === impl Endpoint ===
 
+impl Env {
+    /// `vm` and `k8s` as they are; everything else is `Other`.
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "vm" => Self::Vm,
+            "k8s" => Self::K8s,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vm => "vm",
+            Self::K8s => "k8s",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Static => "static",
+            Self::Consul => "consul",
+            Self::Etcd => "etcd",
+            Self::Kubernetes => "kubernetes",
+            Self::Store => "store",
+        }
+    }
+}
+
+impl Labels {
+    /// Labels with only an environment.
+    pub fn env(env: Env) -> Self {
+        Self { env, ..Self::default() }
+    }
+}
+
 impl Endpoint {
-    pub fn new(addr: SocketAddr, weight: u32, env: Arc<str>, metrics: RequestMetrics) -> Self {
+    pub fn new(addr: SocketAddr, weight: u32, labels: Arc<Labels>, metrics: RequestMetrics) -> Self {
         // A SocketAddr always renders as a valid authority.
         let authority = Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("invalid"));
         Self {
             addr,
             authority,
             weight,
-            env,
+            labels,
             stats: Arc::new(EndpointStats::new()),
             metrics,
             pool: Arc::new(ConnPool::new(addr)),
@@ -72,11 +143,15 @@ impl Endpoint {
             addr: self.addr,
             authority: self.authority.clone(),
             weight,
-            env: self.env.clone(),
+            labels: self.labels.clone(),
             stats: self.stats.clone(),
             metrics: self.metrics.clone(),
             pool: self.pool.clone(),
         }
+    }
+
+    pub fn env(&self) -> Env {
+        self.labels.env
     }
 
     /// Counts a request to this endpoint until the guard drops.

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
+use super::random::WeightedRandom;
 use super::{two_choices, Endpoint};
 
-pub fn pick(endpoints: &[Arc<Endpoint>]) -> usize {
+pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> usize {
     if endpoints.len() == 1 {
         return 0;
     }
-    let (a, b) = two_choices(endpoints.len());
+    let (a, b) = two_choices(endpoints.len(), by_weight);
     if endpoints[b].stats.in_flight() < endpoints[a].stats.in_flight() {
         b
     } else {
@@ -32,6 +33,15 @@ mod tests {
         // Endpoint 0 only wins when both choices... never: both others are idle.
         assert_eq!(c[0], 0, "{c:?}");
         assert!(c[1] > 1_200 && c[2] > 1_200, "{c:?}");
+    }
+
+    #[test]
+    fn idle_endpoints_share_by_weight() {
+        fastrand::seed(13);
+        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[100, 25]));
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        // 100:25 is 80% : 20%.
+        assert!((7_600..8_400).contains(&c[0]), "{c:?}");
     }
 
     #[test]

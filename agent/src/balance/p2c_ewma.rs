@@ -1,20 +1,36 @@
 //! Power of two choices over peak-EWMA latency weighted by load (Finagle, Linkerd): the cost of
-//! an endpoint is its decayed peak latency times (in-flight + 1), divided by its weight.
+//! an endpoint is its decayed peak latency times (in-flight + 1). Weights act on the draw of
+//! the two candidates (see `two_choices`), not on the cost: dividing the cost by the weight too
+//! would make a ramping instance at weight 10 look ten times cheaper whenever it is drawn.
 
 use std::sync::Arc;
 
+use super::random::WeightedRandom;
 use super::{two_choices, Endpoint};
 
+/// How much cheaper the second candidate must be to beat the first under uneven weights.
+const CLEARLY_CHEAPER: f64 = 1.5;
+
 fn cost(e: &Endpoint) -> f64 {
-    e.stats.ewma_ns() * (e.stats.in_flight() as f64 + 1.0) / f64::from(e.weight.max(1))
+    e.stats.ewma_ns() * (e.stats.in_flight() as f64 + 1.0)
 }
 
-pub fn pick(endpoints: &[Arc<Endpoint>]) -> usize {
+pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> usize {
     if endpoints.len() == 1 {
         return 0;
     }
-    let (a, b) = two_choices(endpoints.len());
-    if cost(&endpoints[b]) < cost(&endpoints[a]) {
+    let (a, b) = two_choices(endpoints.len(), by_weight);
+    if by_weight.is_none() {
+        return if cost(&endpoints[b]) < cost(&endpoints[a]) {
+            b
+        } else {
+            a
+        };
+    }
+    // With uneven weights the draw carries the weights: the second candidate wins only when it
+    // is clearly cheaper, so that endpoints of comparable latency share by weight (a ramping
+    // instance gets its ramp's share) instead of by noise in their estimates.
+    if cost(&endpoints[b]) * CLEARLY_CHEAPER < cost(&endpoints[a]) {
         b
     } else {
         a
@@ -40,6 +56,17 @@ mod tests {
         assert_eq!(c[0], 0, "the slow endpoint loses every comparison: {c:?}");
         // Between the two fast ones, microscopic EWMA differences decide; both get traffic.
         assert!(c[1] > 900 && c[2] > 900, "{c:?}");
+    }
+
+    #[test]
+    fn equal_latency_endpoints_share_by_weight() {
+        fastrand::seed(5);
+        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
+        for e in set.endpoints() {
+            e.stats.observe_rtt(Duration::from_millis(1));
+        }
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        assert!((7_600..8_400).contains(&c[0]), "{c:?}");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Config {
     /// Upstream services the local application calls.
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
+    /// The Kubernetes API, for outbound services discovered from EndpointSlices.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
 }
 
 /// `[agent]`
@@ -92,6 +95,8 @@ pub enum CmdbKind {
     Nautobot,
     Netbox,
     Http,
+    /// Environment variables (a Kubernetes pod: the downward API sets them).
+    Env,
 }
 
 /// `[registry]`
@@ -117,6 +122,28 @@ pub struct RegistryConfig {
     pub lease_ttl: Dur,
     /// Longest a blocking query waits (Consul `wait`).
     pub watch_wait: Dur,
+    /// The environment this instance advertises to callers (`vm` or `k8s`).
+    pub advertise_env: String,
+    /// Consul: blocking queries in flight at once for discovery (Consul allows 200 HTTP
+    /// connections per client by default; the registrar and the shift watch need a few more).
+    pub max_watches: usize,
+}
+
+/// `[kubernetes]`: the API server EndpointSlices are read from. Inside a pod every key
+/// defaults to the in-cluster service account.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// API server URL; default `https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`.
+    pub api: Option<String>,
+    /// Bearer token file; default the service account's token.
+    pub token_file: Option<PathBuf>,
+    /// PEM file of the CA that signs the API server's certificate; default the service
+    /// account's `ca.crt` when present.
+    pub ca_file: Option<PathBuf>,
+    /// Namespace whose EndpointSlices are watched; default the service account's namespace,
+    /// else `default`.
+    pub namespace: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -247,6 +274,54 @@ pub struct OutboundConfig {
     /// Retry policy.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// Where endpoints come from, merged in this order (an address found twice keeps the
+    /// first source's entry): `static`, `consul`, `etcd`, `kubernetes`. Default: `static` when
+    /// `endpoints` is set, else the configured registry.
+    #[serde(default)]
+    pub sources: Option<Vec<SourceKind>>,
+    /// Consul: only instances whose checks all pass.
+    #[serde(default = "defaults::yes")]
+    pub passing_only: bool,
+    /// Consul: only instances carrying this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// The local default split between environments; a central policy in the registry
+    /// overrides it. Absent: no split (every endpoint in one pool).
+    #[serde(default)]
+    pub shift: Option<ShiftConfig>,
+    /// Prefer endpoints in the caller's zone.
+    #[serde(default)]
+    pub locality: LocalityConfig,
+}
+
+/// Where an outbound service's endpoints come from.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    Static,
+    Consul,
+    Etcd,
+    Kubernetes,
+}
+
+/// `[outbound.shift]`: percent of requests per environment, integers summing to 100.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShiftConfig {
+    #[serde(default)]
+    pub vm: u32,
+    #[serde(default)]
+    pub k8s: u32,
+}
+
+/// `[outbound.locality]`
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalityConfig {
+    /// Prefer endpoints in the caller's own zone (from its identity).
+    pub enabled: bool,
+    /// Stay in the zone while at least this percent of its endpoints are healthy.
+    pub min_healthy_percent: u32,
 }
 
 /// A static endpoint: `"127.0.0.1:8080"` or `{ address = "127.0.0.1:8080", weight = 3 }`.
@@ -266,6 +341,15 @@ pub struct WeightedEndpoint {
     /// Environment label: `vm` or `k8s`.
     #[serde(default = "defaults::env")]
     pub env: String,
+    /// Zone label (locality).
+    #[serde(default)]
+    pub zone: String,
+    /// Version label.
+    #[serde(default)]
+    pub version: String,
+    /// Colour label.
+    #[serde(default)]
+    pub colour: String,
 }
 
 /// `[outbound.retry]`
@@ -330,6 +414,9 @@ mod defaults {
     pub fn env() -> String {
         "vm".to_owned()
     }
+    pub fn yes() -> bool {
+        true
+    }
 }
 
 impl Default for AgentConfig {
@@ -376,6 +463,8 @@ impl Default for RegistryConfig {
             anti_entropy: Dur::secs(30),
             lease_ttl: Dur::secs(10),
             watch_wait: Dur::secs(30),
+            advertise_env: "vm".to_owned(),
+            max_watches: 128,
         }
     }
 }
@@ -413,6 +502,15 @@ impl Default for ProxyConfig {
             h2_max_concurrent_streams: 256,
             h2_max_pending_reset_streams: 64,
             retry_buffer_bytes: ByteSize(64 << 10),
+        }
+    }
+}
+
+impl Default for LocalityConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_healthy_percent: 70,
         }
     }
 }
@@ -459,6 +557,33 @@ impl EndpointConfig {
         match self {
             Self::Addr(_) => "vm",
             Self::Weighted(w) => &w.env,
+        }
+    }
+
+    /// `(zone, version, colour)` labels; empty when not set.
+    pub fn labels(&self) -> (&str, &str, &str) {
+        match self {
+            Self::Addr(_) => ("", "", ""),
+            Self::Weighted(w) => (&w.zone, &w.version, &w.colour),
+        }
+    }
+}
+
+// === impl OutboundConfig ===
+
+impl OutboundConfig {
+    /// The sources in merge order: configured, else `static` with endpoints, else the registry.
+    pub fn sources(&self, registry: RegistryKind) -> Vec<SourceKind> {
+        if let Some(s) = &self.sources {
+            return s.clone();
+        }
+        if !self.endpoints.is_empty() {
+            return vec![SourceKind::Static];
+        }
+        match registry {
+            RegistryKind::Consul => vec![SourceKind::Consul],
+            RegistryKind::Etcd => vec![SourceKind::Etcd],
+            RegistryKind::None => vec![],
         }
     }
 }

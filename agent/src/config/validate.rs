@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use super::{BalancerKind, CmdbKind, Config, RegistryKind};
+use super::{BalancerKind, CmdbKind, Config, OutboundConfig, RegistryKind, SourceKind};
 
 type Problems = Vec<(String, String)>;
 
@@ -55,6 +55,7 @@ pub fn validate(config: &Config) -> Problems {
                 format!("required for kind = {:?}", config.cmdb.kind).to_lowercase(),
             )),
         },
+        CmdbKind::Env => {}
     }
     if config.cmdb.refresh.get().is_zero() {
         p.push(("cmdb.refresh".into(), "must be greater than 0".into()));
@@ -230,8 +231,74 @@ pub fn validate(config: &Config) -> Problems {
         if out.retry.attempts > 10 {
             p.push((key("retry.attempts"), format!("{} is more than 10", out.retry.attempts)));
         }
+        validate_sources(config, out, &key, &mut p);
+        if let Some(shift) = &out.shift {
+            if let Err(e) = crate::discovery::shift::Policy::new(shift.vm, shift.k8s) {
+                p.push((key("shift"), e.to_string()));
+            }
+        }
+        if out.locality.min_healthy_percent > 100 {
+            p.push((
+                key("locality.min_healthy_percent"),
+                format!("{} is out of range 0..=100", out.locality.min_healthy_percent),
+            ));
+        }
+    }
+    if !matches!(config.registry.advertise_env.as_str(), "vm" | "k8s") {
+        p.push((
+            "registry.advertise_env".into(),
+            format!("{:?} must be \"vm\" or \"k8s\"", config.registry.advertise_env),
+        ));
+    }
+    if config.registry.max_watches == 0 {
+        p.push(("registry.max_watches".into(), "must be at least 1".into()));
+    }
+    if let Some(api) = &config.kubernetes.api {
+        if !is_http_url(api) {
+            p.push((
+                "kubernetes.api".into(),
+                format!("{api:?} is not an http:// or https:// URL"),
+            ));
+        }
     }
     p
+}
+
+/// The sources of one outbound service must each have what they read from.
+fn validate_sources(config: &Config, out: &OutboundConfig, key: &dyn Fn(&str) -> String, p: &mut Problems) {
+    // No source at all is allowed (the cluster answers 503 NO_HEALTHY_ENDPOINT, with a warning).
+    let sources = out.sources(config.registry.kind);
+    let mut seen = Vec::new();
+    for s in &sources {
+        if seen.contains(s) {
+            p.push((key("sources"), format!("{s:?} is listed twice").to_lowercase()));
+        }
+        seen.push(*s);
+        let wanted = match s {
+            SourceKind::Static if out.endpoints.is_empty() => {
+                p.push((key("sources"), "\"static\" needs endpoints".into()));
+                continue;
+            }
+            SourceKind::Consul => RegistryKind::Consul,
+            SourceKind::Etcd => RegistryKind::Etcd,
+            SourceKind::Static | SourceKind::Kubernetes => continue,
+        };
+        if config.registry.kind != wanted {
+            p.push((
+                key("sources"),
+                format!("{s:?} needs [registry] kind = {wanted:?}",).to_lowercase(),
+            ));
+        }
+    }
+    if !out.endpoints.is_empty() && !sources.contains(&SourceKind::Static) {
+        p.push((
+            key("endpoints"),
+            "static endpoints are set but \"static\" is not in sources".into(),
+        ));
+    }
+    if out.tag.as_deref().is_some_and(str::is_empty) {
+        p.push((key("tag"), "must not be empty".into()));
+    }
 }
 
 fn is_http_url(s: &str) -> bool {

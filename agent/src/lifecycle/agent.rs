@@ -10,21 +10,16 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 
-use std::collections::HashSet;
-
 use super::health;
 use super::registrar::{Handle, Registrar};
 use super::signals::{self, Event};
 use crate::admin;
-use crate::config::RegistryKind;
 use crate::config::{self, Config, Source};
-use crate::discovery;
+use crate::discovery::{self, Discovery};
 use crate::proxy::activation::Inherited;
 use crate::proxy::listener::{take_or_bind, Running};
 use crate::proxy::{Drain, DrainWatch, ListenerSpec, Shared};
-use crate::registry::consul::Consul;
-use crate::registry::etcd::Etcd;
-use crate::registry::Registry;
+use crate::registry::RegistryClient;
 use crate::route::RouteTable;
 use crate::store::{SledStore, State};
 use crate::telemetry::{AccessLog, Metrics};
@@ -41,6 +36,8 @@ pub struct AgentState {
     pub listeners: Mutex<Vec<ListenerSpec>>,
     /// Identity, registration, ramp and drain.
     pub lifecycle: Handle,
+    /// Endpoint sets, their sources and the shift policies.
+    pub discovery: Arc<Discovery>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -56,8 +53,6 @@ struct Runtime {
     builder: Arc<auto::Builder<TokioExecutor>>,
     listeners: Vec<Running>,
     drain_watch: DrainWatch,
-    /// Services whose endpoints are being discovered.
-    watched: HashSet<String>,
     /// Sockets passed by systemd that no listener claimed yet (a reload may add one).
     inherited: Inherited,
 }
@@ -94,7 +89,24 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         tracing::warn!(unclaimed = ?inherited.unclaimed(), "systemd passed sockets that no listener of the config uses (kept for a reload)");
     }
 
-    let lifecycle = start_lifecycle(&config, &routes, &metrics)?;
+    let registry = RegistryClient::from_config(&config).map_err(anyhow::Error::msg)?;
+    let lifecycle = start_lifecycle(&config, registry.as_ref(), &routes, &metrics)?;
+    let zone_of = lifecycle.handle.status.clone();
+    let zone: discovery::ZoneFn = Arc::new(move || {
+        zone_of
+            .lock()
+            .ok()
+            .and_then(|s| s.identity.as_ref().map(|i| i.zone.clone()))
+    });
+    let discovery = Discovery::start(
+        &config,
+        registry.as_ref(),
+        &routes,
+        &metrics,
+        Some(lifecycle.store.clone()),
+        zone,
+    )
+    .map_err(anyhow::Error::msg)?;
     let state = Arc::new(AgentState {
         source,
         config: ArcSwap::from_pointee(config.clone()),
@@ -105,6 +117,7 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         started: Instant::now(),
         listeners: Mutex::new(Vec::new()),
         lifecycle: lifecycle.handle.clone(),
+        discovery,
     });
     let mut rt = Runtime {
         state: state.clone(),
@@ -112,14 +125,12 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         shared,
         listeners: Vec::new(),
         drain_watch,
-        watched: HashSet::new(),
         inherited,
     };
     for (spec, l) in bound {
         rt.start(spec, l);
     }
     rt.publish_listeners();
-    discovery::spawn_watchers(&config, &routes, &metrics, &mut rt.watched).map_err(anyhow::Error::msg)?;
     let mut events = signals::spawn().context("cannot install signal handlers")?;
     tokio::spawn(admin::serve(admin_listener, state.clone()));
     // READY=1 once the first registration was attempted (systemd Type=notify).
@@ -163,11 +174,14 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
 struct Lifecycle {
     handle: Handle,
     ready: tokio::sync::oneshot::Receiver<()>,
+    /// The state store, shared with discovery.
+    store: Arc<dyn crate::store::Store>,
 }
 
 /// The store, CMDB, registry, health checker and registrar.
 fn start_lifecycle(
     config: &Config,
+    registry: Option<&RegistryClient>,
     routes: &Arc<ArcSwap<RouteTable>>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Lifecycle> {
@@ -178,27 +192,8 @@ fn start_lifecycle(
         )
     })?;
     let cmdb = crate::identity::cmdb(config).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
-    let registry: Option<Arc<dyn Registry>> = match config.registry.kind {
-        RegistryKind::None => None,
-        RegistryKind::Consul => {
-            let token = match &config.registry.token_file {
-                Some(p) => Some(
-                    std::fs::read_to_string(p)
-                        .with_context(|| format!("registry.token_file: cannot read {}", p.display()))?
-                        .trim()
-                        .to_owned(),
-                ),
-                None => None,
-            };
-            Some(Arc::new(
-                Consul::new(&config.registry.address, token).map_err(|e| anyhow::anyhow!("{e}"))?,
-            ))
-        }
-        RegistryKind::Etcd => Some(Arc::new(Etcd::new(
-            &config.registry.address,
-            config.registry.lease_ttl.get(),
-        ))),
-    };
+    let registry = registry.map(RegistryClient::as_registry);
+    let store: Arc<dyn crate::store::Store> = Arc::new(store);
     let health = config.inbound.as_ref().map(|inb| {
         health::spawn(
             health::Check::from_config(inb),
@@ -212,13 +207,13 @@ fn start_lifecycle(
         Arc::new(config.clone()),
         cmdb,
         registry,
-        State::new(Box::new(store)),
+        State::new(store.clone()),
         routes.clone(),
         metrics.clone(),
         health,
         ready_tx,
     );
-    Ok(Lifecycle { handle, ready })
+    Ok(Lifecycle { handle, ready, store })
 }
 
 /// Pings systemd's watchdog at half its period when the unit asks for one: `WATCHDOG_USEC`
@@ -318,11 +313,7 @@ impl Runtime {
         // Everything is validated and bound: swap.
         let routes = RouteTable::build(&new, Some(&self.state.routes.load()), &self.state.metrics);
         self.state.routes.store(Arc::new(routes));
-        if let Err(e) = discovery::spawn_watchers(&new, &self.state.routes, &self.state.metrics, &mut self.watched) {
-            tracing::warn!(error = %e, "cannot start discovery for a new service");
-        }
-        self.watched
-            .retain(|s| new.outbound.iter().any(|o| &o.service == s && o.endpoints.is_empty()));
+        self.state.discovery.reconcile(&new);
         self.state.config.store(Arc::new(new));
         let mut kept = Vec::new();
         for mut running in std::mem::take(&mut self.listeners) {

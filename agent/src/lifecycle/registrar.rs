@@ -402,7 +402,7 @@ impl Registrar {
             .collect();
         tags.dedup();
         let mut meta = BTreeMap::from([
-            ("vmesh-env".to_owned(), "vm".to_owned()),
+            ("vmesh-env".to_owned(), self.config.registry.advertise_env.clone()),
             ("vmesh-environment".to_owned(), id.environment.clone()),
             ("vmesh-zone".to_owned(), id.zone.clone()),
             ("vmesh-version".to_owned(), id.version.clone()),

@@ -1,13 +1,11 @@
 //! Consul's HTTP API on reqwest: agent service register/deregister/maintenance, TTL checks,
 //! and blocking queries on health and KV (see shared/consul-api.md for the contract).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{backoff, BoxFuture, Discovered, Recovered, Registration, Registry, RegistryError};
+use super::{backoff, BoxFuture, Recovered, Registration, Registry, RegistryError};
 
 /// A Consul client (one agent address).
 #[derive(Clone)]
@@ -15,39 +13,6 @@ pub struct Consul {
     base: String,
     token: Option<String>,
     client: reqwest::Client,
-}
-
-/// One entry of `/v1/health/service/:service`.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct HealthEntry {
-    node: Node,
-    service: Service,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Node {
-    #[serde(default)]
-    address: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Service {
-    #[serde(default)]
-    address: String,
-    port: u16,
-    #[serde(default)]
-    meta: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    weights: Option<Weights>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-struct Weights {
-    passing: u32,
 }
 
 /// Writes are retried this many times on transport errors and 5xx answers.
@@ -158,75 +123,91 @@ impl Consul {
         b
     }
 
-    /// One blocking query on the passing instances of `service`. Returns the endpoints and the
-    /// index to pass next time.
-    pub async fn health_service(
-        &self,
-        service: &str,
-        index: u64,
-        wait: Duration,
-    ) -> Result<(Vec<Discovered>, u64), RegistryError> {
-        let path = format!(
-            "/v1/health/service/{service}?passing=1&index={index}&wait={}s",
-            wait.as_secs().max(1)
-        );
+    /// One blocking GET of `path` (with its query, without `index`/`wait`): returns when the
+    /// index moves past `index` or `wait` ends. The body is capped at [`MAX_ANSWER`] bytes.
+    pub async fn blocking_get(&self, path: &str, index: u64, wait: Duration) -> Result<Blocking, RegistryError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let full = format!("{path}{sep}index={index}&wait={}s", wait.as_secs().max(1));
         // Consul adds up to wait/16 of jitter: the HTTP timeout must be above both.
         let timeout = wait + wait / 16 + Duration::from_secs(5);
-        let resp = self
-            .request(reqwest::Method::GET, &path)
+        let mut resp = self
+            .request(reqwest::Method::GET, &full)
             .timeout(timeout)
             .send()
             .await
             .map_err(|e| RegistryError::Unreachable(format!("GET {path}: {e}")))?;
         let status = resp.status().as_u16();
-        if status == 403 {
-            return Err(RegistryError::Denied(format!("GET {path}: 403")));
+        match status {
+            200 | 404 => {}
+            403 => return Err(RegistryError::Denied(format!("GET {path}: 403"))),
+            s => return Err(RegistryError::Unreachable(format!("GET {path}: HTTP {s}"))),
         }
-        if status != 200 {
-            return Err(RegistryError::Unreachable(format!("GET {path}: HTTP {status}")));
-        }
-        let new_index = resp
-            .headers()
-            .get("X-Consul-Index")
-            .and_then(|v| v.to_str().ok())
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let index = header("X-Consul-Index")
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| RegistryError::BadResponse(format!("GET {path}: no X-Consul-Index")))?;
-        let entries: Vec<HealthEntry> = resp
-            .json()
+        let filtered_by_acls = header("X-Consul-Results-Filtered-By-ACLs").is_some_and(|v| v == "true");
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| RegistryError::BadResponse(format!("GET {path}: {e}")))?;
-        let endpoints = entries.into_iter().filter_map(discovered).collect();
-        Ok((endpoints, new_index))
+            .map_err(|e| RegistryError::Unreachable(format!("GET {path}: {e}")))?
+        {
+            if body.len() + chunk.len() > MAX_ANSWER {
+                return Err(RegistryError::BadResponse(format!(
+                    "GET {path}: answer larger than {} MiB",
+                    MAX_ANSWER >> 20
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Blocking {
+            found: status == 200,
+            body,
+            index,
+            filtered_by_acls,
+        })
+    }
+
+    /// `PUT /v1/kv/<key>?cas=<cas>`: `Ok(true)` when written, `Ok(false)` when the index moved.
+    pub async fn kv_cas(&self, key: &str, value: String, cas: u64) -> Result<bool, RegistryError> {
+        let path = format!("/v1/kv/{key}?cas={cas}");
+        let resp = self
+            .request(reqwest::Method::PUT, &path)
+            .timeout(Duration::from_secs(10))
+            .body(value)
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unreachable(format!("PUT {path}: {e}")))?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        match status {
+            200 => Ok(text.trim() == "true"),
+            403 => Err(RegistryError::Denied(format!("PUT {path}: 403 {}", text.trim()))),
+            s => Err(RegistryError::Unreachable(format!(
+                "PUT {path}: HTTP {s}: {}",
+                text.trim()
+            ))),
+        }
     }
 }
 
-/// A health entry as an endpoint; the service address, else the node's.
-fn discovered(e: HealthEntry) -> Option<Discovered> {
-    let host = if e.service.address.is_empty() {
-        e.node.address
-    } else {
-        e.service.address
-    };
-    let ip: std::net::IpAddr = host.parse().ok()?;
-    let meta = e.service.meta.unwrap_or_default();
-    let env = if meta.get("external-source").map(String::as_str) == Some("kubernetes") {
-        "k8s".to_owned()
-    } else {
-        meta.get("vmesh-env").cloned().unwrap_or_else(|| "vm".to_owned())
-    };
-    let ramp = super::ramp_info(|k| meta.get(&format!("vmesh-{}", k.replace('_', "-"))).cloned());
-    Some(Discovered {
-        address: std::net::SocketAddr::new(ip, e.service.port),
-        // Instances not registered by vmesh (no vmesh-weight meta, e.g. consul-k8s pods) carry
-        // Consul's default weight 1: count them at vmesh's full weight instead.
-        weight: if meta.contains_key("vmesh-weight") {
-            e.service.weights.map_or(100, |w| w.passing).max(1)
-        } else {
-            100
-        },
-        env,
-        ramp,
-    })
+/// Largest registry answer read (a bigger one is refused, the previous state kept).
+pub const MAX_ANSWER: usize = 32 << 20;
+
+/// One blocking query's answer.
+pub struct Blocking {
+    /// 200 (`false`: 404, e.g. an absent KV prefix).
+    pub found: bool,
+    pub body: Vec<u8>,
+    pub index: u64,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not see everything.
+    pub filtered_by_acls: bool,
 }
 
 /// The next index to block on: an index that went backwards is a reset (start over), and 0
@@ -319,20 +300,5 @@ mod tests {
         assert_eq!(next_index(10, 12), 12);
         assert_eq!(next_index(10, 10), 10);
         assert_eq!(next_index(10, 3), 0, "an index that goes backwards resets");
-    }
-
-    #[test]
-    fn health_entries_map_to_endpoints() {
-        let v: Vec<HealthEntry> = serde_json::from_value(json!([
-            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "", "Port": 80, "Meta": {"vmesh-weight": "100", "vmesh-ramp-start": "100", "vmesh-ramp-window": "60"}, "Weights": {"Passing": 10, "Warning": 1}}},
-            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "127.0.0.6", "Port": 81, "Meta": {"external-source": "kubernetes"}}},
-        ]))
-        .unwrap();
-        let d: Vec<Discovered> = v.into_iter().filter_map(discovered).collect();
-        assert_eq!(d[0].address.to_string(), "127.0.0.5:80");
-        assert_eq!(d[0].weight, 10);
-        assert_eq!(d[0].ramp.map(|r| (r.start, r.window, r.target)), Some((100, 60, 100)));
-        assert_eq!(d[1].address.to_string(), "127.0.0.6:81");
-        assert_eq!(d[1].env, "k8s");
     }
 }

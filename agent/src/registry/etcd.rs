@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::{BoxFuture, Discovered, Registration, Registry, RegistryError};
+use super::{BoxFuture, Registration, Registry, RegistryError};
 
 /// The JSON value of an instance key (design.md §4 "Registry data").
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -52,14 +52,19 @@ impl Etcd {
         }
     }
 
-    async fn client(&self) -> Result<Client, RegistryError> {
+    /// The shared client (one gRPC channel), connecting on first use. HTTP/2 keep-alive
+    /// pings every 10 s (also while idle) so a silently dead connection fails the watch stream
+    /// within 20 s instead of never firing again.
+    pub async fn client(&self) -> Result<Client, RegistryError> {
         let mut guard = self.client.lock().await;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
+        // No per-request timeout: it would also cut the watch stream.
         let opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(10));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10))
+            .with_keep_alive_while_idle(true);
         let c = Client::connect(&self.endpoints, Some(opts)).await.map_err(err)?;
         *guard = Some(c.clone());
         Ok(c)
@@ -73,7 +78,7 @@ impl Etcd {
         }
         let mut c = self.client().await?;
         let ttl = i64::try_from(self.lease_ttl.as_secs()).unwrap_or(10).max(2);
-        let id = c.lease_grant(ttl, None).await.map_err(err)?.id();
+        let id = self.with_deadline("lease grant", c.lease_grant(ttl, None)).await?.id();
         let (mut keeper, mut stream) = c.lease_keep_alive(id).await.map_err(err)?;
         let slot = self.lease.clone();
         let every = self.lease_ttl / 3;
@@ -105,7 +110,7 @@ impl Etcd {
         format!("{}{}", service_prefix(&r.service), r.id)
     }
 
-    fn value(r: &Registration) -> String {
+    pub(crate) fn value(r: &Registration) -> String {
         let meta = r
             .meta
             .iter()
@@ -138,67 +143,30 @@ impl Etcd {
         let mut c = self.client().await?;
         if r.healthy && !r.maintenance {
             let lease = self.lease().await?;
-            c.put(Self::key(r), Self::value(r), Some(PutOptions::new().with_lease(lease)))
-                .await
-                .map_err(err)?;
+            self.with_deadline(
+                "put",
+                c.put(Self::key(r), Self::value(r), Some(PutOptions::new().with_lease(lease))),
+            )
+            .await?;
         } else {
-            c.delete(Self::key(r), None).await.map_err(err)?;
+            self.with_deadline("delete", c.delete(Self::key(r), None)).await?;
         }
         Ok(())
     }
 
-    /// Current endpoints of `service` and the revision to watch from.
-    pub async fn list(&self, service: &str) -> Result<(Vec<Discovered>, i64), RegistryError> {
-        let mut c = self.client().await?;
-        let resp = c
-            .get(service_prefix(service), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(err)?;
-        let rev = resp.header().map_or(0, |h| h.revision());
-        let eps = resp.kvs().iter().filter_map(|kv| parse(kv.value())).collect();
-        Ok((eps, rev))
-    }
-
-    /// Waits until something under the service's prefix changes after `revision`.
-    pub async fn wait_change(&self, service: &str, revision: i64) -> Result<(), RegistryError> {
-        let mut c = self.client().await?;
-        let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        let (_watcher, mut stream) = c.watch(service_prefix(service), Some(opts)).await.map_err(err)?;
-        loop {
-            match stream.message().await.map_err(err)? {
-                Some(resp)
-                    if resp
-                        .events()
-                        .iter()
-                        .any(|e| matches!(e.event_type(), EventType::Put | EventType::Delete)) =>
-                {
-                    return Ok(())
-                }
-                Some(resp) if resp.canceled() => return Err(RegistryError::BadResponse("etcd watch canceled".into())),
-                Some(_) => continue,
-                None => return Err(RegistryError::Unreachable("etcd watch stream ended".into())),
-            }
+    /// Runs `op` with a deadline (the client itself has none, for the sake of the watch).
+    pub async fn with_deadline<T>(
+        &self,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(Duration::from_secs(10), op).await {
+            Ok(r) => r.map_err(err),
+            Err(_) => Err(RegistryError::Unreachable(format!(
+                "etcd: {what}: no answer within 10s"
+            ))),
         }
     }
-}
-
-/// An instance value as an endpoint; malformed values are skipped.
-fn parse(value: &[u8]) -> Option<Discovered> {
-    let v: EtcdEndpoint = serde_json::from_slice(value).ok()?;
-    let ip: std::net::IpAddr = v.address.parse().ok()?;
-    let env = v.meta.get("env").and_then(|e| e.as_str()).unwrap_or("vm").to_owned();
-    let ramp = super::ramp_info(|k| {
-        v.meta.get(k).map(|x| match x {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-    });
-    Some(Discovered {
-        address: std::net::SocketAddr::new(ip, v.port),
-        weight: v.weight.max(1),
-        env,
-        ramp,
-    })
 }
 
 impl Registry for Etcd {
@@ -217,9 +185,8 @@ impl Registry for Etcd {
     fn deregister<'a>(&'a self, service: &'a str, id: &'a str) -> BoxFuture<'a, Result<(), RegistryError>> {
         Box::pin(async move {
             let mut c = self.client().await?;
-            c.delete(format!("{}{id}", service_prefix(service)), None)
-                .await
-                .map_err(err)?;
+            self.with_deadline("delete", c.delete(format!("{}{id}", service_prefix(service)), None))
+                .await?;
             Ok(())
         })
     }
@@ -231,7 +198,7 @@ impl Registry for Etcd {
                 return Ok(true);
             }
             let mut c = self.client().await?;
-            let resp = c.get(Self::key(r), None).await.map_err(err)?;
+            let resp = self.with_deadline("get", c.get(Self::key(r), None)).await?;
             Ok(!resp.kvs().is_empty())
         })
     }
@@ -275,11 +242,5 @@ mod tests {
         assert_eq!(v["weight"], 33);
         assert_eq!(v["meta"]["env"], "vm");
         assert_eq!(v["meta"]["ramp_start"], 1764200000u64);
-        let d = parse(Etcd::value(&r).as_bytes()).unwrap();
-        assert_eq!(d.ramp.map(|r| (r.start, r.window)), Some((1764200000, 60)));
-        assert_eq!(d.weight, 33);
-        // Missing env means vm; junk is skipped.
-        assert_eq!(parse(br#"{"address":"127.0.0.2","port":1}"#).unwrap().env, "vm");
-        assert!(parse(b"junk").is_none());
     }
 }

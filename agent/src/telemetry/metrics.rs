@@ -62,6 +62,17 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboundLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShiftLabels {
+    pub service: String,
+    pub env: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
 }
@@ -108,6 +119,15 @@ pub struct Metrics {
     pub registered: Gauge,
     /// Registry discovery updates applied, by service.
     pub discovery_updates: Family<ClusterLabels, Counter>,
+    /// 1 while a service's endpoints are stale (a source failing, or the stored set in use).
+    pub discovery_stale: Family<OutboundLabels, Gauge>,
+    /// Percent of requests the shift policy in force sends to each environment.
+    pub shift_weight: Family<ShiftLabels, Gauge>,
+    /// Requests the shift sent to another environment because the chosen one had no usable
+    /// endpoint.
+    pub shift_fallbacks: Family<OutboundLabels, Counter>,
+    /// 1 while a service's slow starts are suspended (more than half its endpoints ramping).
+    pub ramp_suspended: Family<OutboundLabels, Gauge>,
 }
 
 /// Handles for one (direction, service, env): what the request path updates.
@@ -159,6 +179,10 @@ impl Metrics {
             weight: Gauge::default(),
             registered: Gauge::default(),
             discovery_updates: Family::default(),
+            discovery_stale: Family::default(),
+            shift_weight: Family::default(),
+            shift_fallbacks: Family::default(),
+            ramp_suspended: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -239,6 +263,26 @@ impl Metrics {
             "discovery_updates",
             "Endpoint-set updates from the registry",
             m.discovery_updates.clone(),
+        );
+        registry.register(
+            "discovery_stale",
+            "1 while a service's endpoints are stale (a source failing, or the stored set in use)",
+            m.discovery_stale.clone(),
+        );
+        registry.register(
+            "shift_weight",
+            "Percent of requests the shift policy in force sends to each environment",
+            m.shift_weight.clone(),
+        );
+        registry.register(
+            "shift_fallbacks",
+            "Requests sent to another environment because the chosen one had no usable endpoint",
+            m.shift_fallbacks.clone(),
+        );
+        registry.register(
+            "ramp_suspended",
+            "1 while slow starts are suspended because more than half of the service ramps",
+            m.ramp_suspended.clone(),
         );
         Arc::new(Self { registry, ..m })
     }

@@ -1,0 +1,406 @@
+//! The etcd source: one watch stream on `/vmesh/` for every service and every shift policy.
+//! A full read of the prefix happens at start and after a compaction only; events are applied
+//! one by one, and after a broken stream the watch resumes from the last revision seen. The
+//! client's HTTP/2 keep-alive (registry/etcd.rs) makes a silently dead connection fail the stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use super::shift::{self, Policies, Policy, PolicyWatch, PolicyWriter, ShiftError};
+use super::{EndpointSource, Found, RampInfo, View, Want};
+use crate::registry::etcd::{Etcd, EtcdEndpoint};
+use crate::registry::{backoff, BoxFuture, RegistryError};
+use crate::store::unix_now;
+
+const ROOT: &str = "/vmesh/";
+const SERVICES: &str = "/vmesh/services/";
+/// Where central shift policies live in etcd.
+pub const SHIFT_PREFIX: &str = "/vmesh/shift/";
+
+/// Watches every service under `/vmesh/services/`.
+pub struct EtcdSource {
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    /// service -> instance key -> endpoint (malformed values are left out).
+    services: HashMap<String, BTreeMap<String, Found>>,
+    subscribers: HashMap<String, watch::Sender<View>>,
+    /// The prefix has been read once.
+    synced: bool,
+    /// The stream's last error, until it works again.
+    error: Option<String>,
+    updated: Option<u64>,
+}
+
+impl State {
+    fn view(&self, service: &str) -> View {
+        View {
+            endpoints: self.synced.then(|| {
+                Arc::new(
+                    self.services
+                        .get(service)
+                        .map(|m| m.values().cloned().collect())
+                        .unwrap_or_default(),
+                )
+            }),
+            error: self.error.clone(),
+            updated: self.updated,
+        }
+    }
+
+    /// Sends the views of `services` (or of all subscribers) that changed.
+    fn publish(&mut self, services: Option<&[String]>) {
+        self.subscribers.retain(|_, tx| !tx.is_closed());
+        let names: Vec<String> = match services {
+            Some(s) => s
+                .iter()
+                .filter(|s| self.subscribers.contains_key(*s))
+                .cloned()
+                .collect(),
+            None => self.subscribers.keys().cloned().collect(),
+        };
+        for name in names {
+            let view = self.view(&name);
+            if let Some(tx) = self.subscribers.get(&name) {
+                tx.send_if_modified(|v| {
+                    let changed = v.endpoints != view.endpoints || v.error != view.error;
+                    v.updated = view.updated;
+                    if changed {
+                        *v = view;
+                    }
+                    changed
+                });
+            }
+        }
+    }
+}
+
+impl EtcdSource {
+    /// Starts the watch; returns the source and the shift policies it reads.
+    pub fn start(etcd: Arc<Etcd>) -> (Arc<Self>, PolicyWatch) {
+        let state = Arc::new(Mutex::new(State::default()));
+        let (ptx, prx) = watch::channel(Arc::new(Policies::default()));
+        tokio::spawn(run(etcd.clone(), state.clone(), ptx));
+        (
+            Arc::new(Self { state }),
+            PolicyWatch::new(prx, Arc::new(EtcdPolicies(etcd))),
+        )
+    }
+}
+
+impl EndpointSource for EtcdSource {
+    fn subscribe(&self, want: &Want) -> watch::Receiver<View> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = st.subscribers.get(&want.service).filter(|tx| !tx.is_closed()) {
+            return tx.subscribe();
+        }
+        let (tx, rx) = watch::channel(st.view(&want.service));
+        st.subscribers.insert(want.service.clone(), tx);
+        rx
+    }
+}
+
+/// The watch loop: read everything, then follow events; resume after errors.
+async fn run(etcd: Arc<Etcd>, state: Arc<Mutex<State>>, policies: watch::Sender<Arc<Policies>>) {
+    let mut revision: Option<i64> = None;
+    let mut errors = 0u32;
+    loop {
+        let result = async {
+            let rev = match revision {
+                Some(r) => r,
+                None => {
+                    let r = read_all(&etcd, &state, &policies).await?;
+                    revision = Some(r);
+                    r
+                }
+            };
+            follow(&etcd, &state, &policies, rev, &mut revision).await
+        }
+        .await;
+        match result {
+            Ok(Resume::Compacted) => {
+                tracing::warn!("etcd watch revision compacted: reading the prefix again");
+                revision = None;
+            }
+            Err(e) => {
+                errors += 1;
+                let pause = backoff(errors, Duration::from_secs(10));
+                tracing::warn!(error = %e, ?pause, "etcd discovery watch failed; keeping the last endpoints");
+                {
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.error = Some(e.to_string());
+                    st.publish(None);
+                }
+                policies.send_modify(|p| Arc::make_mut(p).error = Some(e.to_string()));
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        }
+        errors = 0;
+    }
+}
+
+enum Resume {
+    Compacted,
+}
+
+/// Reads the whole `/vmesh/` prefix; returns its revision.
+async fn read_all(
+    etcd: &Etcd,
+    state: &Mutex<State>,
+    policies: &watch::Sender<Arc<Policies>>,
+) -> Result<i64, RegistryError> {
+    let mut c = etcd.client().await?;
+    let resp = etcd
+        .with_deadline("get /vmesh/", c.get(ROOT, Some(GetOptions::new().with_prefix())))
+        .await?;
+    let rev = resp.header().map_or(0, |h| h.revision());
+    let mut services: HashMap<String, BTreeMap<String, Found>> = HashMap::new();
+    let mut pol = Policies {
+        synced: true,
+        ..Policies::default()
+    };
+    for kv in resp.kvs() {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        if let Some((service, instance)) = instance_key(&key) {
+            if let Some(f) = parse_logged(&key, kv.value()) {
+                services.entry(service).or_default().insert(instance, f);
+            }
+        } else if let Some(service) = policy_key(&key) {
+            let entry = pol.by_service.entry(service.clone()).or_default();
+            shift::apply_value(
+                entry,
+                &service,
+                kv.value(),
+                u64::try_from(kv.mod_revision()).unwrap_or(0),
+            );
+        }
+    }
+    // Keep the last valid policy of a service whose value turned invalid meanwhile.
+    let previous = policies.borrow().clone();
+    for (s, c) in pol.by_service.iter_mut() {
+        if c.policy.is_none() {
+            c.policy = previous.by_service.get(s).and_then(|p| p.policy);
+        }
+    }
+    policies.send_replace(Arc::new(pol));
+    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+    st.services = services;
+    st.synced = true;
+    st.error = None;
+    st.updated = Some(unix_now());
+    st.publish(None);
+    Ok(rev)
+}
+
+/// Follows events after `from`; updates `revision` as they come.
+async fn follow(
+    etcd: &Etcd,
+    state: &Mutex<State>,
+    policies: &watch::Sender<Arc<Policies>>,
+    from: i64,
+    revision: &mut Option<i64>,
+) -> Result<Resume, RegistryError> {
+    let mut c = etcd.client().await?;
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from + 1)
+        .with_progress_notify();
+    let (_watcher, mut stream) = etcd.with_deadline("watch", c.watch(ROOT, Some(opts))).await?;
+    {
+        // The stream is up: what we hold is current again.
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.error.take().is_some() {
+            st.updated = Some(unix_now());
+            st.publish(None);
+        }
+        policies.send_if_modified(|p| Arc::make_mut(p).error.take().is_some());
+    }
+    loop {
+        let resp = stream
+            .message()
+            .await
+            .map_err(|e| RegistryError::Unreachable(format!("etcd watch: {e}")))?
+            .ok_or_else(|| RegistryError::Unreachable("etcd watch stream ended".into()))?;
+        if resp.compact_revision() > 0 {
+            return Ok(Resume::Compacted);
+        }
+        if resp.canceled() {
+            return Err(RegistryError::BadResponse(format!(
+                "etcd watch canceled: {}",
+                resp.cancel_reason()
+            )));
+        }
+        let mut touched: Vec<String> = Vec::new();
+        let mut pol: Option<Policies> = None;
+        {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                if let Some((service, instance)) = instance_key(&key) {
+                    let set = st.services.entry(service.clone()).or_default();
+                    match ev.event_type() {
+                        EventType::Put => match parse_logged(&key, kv.value()) {
+                            Some(f) => {
+                                set.insert(instance, f);
+                            }
+                            None => {
+                                set.remove(&instance);
+                            }
+                        },
+                        EventType::Delete => {
+                            set.remove(&instance);
+                        }
+                    }
+                    if set.is_empty() {
+                        st.services.remove(&service);
+                    }
+                    touched.push(service);
+                } else if let Some(service) = policy_key(&key) {
+                    let p = pol.get_or_insert_with(|| (**policies.borrow()).clone());
+                    match ev.event_type() {
+                        EventType::Put => {
+                            let entry = p.by_service.entry(service.clone()).or_default();
+                            shift::apply_value(
+                                entry,
+                                &service,
+                                kv.value(),
+                                u64::try_from(kv.mod_revision()).unwrap_or(0),
+                            );
+                        }
+                        EventType::Delete => {
+                            p.by_service.remove(&service);
+                        }
+                    }
+                }
+            }
+            if let Some(h) = resp.header() {
+                *revision = Some(h.revision());
+            }
+            st.updated = Some(unix_now());
+            touched.sort();
+            touched.dedup();
+            st.publish(Some(&touched));
+        }
+        if let Some(p) = pol {
+            policies.send_replace(Arc::new(p));
+        }
+    }
+}
+
+/// `/vmesh/services/<service>/<instance>` -> (service, instance).
+fn instance_key(key: &str) -> Option<(String, String)> {
+    let rest = key.strip_prefix(SERVICES)?;
+    let (service, instance) = rest.split_once('/')?;
+    (!service.is_empty() && !instance.is_empty()).then(|| (service.to_owned(), instance.to_owned()))
+}
+
+/// `/vmesh/shift/<service>` -> service.
+fn policy_key(key: &str) -> Option<String> {
+    let s = key.strip_prefix(SHIFT_PREFIX)?;
+    (!s.is_empty() && !s.contains('/')).then(|| s.to_owned())
+}
+
+fn parse_logged(key: &str, value: &[u8]) -> Option<Found> {
+    match parse(value) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "etcd instance value skipped");
+            None
+        }
+    }
+}
+
+/// An instance value (design.md "Registry data") as an endpoint.
+fn parse(value: &[u8]) -> Result<Found, String> {
+    let v: EtcdEndpoint = serde_json::from_slice(value).map_err(|e| format!("not an endpoint: {e}"))?;
+    let ip: std::net::IpAddr = v
+        .address
+        .parse()
+        .map_err(|_| format!("address {:?} is not an IP", v.address))?;
+    if v.port == 0 {
+        return Err("port 0".into());
+    }
+    let meta = |k: &str| {
+        v.meta.get(k).map(|x| match x {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
+    Ok(Found {
+        address: std::net::SocketAddr::new(ip, v.port),
+        weight: v.weight.clamp(1, 10_000),
+        env: meta("env").unwrap_or_else(|| "vm".to_owned()),
+        zone: meta("zone").unwrap_or_default(),
+        version: meta("version").unwrap_or_default(),
+        colour: meta("colour").unwrap_or_default(),
+        ramp: RampInfo::from_meta(meta),
+    })
+}
+
+struct EtcdPolicies(Arc<Etcd>);
+
+impl PolicyWriter for EtcdPolicies {
+    fn write<'a>(&'a self, service: &'a str, policy: Policy, cas: u64) -> BoxFuture<'a, Result<(), ShiftError>> {
+        Box::pin(async move {
+            let key = format!("{SHIFT_PREFIX}{service}");
+            let mut c = self
+                .0
+                .client()
+                .await
+                .map_err(|e| ShiftError::Unreachable(e.to_string()))?;
+            // mod_revision 0 compares equal for an absent key: cas 0 is "only if absent".
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    i64::try_from(cas).unwrap_or(i64::MAX),
+                )])
+                .and_then(vec![TxnOp::put(key, policy.to_json(), None)]);
+            let resp = self
+                .0
+                .with_deadline("txn", c.txn(txn))
+                .await
+                .map_err(|e| ShiftError::Unreachable(e.to_string()))?;
+            if resp.succeeded() {
+                Ok(())
+            } else {
+                Err(ShiftError::Conflict(cas))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_parse() {
+        assert_eq!(
+            instance_key("/vmesh/services/web/web-01"),
+            Some(("web".into(), "web-01".into()))
+        );
+        assert_eq!(instance_key("/vmesh/services/web/"), None);
+        assert_eq!(instance_key("/vmesh/shift/web"), None);
+        assert_eq!(policy_key("/vmesh/shift/web"), Some("web".into()));
+        assert_eq!(policy_key("/vmesh/shift/a/b"), None);
+        let f = parse(br#"{"address":"127.0.0.1","port":80,"weight":33,"meta":{"env":"k8s","zone":"z1","ramp_start":1764200000,"ramp_window":60}}"#).unwrap();
+        assert_eq!((f.weight, f.env.as_str(), f.zone.as_str()), (33, "k8s", "z1"));
+        assert_eq!(f.ramp.map(|r| (r.start, r.window)), Some((1764200000, 60)));
+        assert_eq!(parse(br#"{"address":"127.0.0.2","port":1}"#).unwrap().env, "vm");
+        assert!(parse(b"junk").unwrap_err().contains("not an endpoint"));
+        assert!(parse(br#"{"address":"host","port":1}"#)
+            .unwrap_err()
+            .contains("not an IP"));
+        assert!(parse(br#"{"port":1}"#).is_err());
+    }
+}
