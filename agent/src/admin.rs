@@ -44,7 +44,7 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
             return *r;
         }
     }
-    if let Some(service) = req.uri().path().strip_prefix("/shift/") {
+    if let Some(service) = req.uri().path().strip_prefix("/shift/").filter(|s| !s.is_empty()) {
         let service = service.to_owned();
         return shift(state, req, &service).await;
     }
@@ -74,7 +74,7 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
         (_, "/drain" | "/undrain") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
         (&Method::GET, "/status") => json_response(status(state)),
         (&Method::GET, "/config") => json_response(config(state)),
-        (&Method::GET, "/clusters") => json_response(clusters(state)),
+        (&Method::GET, "/clusters") => json_response(clusters(state, query_param(&req, "service").as_deref())),
         (&Method::GET, "/metrics") => {
             // OpenMetrics for scrapers that ask for it, Prometheus text otherwise.
             let openmetrics = req
@@ -140,14 +140,12 @@ fn authorize(state: &AgentState, req: &Request<Incoming>) -> Result<(), Box<Resp
     let Some(path) = &config.agent.admin_token_file else {
         return Ok(());
     };
-    let want = std::fs::read_to_string(path)
-        .map(|t| t.trim().to_owned())
-        .map_err(|e| {
-            Box::new(owned_text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("ADMIN_TOKEN_UNREADABLE: {}: {e}\n", path.display()),
-            ))
-        })?;
+    let want = crate::config::read_secret("agent.admin_token_file", path).map_err(|e| {
+        Box::new(owned_text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("ADMIN_TOKEN_UNREADABLE: {e}\n"),
+        ))
+    })?;
     let got = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -277,9 +275,14 @@ fn redact(v: &mut Value, key: Option<&str>) {
     }
 }
 
-fn clusters(state: &AgentState) -> Value {
+/// Every cluster, or only the outbound cluster of `service` (`/clusters?service=NAME`).
+fn clusters(state: &AgentState, service: Option<&str>) -> Value {
     let routes = state.routes.load();
-    let all = routes.inbound.iter().chain(routes.services.values());
+    let all = routes
+        .inbound
+        .iter()
+        .chain(routes.services.values())
+        .filter(|c| service.is_none_or(|s| c.direction.as_str() == "outbound" && &*c.service == s));
     let clusters: Vec<Value> = all
         .map(|c| {
             let set = c.endpoints.load();

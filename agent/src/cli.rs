@@ -102,9 +102,7 @@ impl AdminArgs {
 /// The admin token from the config's `agent.admin_token_file`, if one is set and readable.
 pub fn admin_token(config: &std::path::Path) -> Option<String> {
     let c = crate::config::load(&crate::config::Source::file(config)).ok()?;
-    std::fs::read_to_string(c.agent.admin_token_file?)
-        .ok()
-        .map(|t| t.trim().to_owned())
+    crate::config::read_secret("agent.admin_token_file", &c.agent.admin_token_file?).ok()
 }
 
 /// POSTs to `path` on the admin API (with the admin token when given); returns status and body.

@@ -231,7 +231,8 @@ async fn undrain(args: &AdminArgs, timeout: std::time::Duration) -> ExitCode {
 }
 
 async fn identity(path: std::path::PathBuf, json: bool) -> ExitCode {
-    let config = match config::load(&Source::file(path)) {
+    let source = Source::file(path);
+    let config = match config::load(&source) {
         Ok(c) => c,
         Err(e) => {
             print_problems(&e);
@@ -239,7 +240,7 @@ async fn identity(path: std::path::PathBuf, json: bool) -> ExitCode {
         }
     };
     let vm = vmesh_agent::identity::vm_name(&config);
-    let cmdb = match vmesh_agent::identity::cmdb(&config) {
+    let cmdb = match vmesh_agent::identity::cmdb(&config, &source.env) {
         Ok(Some(c)) => c,
         Ok(None) => {
             eprintln!("error: CMDB_CONFIG: no identity source configured ([cmdb] kind = \"file\" needs a path)");

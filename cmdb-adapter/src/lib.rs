@@ -1,7 +1,9 @@
 //! Reads this VM's service identity from a CMDB: Nautobot or NetBox (REST), a generic HTTP
-//! JSON source, or a TOML file. Every backend produces the same [`ServiceIdentity`], and every
-//! failure is a typed [`CmdbError`] that names the VM and, where one is at fault, the field.
+//! JSON source, a TOML file, or environment variables (a Kubernetes pod). Every backend produces
+//! the same [`ServiceIdentity`], and every failure is a typed [`CmdbError`] that names the VM
+//! and, where one is at fault, the field.
 
+mod env;
 mod error;
 mod file;
 mod http_json;
@@ -12,6 +14,7 @@ mod rest;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use env::EnvCmdb;
 pub use error::CmdbError;
 pub use file::FileCmdb;
 pub use http_json::HttpJsonCmdb;

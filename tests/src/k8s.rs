@@ -11,8 +11,8 @@
 //! ```text
 //! let k8s = K8sDouble::spawn();
 //! k8s.apply_slice("default", "web-abc12", "web", &[SliceEndpoint::ready("127.0.0.1")], port);
-//! let agent = Agent::builder().registry_set("kind", "kubernetes")
-//!     .registry_set("address", k8s.url()).start();
+//! // The agent reads it with `sources = ["kubernetes"]` on the outbound and a `[kubernetes]`
+//! // section (`api = k8s.url()`, `namespace`, `token_file`): see tests/tests/discovery_k8s.rs.
 //! k8s.apply_slice("default", "web-abc12", "web", &[SliceEndpoint::ready("127.0.0.1").terminating()], port);
 //! ```
 //!

@@ -17,6 +17,7 @@ pub mod lifecycle;
 pub mod nautobot;
 pub mod ports;
 pub mod process;
+pub mod shift;
 pub mod tcp_echo;
 pub mod tools;
 pub mod upstream;

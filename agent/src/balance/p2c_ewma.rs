@@ -8,8 +8,11 @@ use std::sync::Arc;
 use super::random::WeightedRandom;
 use super::{two_choices, Endpoint};
 
-/// How much cheaper the second candidate must be to beat the first under uneven weights.
-const CLEARLY_CHEAPER: f64 = 1.5;
+/// How much cheaper the second candidate must be to beat the first under uneven weights. Peak
+/// EWMA jumps to every latency spike and takes ~10 s to fade: between two identical upstreams
+/// on loopback the estimates were seen 5-9x apart for seconds (tests/tests/discovery_etcd.rs),
+/// which at 1.5x handed a ramping instance twice its share. An endpoint 10x slower is sick.
+const CLEARLY_CHEAPER: f64 = 10.0;
 
 fn cost(e: &Endpoint) -> f64 {
     e.stats.ewma_ns() * (e.stats.in_flight() as f64 + 1.0)
@@ -28,8 +31,8 @@ pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> 
         };
     }
     // With uneven weights the draw carries the weights: the second candidate wins only when it
-    // is clearly cheaper, so that endpoints of comparable latency share by weight (a ramping
-    // instance gets its ramp's share) instead of by noise in their estimates.
+    // is an order of magnitude cheaper, so that endpoints of comparable latency share by weight
+    // (a ramping instance gets its ramp's share) instead of by noise in their estimates.
     if cost(&endpoints[b]) * CLEARLY_CHEAPER < cost(&endpoints[a]) {
         b
     } else {

@@ -15,7 +15,9 @@ pub struct Source {
     pub path: Option<PathBuf>,
     /// Used when `path` is `None` (the embedded quickstart config).
     pub text: Option<String>,
-    /// `VMESH_*` variables; the process environment in production, a map in tests.
+    /// `VMESH_*` variables; the process environment in production, a map in tests. Those with
+    /// `__` override config keys; the others are read by their users (the `env` identity
+    /// backend's `VMESH_ID_*`), so that nothing else reads the process environment.
     pub env: HashMap<String, String>,
 }
 
@@ -45,9 +47,16 @@ impl Source {
 }
 
 fn process_env() -> HashMap<String, String> {
-    std::env::vars()
-        .filter(|(k, _)| k.starts_with("VMESH_") && k.contains("__"))
+    // `vars_os`: `vars` panics on a variable that is not UTF-8, anywhere in the environment.
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with("VMESH_"))
         .collect()
+}
+
+/// Whether a variable overrides a config key: `VMESH_<SECTION>__<KEY>`.
+fn is_override(name: &str) -> bool {
+    name.starts_with("VMESH_") && name.contains("__")
 }
 
 /// Loads and validates a config; every problem is reported at once.
@@ -97,7 +106,12 @@ fn load_with_env(origin: &str, text: &str, env: &HashMap<String, String>) -> Res
                 .prefix_separator("_")
                 .separator("__")
                 .try_parsing(true)
-                .source(Some(env.clone().into_iter().collect())),
+                .source(Some(
+                    env.iter()
+                        .filter(|(k, _)| is_override(k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                )),
         )
         .build()
         .and_then(|c| c.try_deserialize::<Value>())

@@ -248,14 +248,12 @@ async fn follow(
                 if let Some((service, instance)) = instance_key(&key) {
                     let set = st.services.entry(service.clone()).or_default();
                     match ev.event_type() {
-                        EventType::Put => match parse_logged(&key, kv.value()) {
-                            Some(f) => {
+                        // A malformed rewrite keeps the instance's last good value.
+                        EventType::Put => {
+                            if let Some(f) = parse_logged(&key, kv.value()) {
                                 set.insert(instance, f);
                             }
-                            None => {
-                                set.remove(&instance);
-                            }
-                        },
+                        }
                         EventType::Delete => {
                             set.remove(&instance);
                         }
@@ -319,8 +317,14 @@ fn parse_logged(key: &str, value: &[u8]) -> Option<Found> {
     }
 }
 
+/// Largest instance value read; an endpoint record is a few hundred bytes.
+const MAX_VALUE: usize = 64 << 10;
+
 /// An instance value (design.md "Registry data") as an endpoint.
 fn parse(value: &[u8]) -> Result<Found, String> {
+    if value.len() > MAX_VALUE {
+        return Err(format!("{} bytes: larger than {} KiB", value.len(), MAX_VALUE >> 10));
+    }
     let v: EtcdEndpoint = serde_json::from_slice(value).map_err(|e| format!("not an endpoint: {e}"))?;
     let ip: std::net::IpAddr = v
         .address
@@ -402,5 +406,10 @@ mod tests {
             .unwrap_err()
             .contains("not an IP"));
         assert!(parse(br#"{"port":1}"#).is_err());
+        let huge = format!(
+            r#"{{"address":"127.0.0.1","port":80,"meta":{{"pad":"{}"}}}}"#,
+            "x".repeat(1 << 20)
+        );
+        assert!(parse(huge.as_bytes()).unwrap_err().contains("larger than"));
     }
 }

@@ -138,11 +138,9 @@ enum Step {
 #[derive(Debug, PartialEq)]
 enum WatchEnd {
     /// The server closed it (timeoutSeconds): watch again from the last resource version.
-    Closed {
-        events: usize,
-        lasted: Duration,
-    },
-    Relist(String),
+    Closed { events: usize, lasted: Duration },
+    /// The resource version is gone (an ERROR event with 410): list again.
+    Relist { why: String, events: usize },
 }
 
 /// What is published to subscribers.
@@ -429,7 +427,7 @@ impl Client {
         let mut resp = req
             .send()
             .await
-            .map_err(|e| KubeError::Unreachable(format!("{what}: {}", error_chain(&e))))?;
+            .map_err(|e| KubeError::Unreachable(format!("{what}: {}", error_chain(&e.without_url()))))?;
         let status = resp.status().as_u16();
         if status == 200 {
             return Ok(resp);
@@ -499,7 +497,7 @@ impl Client {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| KubeError::Unreachable(format!("{what}: {}", error_chain(&e))))?
+            .map_err(|e| KubeError::Unreachable(format!("{what}: {}", error_chain(&e.without_url()))))?
         {
             buf.extend_from_slice(&chunk);
             let mut consumed = 0;
@@ -518,7 +516,7 @@ impl Client {
                         Step::Applied(services) => touched.extend(services),
                         Step::Nothing => {}
                         Step::Relist(why) => {
-                            end = Some(Ok(WatchEnd::Relist(why)));
+                            end = Some(Ok(WatchEnd::Relist { why, events }));
                             break;
                         }
                         Step::Failed(why) => {
@@ -577,7 +575,8 @@ fn describe(url: &Url) -> String {
     }
 }
 
-/// reqwest's error with its sources (the top one alone often says only "error sending request").
+/// reqwest's error with its sources (the top one alone often says only "error sending request";
+/// the caller strips the URL, which names the request again).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
@@ -595,7 +594,7 @@ async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>
     while let Some(chunk) = resp
         .chunk()
         .await
-        .map_err(|e| KubeError::Unreachable(format!("reading an answer: {}", error_chain(&e))))?
+        .map_err(|e| KubeError::Unreachable(format!("reading an answer: {}", error_chain(&e.without_url()))))?
     {
         if body.len() + chunk.len() > cap {
             return Err(KubeError::BadAnswer(format!("an answer is larger than {cap} bytes")));
@@ -623,6 +622,7 @@ async fn run(mut client: Client, state: Arc<Mutex<State>>) {
     // watch with 410 must not be listed in a tight loop.
     let mut quick_relists = 0u32;
     loop {
+        let began = Instant::now();
         let outcome = match rv.as_mut() {
             None => match client.list().await {
                 Ok((items, new_rv)) => {
@@ -642,8 +642,11 @@ async fn run(mut client: Client, state: Arc<Mutex<State>>) {
             },
             Some(r) => client.watch(&state, r).await.map(Some),
         };
-        match outcome {
-            Ok(None) => errors = 0,
+        let relist_because = match outcome {
+            Ok(None) => {
+                errors = 0;
+                None
+            }
             Ok(Some(WatchEnd::Closed { events, lasted })) => {
                 errors = 0;
                 if events > 0 || lasted > Duration::from_secs(5) {
@@ -653,24 +656,20 @@ async fn run(mut client: Client, state: Arc<Mutex<State>>) {
                 if events == 0 && lasted < Duration::from_secs(1) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+                None
             }
-            Ok(Some(WatchEnd::Relist(why))) => {
-                tracing::info!(reason = %why, "kubernetes watch expired: listing the EndpointSlices again");
-                rv = None;
-                quick_relists += 1;
-                if quick_relists > 1 {
-                    tokio::time::sleep(backoff(quick_relists, MAX_BACKOFF)).await;
+            Ok(Some(WatchEnd::Relist { why, events })) => {
+                if events > 0 {
+                    quick_relists = 0;
                 }
+                Some(why)
             }
-            Err(KubeError::Gone) => {
-                tracing::info!("kubernetes resource version gone (HTTP 410): listing the EndpointSlices again");
-                rv = None;
-                quick_relists += 1;
-                if quick_relists > 1 {
-                    tokio::time::sleep(backoff(quick_relists, MAX_BACKOFF)).await;
-                }
-            }
+            Err(KubeError::Gone) => Some("HTTP 410".to_owned()),
             Err(e) => {
+                // A watch that worked for a while starts the backoff afresh.
+                if began.elapsed() > Duration::from_secs(60) {
+                    errors = 0;
+                }
                 errors += 1;
                 let pause = backoff(errors, MAX_BACKOFF);
                 tracing::warn!(code = e.code(), error = %e, ?pause,
@@ -681,6 +680,15 @@ async fn run(mut client: Client, state: Arc<Mutex<State>>) {
                     st.publish(None);
                 }
                 tokio::time::sleep(pause).await;
+                None
+            }
+        };
+        if let Some(why) = relist_because {
+            tracing::info!(reason = %why, "kubernetes resource version expired: listing the EndpointSlices again");
+            rv = None;
+            quick_relists += 1;
+            if quick_relists > 1 {
+                tokio::time::sleep(backoff(quick_relists, MAX_BACKOFF)).await;
             }
         }
     }

@@ -100,13 +100,15 @@ struct Task {
     ctx: Context,
     status: Arc<Mutex<DiscoveryStatus>>,
     subs: Vec<Subscription>,
-    /// The stored set, until a source answers.
-    stored: Option<(Vec<Found>, u64)>,
+    /// The stored set, until a registry source answers.
+    stored: Option<snapshot::Stored>,
+    /// The stored central policy, until the policy watch has read the registry.
+    stored_policy: Option<Policy>,
     /// What was installed last: endpoints (with their effective weights), the policy, and
     /// the set itself (a reload that rebuilt the cluster must get it again).
     installed: Option<Installed>,
-    /// The last set written to the store, and when.
-    saved: Option<Vec<Found>>,
+    /// The last set and central policy written to the store, and when.
+    saved: Option<(Vec<Found>, Option<Policy>)>,
     saved_at: Option<Instant>,
     ramp_suspended: bool,
     /// Environments the policy sends traffic to that have no endpoint (warned once).
@@ -136,12 +138,14 @@ impl Task {
             service: spec.service.clone(),
         };
         let subs = subscribe(&spec, &ctx.sources);
+        ctx.metrics.ramp_suspended.get_or_create(&labels).set(0);
         Self {
             spec_rx,
             spec,
             ctx,
             status,
             subs,
+            stored_policy: stored.as_ref().and_then(|s| s.policy),
             stored,
             installed: None,
             saved: None,
@@ -156,7 +160,7 @@ impl Task {
         let mut tick = tokio::time::interval(super::TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.rebuild();
+            let timed = self.rebuild();
             tokio::select! {
                 changed = self.spec_rx.changed() => {
                     if changed.is_err() {
@@ -170,24 +174,33 @@ impl Task {
                 }
                 () = any_changed(&mut self.subs) => {}
                 () = changed_or_pending(&mut self.ctx.policies) => {}
-                _ = tick.tick() => {}
+                // Only while something moves with time: an idle service costs no wake-ups.
+                _ = tick.tick(), if timed => {}
             }
         }
     }
 
-    /// Builds the set from the sources' views and installs it when something changed.
-    fn rebuild(&mut self) {
+    /// Builds the set from the sources' views and installs it when something changed. Returns
+    /// whether the set must be rebuilt again as time passes (a ramp in progress or just ended,
+    /// a store write held back by the interval).
+    fn rebuild(&mut self) -> bool {
         let now = unix_now();
         let views: Vec<(Source, View)> = self.subs.iter().map(|s| (s.source, s.rx.borrow().clone())).collect();
-        let answered = views.iter().any(|(_, v)| v.endpoints.is_some());
+        // Static endpoints answer at once: the store stands in for the registry sources only.
+        let registry_views = || views.iter().filter(|(s, _)| *s != Source::Static);
+        let answered = registry_views().next().is_none() || registry_views().any(|(_, v)| v.endpoints.is_some());
         if answered {
             self.stored = None;
         }
         let from_store = !answered && self.stored.is_some();
-        let merged: Vec<(Found, Source)> = match (&self.stored, answered) {
-            (Some((found, _)), false) => found.iter().map(|f| (f.clone(), Source::Store)).collect(),
-            _ => super::merge::merge(views.iter().map(|(s, v)| (*s, v))),
-        };
+        let mut merged: Vec<(Found, Source)> = super::merge::merge(views.iter().map(|(s, v)| (*s, v)));
+        if let (Some(stored), true) = (&self.stored, from_store) {
+            for f in &stored.endpoints {
+                if !merged.iter().any(|(m, _)| m.address == f.address) {
+                    merged.push((f.clone(), Source::Store));
+                }
+            }
+        }
 
         // Slow start seen by callers, unless most of the service is new.
         let ramping = merged.iter().filter(|(f, _)| ramping(f, now)).count();
@@ -220,11 +233,17 @@ impl Task {
 
         // The shift policy and locality.
         let policies = self.ctx.policies.borrow().clone();
-        let shift = shift::resolve(
-            policies.by_service.get(&self.spec.service),
-            self.spec.local_shift,
-            policies.error.as_deref(),
-        );
+        if policies.synced {
+            self.stored_policy = None;
+        }
+        // Until the registry has been read, the central policy saved with the endpoints.
+        let stored_central = self.stored_policy.map(|p| shift::Central {
+            policy: Some(p),
+            index: 0,
+            error: None,
+        });
+        let central = policies.by_service.get(&self.spec.service).or(stored_central.as_ref());
+        let shift = shift::resolve(central, self.spec.local_shift, policies.error.as_deref());
         let zone = (self.ctx.zone)().filter(|z| !z.is_empty());
         let key = SetPolicyKey {
             split: shift.policy,
@@ -236,7 +255,8 @@ impl Task {
         };
         self.warn_empty_envs(&weighted, shift.policy);
         self.install(&weighted, &key);
-        self.save(&weighted, from_store);
+        let central_policy = (shift.source == "central").then_some(shift.policy).flatten();
+        self.save(&weighted, from_store, central_policy);
 
         // Status and metrics.
         let stale = from_store || views.iter().any(|(_, v)| v.error.is_some());
@@ -265,7 +285,7 @@ impl Task {
                 .iter()
                 .filter_map(|(_, v)| v.updated)
                 .max()
-                .or(self.stored.as_ref().map(|(_, at)| *at)),
+                .or(self.stored.as_ref().map(|s| s.saved_at)),
             error: views
                 .iter()
                 .find_map(|(s, v)| v.error.as_ref().map(|e| format!("{}: {e}", s.as_str())))
@@ -285,6 +305,16 @@ impl Task {
         if let Ok(mut s) = self.status.lock() {
             *s = status;
         }
+        let ramp_moving = weighted.iter().any(|(f, _, _)| {
+            f.ramp
+                .is_some_and(|r| now <= r.start.saturating_add(r.window).saturating_add(1))
+        });
+        let save_pending = self.ctx.store.is_some()
+            && !from_store
+            && self.saved.as_ref().is_some_and(|(s, p)| {
+                *p != central_policy || s.len() != weighted.len() || s.iter().zip(&weighted).any(|(a, b)| *a != b.0)
+            });
+        ramp_moving || save_pending
     }
 
     fn warn_empty_envs(&mut self, found: &[Placed], policy: Option<Policy>) {
@@ -318,6 +348,9 @@ impl Task {
             .installed
             .as_ref()
             .is_some_and(|(f, k, set)| f.as_slice() == found && k == key && Arc::ptr_eq(set, &old));
+        if same_as_installed {
+            return;
+        }
         let endpoints: Vec<Arc<Endpoint>> = found
             .iter()
             .map(|(f, source, weight)| {
@@ -340,12 +373,6 @@ impl Task {
                 }
             })
             .collect();
-        let unchanged = same_as_installed
-            && endpoints.len() == old.endpoints().len()
-            && endpoints.iter().zip(old.endpoints()).all(|(a, b)| Arc::ptr_eq(a, b));
-        if unchanged {
-            return;
-        }
         let membership_changed = self.installed.as_ref().is_none_or(|(f, _, _)| {
             f.len() != found.len() || f.iter().zip(found).any(|(a, b)| a.0.address != b.0.address)
         });
@@ -379,7 +406,7 @@ impl Task {
     }
 
     /// Keeps the last set a source gave in the store, at most every `snapshot::MIN_INTERVAL`.
-    fn save(&mut self, found: &[Placed], from_store: bool) {
+    fn save(&mut self, found: &[Placed], from_store: bool, policy: Option<Policy>) {
         let Some(store) = self.ctx.store.as_deref() else {
             return;
         };
@@ -388,7 +415,7 @@ impl Task {
             return;
         }
         let set: Vec<Found> = found.iter().map(|(f, _, _)| f.clone()).collect();
-        if self.saved.as_ref() == Some(&set) {
+        if self.saved.as_ref().is_some_and(|(s, p)| *s == set && *p == policy) {
             return;
         }
         if self.saved_at.is_some_and(|at| at.elapsed() < snapshot::MIN_INTERVAL) {
@@ -399,8 +426,8 @@ impl Task {
         if set.is_empty() && self.subs.iter().all(|s| s.rx.borrow().endpoints.is_none()) {
             return;
         }
-        snapshot::save(store, &self.spec.service, &set);
-        self.saved = Some(set);
+        snapshot::save(store, &self.spec.service, &set, policy);
+        self.saved = Some((set, policy));
         self.saved_at = Some(Instant::now());
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::registry::BoxFuture;
 
 /// Percent of requests per environment; integers 0..=100 summing to 100.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Policy {
     pub vm: u32,
     pub k8s: u32,

@@ -90,7 +90,7 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
     }
 
     let registry = RegistryClient::from_config(&config).map_err(anyhow::Error::msg)?;
-    let lifecycle = start_lifecycle(&config, registry.as_ref(), &routes, &metrics)?;
+    let lifecycle = start_lifecycle(&config, &source.env, registry.as_ref(), &routes, &metrics)?;
     let zone_of = lifecycle.handle.status.clone();
     let zone: discovery::ZoneFn = Arc::new(move || {
         zone_of
@@ -181,6 +181,7 @@ struct Lifecycle {
 /// The store, CMDB, registry, health checker and registrar.
 fn start_lifecycle(
     config: &Config,
+    env: &std::collections::HashMap<String, String>,
     registry: Option<&RegistryClient>,
     routes: &Arc<ArcSwap<RouteTable>>,
     metrics: &Arc<Metrics>,
@@ -191,7 +192,7 @@ fn start_lifecycle(
             config.agent.data_dir.display()
         )
     })?;
-    let cmdb = crate::identity::cmdb(config).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
+    let cmdb = crate::identity::cmdb(config, env).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))?;
     let registry = registry.map(RegistryClient::as_registry);
     let store: Arc<dyn crate::store::Store> = Arc::new(store);
     let health = config.inbound.as_ref().map(|inb| {
@@ -364,6 +365,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
                 || old.proxy.h2_max_concurrent_streams != new.proxy.h2_max_concurrent_streams,
         ),
         ("telemetry", old.telemetry != new.telemetry),
+        ("kubernetes", old.kubernetes != new.kubernetes),
     ] {
         if changed {
             tracing::warn!(section = key, "changed settings take effect at the next restart");
