@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::balance::EndpointSet;
 use crate::discovery::shift::{Policy, ShiftError, ShiftStatus};
 use crate::lifecycle::AgentState;
+use crate::route::Cluster;
 
 /// Serves the admin API until the process exits.
 pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
@@ -346,27 +347,16 @@ fn shift_json(s: &ShiftStatus, set: &EndpointSet) -> Value {
     })
 }
 
-/// The requests each environment of `service` answered, from the request counters.
-fn observed(state: &AgentState, service: &str) -> Value {
-    let text = state.metrics.encode_prometheus();
+/// The requests each environment of a cluster answered: the request counters of
+/// (outbound, service, env), read through one endpoint of each environment in the set, and
+/// `none` for requests that reached no endpoint.
+fn observed(cluster: &Cluster, set: &EndpointSet) -> Value {
     let mut by_env = serde_json::Map::new();
-    let prefix = "vmesh_requests_total{";
-    for line in text.lines().filter(|l| l.starts_with(prefix)) {
-        let Some((labels, value)) = line[prefix.len()..].split_once("} ") else {
-            continue;
-        };
-        let get = |k: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")).map(|v| v.trim_end_matches('"')))
-        };
-        if get("direction") != Some("outbound") || get("service") != Some(service) {
-            continue;
-        }
-        let Some(env) = get("env") else { continue };
-        let n = value.trim().parse::<f64>().unwrap_or(0.0) as u64;
-        let entry = by_env.entry(env.to_owned()).or_insert(json!(0));
-        *entry = json!(entry.as_u64().unwrap_or(0) + n);
+    by_env.insert("none".into(), json!(cluster.metrics.no_endpoint.total()));
+    for e in set.endpoints() {
+        by_env
+            .entry(e.env().as_str())
+            .or_insert_with(|| json!(e.metrics.total()));
     }
     Value::Object(by_env)
 }
@@ -396,21 +386,18 @@ fn shift_error(e: &ShiftError) -> Response<Full<Bytes>> {
 /// `PUT /shift/<service>[?cas=N]` with `{"vm": 80, "k8s": 20}`: writes the central policy with
 /// compare-and-set (against the index this agent last saw when `cas` is absent).
 async fn shift(state: &AgentState, req: Request<Incoming>, service: &str) -> Response<Full<Bytes>> {
-    let Some(status) = state.discovery.status(service) else {
+    if state.discovery.status(service).is_none() {
         return shift_error(&ShiftError::UnknownService(service.to_owned()));
-    };
+    }
     let current = |state: &AgentState| {
         let d = state.discovery.status(service).unwrap_or_default();
         let routes = state.routes.load();
-        let shift = routes
-            .services
-            .get(service)
-            .map(|c| shift_json(&d.shift, &c.endpoints.load()))
-            .unwrap_or(Value::Null);
+        let cluster = routes.services.get(service);
+        let set = cluster.map(|c| c.endpoints.load_full());
         json!({
             "service": service,
-            "shift": shift,
-            "observed": observed(state, service),
+            "shift": set.as_ref().map(|s| shift_json(&d.shift, s)),
+            "observed": cluster.zip(set.as_ref()).map(|(c, s)| observed(c, s)),
         })
     };
     match *req.method() {
@@ -431,7 +418,6 @@ async fn shift(state: &AgentState, req: Request<Incoming>, service: &str) -> Res
                 Ok(p) => p,
                 Err(e) => return shift_error(&e),
             };
-            let _ = status;
             match state.discovery.policies().write(service, policy, cas).await {
                 Ok(()) => {
                     tracing::info!(service, vm = policy.vm, k8s = policy.k8s, "shift policy written");

@@ -102,7 +102,7 @@ impl EndpointSet {
         if self.endpoints.is_empty() {
             return None;
         }
-        self.subsets.pick(&self.endpoints, ctx)
+        self.subsets.pick(ctx)
     }
 }
 
@@ -213,18 +213,18 @@ pub(crate) mod test_support {
     use super::*;
     use crate::telemetry::metrics::RequestMetrics;
 
+    /// `vm` endpoints with these weights, on 127.0.0.1:10000 and up.
     pub fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {
-        weights
-            .iter()
+        labelled(weights.iter().map(|&w| (w, Labels::env(Env::Vm))))
+    }
+
+    /// Endpoints with these weights and labels, on 127.0.0.1:10000 and up.
+    pub fn labelled(eps: impl IntoIterator<Item = (u32, Labels)>) -> Vec<Arc<Endpoint>> {
+        eps.into_iter()
             .enumerate()
-            .map(|(i, &w)| {
+            .map(|(i, (w, labels))| {
                 let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 10_000 + i as u16));
-                Arc::new(Endpoint::new(
-                    addr,
-                    w,
-                    Arc::new(Labels::env(Env::Vm)),
-                    RequestMetrics::detached(),
-                ))
+                Arc::new(Endpoint::new(addr, w, Arc::new(labels), RequestMetrics::detached()))
             })
             .collect()
     }

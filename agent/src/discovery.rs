@@ -9,6 +9,7 @@
 
 pub mod consul;
 pub mod etcd;
+mod hub;
 pub mod kubernetes;
 pub mod merge;
 pub mod service;
@@ -25,7 +26,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::{Config, OutboundConfig, SourceKind};
+use crate::config::{Config, SourceKind};
 use crate::registry::RegistryClient;
 use crate::route::RouteTable;
 use crate::store::Store;
@@ -259,9 +260,4 @@ impl Discovery {
     pub fn policies(&self) -> &shift::PolicyWatch {
         &self.policies
     }
-}
-
-/// Whether `out` is discovered from `kind`.
-pub fn uses(out: &OutboundConfig, config: &Config, kind: SourceKind) -> bool {
-    out.sources(config.registry.kind).contains(&kind)
 }

@@ -300,19 +300,7 @@ impl Load {
                             break;
                         }
                         let start = std::time::Instant::now();
-                        let outcome = match crate::http::get(addr, &path) {
-                            Ok(r) if r.status == 200 => r
-                                .header("x-upstream-name")
-                                .map(str::to_string)
-                                .ok_or_else(|| "200 without x-upstream-name".to_string()),
-                            Ok(r) => Err(format!(
-                                "HTTP {} x-vmesh-error {:?} body {:?}",
-                                r.status,
-                                r.header("x-vmesh-error"),
-                                r.text()
-                            )),
-                            Err(e) => Err(e),
-                        };
+                        let outcome = classify(crate::http::get(addr, &path));
                         let end = std::time::Instant::now();
                         if let Ok(mut r) = records.lock() {
                             r.push(Record { start, end, outcome });
@@ -459,5 +447,22 @@ impl PassingWatcher {
     pub fn stop(self) -> Vec<Vec<String>> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.thread.join().expect("watcher thread")
+    }
+}
+
+/// A load request's outcome: the answering upstream's name (`x-upstream-name`), or why it failed.
+pub fn classify(r: Result<crate::http::HttpResponse, String>) -> Result<String, String> {
+    match r {
+        Ok(r) if r.status == 200 => r
+            .header("x-upstream-name")
+            .map(str::to_string)
+            .ok_or_else(|| "200 without x-upstream-name".to_string()),
+        Ok(r) => Err(format!(
+            "HTTP {} x-vmesh-error {:?} body {:?}",
+            r.status,
+            r.header("x-vmesh-error"),
+            r.text()
+        )),
+        Err(e) => Err(e),
     }
 }

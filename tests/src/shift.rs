@@ -210,7 +210,7 @@ impl SteadyLoad {
             let begin = Instant::now();
             while !stop2.load(Ordering::SeqCst) && begin.elapsed() < LOAD_MAX {
                 let start = Instant::now();
-                let outcome = classify(client.get(&path));
+                let outcome = crate::lifecycle::classify(client.get(&path));
                 let end = Instant::now();
                 conns2.store(client.connections(), Ordering::SeqCst);
                 if let Ok(mut h) = hits2.lock() {
@@ -304,22 +304,6 @@ impl SteadyLoad {
 impl Drop for SteadyLoad {
     fn drop(&mut self) {
         self.halt();
-    }
-}
-
-fn classify(r: Result<HttpResponse, String>) -> Result<String, String> {
-    match r {
-        Ok(r) if r.status == 200 => r
-            .header("x-upstream-name")
-            .map(str::to_string)
-            .ok_or_else(|| "200 without x-upstream-name".to_string()),
-        Ok(r) => Err(format!(
-            "HTTP {} x-vmesh-error {:?} body {:?}",
-            r.status,
-            r.header("x-vmesh-error"),
-            r.text()
-        )),
-        Err(e) => Err(e),
     }
 }
 

@@ -491,17 +491,7 @@ fn invalid_unknown_stale_and_unauthorized_shifts_are_refused_with_etcd() {
 
     // Garbage written straight into etcd: refused, the previous policy stays, the error shows.
     etcd.put("/vmesh/shift/web", "{vm: 80");
-    let shown = eventually(DEFAULT_WAIT, "the refused value's error in GET /shift/web", || {
-        let v = shift_get(&agent, "web");
-        if v["shift"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("SHIFT_INVALID"))
-        {
-            Ok(v)
-        } else {
-            Err(v.to_string())
-        }
-    });
+    let shown = refused_value_shown(&agent);
     assert_eq!(
         shown["shift"]["policy"],
         serde_json::json!({"vm": 70, "k8s": 30}),
@@ -589,17 +579,7 @@ fn shifts_without_a_registry_and_garbage_in_consul_kv_are_refused() {
     consul
         .put("/v1/kv/vmesh/shift/web", "not json at all")
         .expect_status(200);
-    let shown = eventually(DEFAULT_WAIT, "the refused value's error in GET /shift/web", || {
-        let v = shift_get(&agent, "web");
-        if v["shift"]["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("SHIFT_INVALID"))
-        {
-            Ok(v)
-        } else {
-            Err(v.to_string())
-        }
-    });
+    let shown = refused_value_shown(&agent);
     assert_eq!(
         shown["shift"]["policy"],
         serde_json::json!({"vm": 60, "k8s": 40}),
@@ -623,4 +603,19 @@ fn shifts_without_a_registry_and_garbage_in_consul_kv_are_refused() {
     let run = cli(&agent, &["shift", "web", "vm=80", "k8s=20", "--admin", &nowhere]);
     assert_cli_refused(&run, 3, &["ADMIN_UNREACHABLE"]);
     assert_eq!(agent.admin_get("/live").status, 200);
+}
+
+/// Waits until `GET /shift/web` shows the error of a refused central value; returns the answer.
+fn refused_value_shown(agent: &Agent) -> serde_json::Value {
+    eventually(DEFAULT_WAIT, "the refused value's error in GET /shift/web", || {
+        let v = shift_get(agent, "web");
+        if v["shift"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("SHIFT_INVALID"))
+        {
+            Ok(v)
+        } else {
+            Err(v.to_string())
+        }
+    })
 }

@@ -66,23 +66,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::balance::test_support;
     use crate::balance::{EndpointSet, Env, Labels, SetPolicy};
-    use crate::telemetry::metrics::RequestMetrics;
 
     fn zoned(zones: &[&str]) -> Vec<Arc<Endpoint>> {
-        zones
-            .iter()
-            .enumerate()
-            .map(|(i, z)| {
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 21_000 + i as u16));
-                let labels = Labels {
-                    env: Env::Vm,
-                    zone: (*z).into(),
-                    ..Labels::default()
-                };
-                Arc::new(Endpoint::new(addr, 100, Arc::new(labels), RequestMetrics::detached()))
-            })
-            .collect()
+        test_support::labelled(zones.iter().map(|z| {
+            let labels = Labels {
+                env: Env::Vm,
+                zone: (*z).into(),
+                ..Labels::default()
+            };
+            (100, labels)
+        }))
     }
 
     fn set(zones: &[&str], min: u32) -> EndpointSet {

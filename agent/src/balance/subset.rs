@@ -80,7 +80,7 @@ impl Subsets {
         self.subsets.iter().map(|s| (s.env, s.percent, s.pool.len())).collect()
     }
 
-    pub fn pick(&self, all: &[Arc<Endpoint>], ctx: PickCtx) -> Option<usize> {
+    pub fn pick(&self, ctx: PickCtx) -> Option<usize> {
         if self.subsets.len() == 1 {
             return self.subsets[0].pool.pick(ctx);
         }
@@ -92,17 +92,21 @@ impl Subsets {
         if want.pool.has_usable(ctx.exclude) {
             return want.pool.pick(ctx);
         }
-        // Fall back to the subset with the largest share that has a usable endpoint.
-        let mut order: Vec<&Subset> = self.subsets.iter().filter(|s| s.pool.has_usable(ctx.exclude)).collect();
-        order.sort_by_key(|s| std::cmp::Reverse(s.percent));
-        if let Some(other) = order.first() {
+        // Fall back to the subset with the largest share that has a usable endpoint (of equal
+        // shares, the first).
+        let other = self
+            .subsets
+            .iter()
+            .filter(|s| s.pool.has_usable(ctx.exclude))
+            .rev()
+            .max_by_key(|s| s.percent);
+        if let Some(other) = other {
             if let Some(c) = &self.fallbacks {
                 c.inc();
             }
             return other.pool.pick(ctx);
         }
         // Nothing usable anywhere: panic mode in the chosen subset, else any non-empty one.
-        let _ = all;
         if !want.pool.is_empty() {
             return want.pool.pick(ctx);
         }
@@ -110,27 +114,16 @@ impl Subsets {
     }
 }
 
-/// A 100-slot (or sum-of-weights) smooth weighted round-robin schedule of subset indexes;
-/// all-zero weights: the subsets in turn.
+/// The subsets' smooth weighted schedule (100 slots for a policy in percent); all-zero
+/// weights: the subsets in turn.
 fn schedule(weights: &[u32]) -> Vec<u8> {
-    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
-    if total == 0 {
+    if weights.iter().all(|&w| w == 0) {
         return (0..weights.len()).map(|i| u8::try_from(i).unwrap_or(u8::MAX)).collect();
     }
-    let mut current = vec![0i64; weights.len()];
-    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-    for _ in 0..total {
-        let mut best = 0;
-        for (i, &w) in weights.iter().enumerate() {
-            current[i] += i64::from(w);
-            if current[i] > current[best] {
-                best = i;
-            }
-        }
-        current[best] -= total;
-        out.push(u8::try_from(best).unwrap_or(u8::MAX));
-    }
-    out
+    super::weighted::smooth_schedule(weights)
+        .into_iter()
+        .map(|i| u8::try_from(i).unwrap_or(u8::MAX))
+        .collect()
 }
 
 #[cfg(test)]
@@ -138,22 +131,11 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::balance::test_support;
     use crate::balance::{EndpointSet, Labels};
-    use crate::telemetry::metrics::RequestMetrics;
 
     fn labelled(envs: &[Env]) -> Vec<Arc<Endpoint>> {
-        envs.iter()
-            .enumerate()
-            .map(|(i, &env)| {
-                let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16));
-                Arc::new(Endpoint::new(
-                    addr,
-                    100,
-                    Arc::new(Labels::env(env)),
-                    RequestMetrics::detached(),
-                ))
-            })
-            .collect()
+        test_support::labelled(envs.iter().map(|&env| (100, Labels::env(env))))
     }
 
     fn split_of(set: &EndpointSet, picks: usize) -> (usize, usize) {

@@ -14,23 +14,8 @@ pub struct SmoothWeighted {
 
 impl SmoothWeighted {
     pub fn new(weights: &[u32]) -> Self {
-        let weights = scale(weights);
-        let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
-        for _ in 0..total {
-            let mut best = 0;
-            for (i, &w) in weights.iter().enumerate() {
-                current[i] += i64::from(w);
-                if current[i] > current[best] {
-                    best = i;
-                }
-            }
-            current[best] -= total;
-            schedule.push(u32::try_from(best).unwrap_or(0));
-        }
         Self {
-            schedule,
+            schedule: smooth_schedule(&scale(weights)),
             next: AtomicUsize::new(0),
         }
     }
@@ -45,6 +30,26 @@ impl SmoothWeighted {
 }
 
 /// Divides by the GCD, then scales down proportionally if the sum is still too large.
+/// Nginx's smooth weighted round-robin unrolled: one index per unit of weight, spread so that no
+/// index comes in runs longer than its share requires. `weights` sum to the schedule's length.
+pub(super) fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += i64::from(w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        schedule.push(u32::try_from(best).unwrap_or(0));
+    }
+    schedule
+}
+
 fn scale(weights: &[u32]) -> Vec<u32> {
     let g = weights.iter().copied().fold(0, gcd).max(1);
     let mut w: Vec<u32> = weights.iter().map(|&x| (x / g).max(1)).collect();

@@ -318,7 +318,7 @@ impl PolicyWriter for ConsulPolicies {
             match self.0.kv_cas(&key, policy.to_json(), cas).await {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(ShiftError::Conflict(cas)),
-                Err(e) => Err(ShiftError::Unreachable(e.to_string())),
+                Err(e) => Err(e.into()),
             }
         })
     }

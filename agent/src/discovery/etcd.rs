@@ -11,6 +11,7 @@ use etcd_client::{Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOp
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::hub::{Endpoints, Hub};
 use super::shift::{self, Policies, Policy, PolicyWatch, PolicyWriter, ShiftError};
 use super::{EndpointSource, Found, RampInfo, View, Want};
 use crate::registry::etcd::{Etcd, EtcdEndpoint};
@@ -27,58 +28,16 @@ pub struct EtcdSource {
     state: Arc<Mutex<State>>,
 }
 
-#[derive(Default)]
-struct State {
-    /// service -> instance key -> endpoint (malformed values are left out).
-    services: HashMap<String, BTreeMap<String, Found>>,
-    subscribers: HashMap<String, watch::Sender<View>>,
-    /// The prefix has been read once.
-    synced: bool,
-    /// The stream's last error, until it works again.
-    error: Option<String>,
-    updated: Option<u64>,
-}
+/// service -> instance key -> endpoint (malformed values are left out).
+type Instances = HashMap<String, BTreeMap<String, Found>>;
 
-impl State {
-    fn view(&self, service: &str) -> View {
-        View {
-            endpoints: self.synced.then(|| {
-                Arc::new(
-                    self.services
-                        .get(service)
-                        .map(|m| m.values().cloned().collect())
-                        .unwrap_or_default(),
-                )
-            }),
-            error: self.error.clone(),
-            updated: self.updated,
-        }
-    }
+type State = Hub<Instances>;
 
-    /// Sends the views of `services` (or of all subscribers) that changed.
-    fn publish(&mut self, services: Option<&[String]>) {
-        self.subscribers.retain(|_, tx| !tx.is_closed());
-        let names: Vec<String> = match services {
-            Some(s) => s
-                .iter()
-                .filter(|s| self.subscribers.contains_key(*s))
-                .cloned()
-                .collect(),
-            None => self.subscribers.keys().cloned().collect(),
-        };
-        for name in names {
-            let view = self.view(&name);
-            if let Some(tx) = self.subscribers.get(&name) {
-                tx.send_if_modified(|v| {
-                    let changed = v.endpoints != view.endpoints || v.error != view.error;
-                    v.updated = view.updated;
-                    if changed {
-                        *v = view;
-                    }
-                    changed
-                });
-            }
-        }
+impl Endpoints for Instances {
+    fn endpoints(&self, service: &str) -> Vec<Found> {
+        self.get(service)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -97,13 +56,10 @@ impl EtcdSource {
 
 impl EndpointSource for EtcdSource {
     fn subscribe(&self, want: &Want) -> watch::Receiver<View> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = st.subscribers.get(&want.service).filter(|tx| !tx.is_closed()) {
-            return tx.subscribe();
-        }
-        let (tx, rx) = watch::channel(st.view(&want.service));
-        st.subscribers.insert(want.service.clone(), tx);
-        rx
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscribe(&want.service)
     }
 }
 
@@ -192,7 +148,7 @@ async fn read_all(
     }
     policies.send_replace(Arc::new(pol));
     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-    st.services = services;
+    st.data = services;
     st.synced = true;
     st.error = None;
     st.updated = Some(unix_now());
@@ -216,11 +172,7 @@ async fn follow(
     let (_watcher, mut stream) = etcd.with_deadline("watch", c.watch(ROOT, Some(opts))).await?;
     {
         // The stream is up: what we hold is current again.
-        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.error.take().is_some() {
-            st.updated = Some(unix_now());
-            st.publish(None);
-        }
+        state.lock().unwrap_or_else(|p| p.into_inner()).connected();
         policies.send_if_modified(|p| Arc::make_mut(p).error.take().is_some());
     }
     loop {
@@ -246,7 +198,7 @@ async fn follow(
                 let Some(kv) = ev.kv() else { continue };
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 if let Some((service, instance)) = instance_key(&key) {
-                    let set = st.services.entry(service.clone()).or_default();
+                    let set = st.data.entry(service.clone()).or_default();
                     match ev.event_type() {
                         // A malformed rewrite keeps the instance's last good value.
                         EventType::Put => {
@@ -259,7 +211,7 @@ async fn follow(
                         }
                     }
                     if set.is_empty() {
-                        st.services.remove(&service);
+                        st.data.remove(&service);
                     }
                     touched.push(service);
                 } else if let Some(service) = policy_key(&key) {
@@ -356,11 +308,7 @@ impl PolicyWriter for EtcdPolicies {
     fn write<'a>(&'a self, service: &'a str, policy: Policy, cas: u64) -> BoxFuture<'a, Result<(), ShiftError>> {
         Box::pin(async move {
             let key = format!("{SHIFT_PREFIX}{service}");
-            let mut c = self
-                .0
-                .client()
-                .await
-                .map_err(|e| ShiftError::Unreachable(e.to_string()))?;
+            let mut c = self.0.client().await.map_err(ShiftError::from)?;
             // mod_revision 0 compares equal for an absent key: cas 0 is "only if absent".
             let txn = Txn::new()
                 .when(vec![Compare::mod_revision(
@@ -373,7 +321,7 @@ impl PolicyWriter for EtcdPolicies {
                 .0
                 .with_deadline("txn", c.txn(txn))
                 .await
-                .map_err(|e| ShiftError::Unreachable(e.to_string()))?;
+                .map_err(ShiftError::from)?;
             if resp.succeeded() {
                 Ok(())
             } else {

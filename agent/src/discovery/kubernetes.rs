@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use super::hub::{Endpoints, Hub};
 use super::{EndpointSource, Found, View, Want};
 use crate::config::{read_secret, KubernetesConfig};
 use crate::registry::backoff;
@@ -144,16 +145,7 @@ enum WatchEnd {
 }
 
 /// What is published to subscribers.
-#[derive(Default)]
-struct State {
-    slices: Slices,
-    subscribers: HashMap<String, watch::Sender<View>>,
-    /// The namespace has been listed once.
-    synced: bool,
-    /// The last error, until the API answers again.
-    error: Option<String>,
-    updated: Option<u64>,
-}
+type State = Hub<Slices>;
 
 #[derive(Deserialize)]
 struct RawList {
@@ -237,13 +229,10 @@ impl KubernetesSource {
 
 impl EndpointSource for KubernetesSource {
     fn subscribe(&self, want: &Want) -> watch::Receiver<View> {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = st.subscribers.get(&want.service).filter(|tx| !tx.is_closed()) {
-            return tx.subscribe();
-        }
-        let (tx, rx) = watch::channel(st.view(&want.service));
-        st.subscribers.insert(want.service.clone(), tx);
-        rx
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .subscribe(&want.service)
     }
 }
 
@@ -512,7 +501,7 @@ impl Client {
                         continue;
                     }
                     events += 1;
-                    match apply_event(&mut st.slices, rv, line) {
+                    match apply_event(&mut st.data, rv, line) {
                         Step::Applied(services) => touched.extend(services),
                         Step::Nothing => {}
                         Step::Relist(why) => {
@@ -627,9 +616,9 @@ async fn run(mut client: Client, state: Arc<Mutex<State>>) {
             None => match client.list().await {
                 Ok((items, new_rv)) => {
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                    let (slices, refused) = relist(&st.slices, &items);
+                    let (slices, refused) = relist(&st.data, &items);
                     log_refused(&refused);
-                    st.slices = slices;
+                    st.data = slices;
                     st.synced = true;
                     st.error = None;
                     st.updated = Some(unix_now());
@@ -700,53 +689,13 @@ fn log_refused(refused: &[Refused]) {
     }
 }
 
-// === impl State ===
+// === impl Slices ===
 
-impl State {
-    fn view(&self, service: &str) -> View {
-        View {
-            endpoints: self.synced.then(|| Arc::new(self.slices.endpoints(service))),
-            error: self.error.clone(),
-            updated: self.updated,
-        }
-    }
-
-    /// The watch is up: what we hold is current again.
-    fn connected(&mut self) {
-        if self.error.take().is_some() {
-            self.updated = Some(unix_now());
-            self.publish(None);
-        }
-    }
-
-    /// Sends the views of `services` (or of all subscribers) that changed.
-    fn publish(&mut self, services: Option<&[String]>) {
-        self.subscribers.retain(|_, tx| !tx.is_closed());
-        let names: Vec<String> = match services {
-            Some(s) => s
-                .iter()
-                .filter(|s| self.subscribers.contains_key(*s))
-                .cloned()
-                .collect(),
-            None => self.subscribers.keys().cloned().collect(),
-        };
-        for name in names {
-            let view = self.view(&name);
-            if let Some(tx) = self.subscribers.get(&name) {
-                tx.send_if_modified(|v| {
-                    let changed = v.endpoints != view.endpoints || v.error != view.error;
-                    v.updated = view.updated;
-                    if changed {
-                        *v = view;
-                    }
-                    changed
-                });
-            }
-        }
+impl Endpoints for Slices {
+    fn endpoints(&self, service: &str) -> Vec<Found> {
+        Slices::endpoints(self, service)
     }
 }
-
-// === impl Slices ===
 
 impl Slices {
     /// Stores `slice` (replacing its previous version); returns the services touched.
@@ -1344,15 +1293,14 @@ mod tests {
     #[test]
     fn views_publish_changes_only() {
         let mut st = State::default();
-        let (tx, mut rx) = watch::channel(st.view("web"));
-        st.subscribers.insert("web".into(), tx);
+        let mut rx = st.subscribe("web");
         assert!(rx.borrow_and_update().endpoints.is_none());
         st.synced = true;
         st.publish(None);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().endpoints.as_deref().map(Vec::len), Some(0));
         let touched = st
-            .slices
+            .data
             .put(parse_slice(&slice("web-a", "web", json!([{"addresses": ["10.0.0.1"]}]))).unwrap());
         st.publish(Some(&touched));
         assert_eq!(rx.borrow_and_update().endpoints.as_deref().map(Vec::len), Some(1));

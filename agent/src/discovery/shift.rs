@@ -31,6 +31,18 @@ pub enum ShiftError {
     NoRegistry,
     #[error("REGISTRY_UNREACHABLE: {0}")]
     Unreachable(String),
+    #[error("REGISTRY_DENIED: {0}")]
+    Denied(String),
+}
+
+impl From<crate::registry::RegistryError> for ShiftError {
+    /// A write the registry refused keeps its cause: denied (ACL) or not reached.
+    fn from(e: crate::registry::RegistryError) -> Self {
+        match e {
+            crate::registry::RegistryError::Denied(m) => Self::Denied(m),
+            other => Self::Unreachable(other.to_string()),
+        }
+    }
 }
 
 impl ShiftError {
@@ -41,6 +53,7 @@ impl ShiftError {
             Self::Conflict(_) => "SHIFT_CONFLICT",
             Self::NoRegistry => "SHIFT_NO_REGISTRY",
             Self::Unreachable(_) => "REGISTRY_UNREACHABLE",
+            Self::Denied(_) => "REGISTRY_DENIED",
         }
     }
 
@@ -51,6 +64,7 @@ impl ShiftError {
             Self::UnknownService(_) => 404,
             Self::Conflict(_) | Self::NoRegistry => 409,
             Self::Unreachable(_) => 503,
+            Self::Denied(_) => 403,
         }
     }
 }

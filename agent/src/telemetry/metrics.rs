@@ -388,6 +388,11 @@ fn to_prometheus_text(om: &str) -> String {
 
 impl RequestMetrics {
     /// Handles not registered anywhere (unit tests).
+    /// Requests counted so far, every status class.
+    pub fn total(&self) -> u64 {
+        self.by_class.iter().map(Counter::get).sum()
+    }
+
     pub fn detached() -> Self {
         Self::default()
     }
