@@ -1,0 +1,1 @@
+//! Adaptive concurrency limit on inbound (to be written).

@@ -1,0 +1,1 @@
+//! Host CPU usage from /proc or the cgroup (to be written).

@@ -1,0 +1,1 @@
+//! Token-bucket rate limits (to be written).
