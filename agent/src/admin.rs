@@ -284,6 +284,7 @@ fn clusters(state: &AgentState, service: Option<&str>) -> Value {
         .iter()
         .chain(routes.services.values())
         .filter(|c| service.is_none_or(|s| c.direction.as_str() == "outbound" && &*c.service == s));
+    let now = std::time::Instant::now();
     let clusters: Vec<Value> = all
         .map(|c| {
             let set = c.endpoints.load();
@@ -323,10 +324,43 @@ fn clusters(state: &AgentState, service: Option<&str>) -> Value {
                     "sources": d.sources,
                     "ramp_suspended": d.ramp_suspended,
                 })),
+                "governance": governance_json(c, now),
             })
         })
         .collect();
     json!({ "clusters": clusters })
+}
+
+/// A cluster's routes, breaker, limits and outlier settings, with their live state.
+fn governance_json(c: &Cluster, now: std::time::Instant) -> Value {
+    let routes: Vec<Value> = c
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": &*r.name,
+                "service": r.service.as_deref(),
+                "split": r.split.as_ref().map(|s| s
+                    .describe()
+                    .into_iter()
+                    .map(|(v, w)| json!({"version": &*v, "weight": w}))
+                    .collect::<Vec<_>>()),
+                "fault": r.fault.is_some(),
+                "rate_limited": r.rate_limit.is_some(),
+            })
+        })
+        .collect();
+    json!({
+        "routes": routes,
+        "outlier": &c.policy.outlier,
+        "breaker": c.breaker.as_ref().map(|b| json!({
+            "config": &c.policy.breaker,
+            "status": b.status(now),
+        })),
+        "fallback": c.fallback.is_some(),
+        "rate_limit": &c.policy.rate_limit,
+        "adaptive": c.adaptive.as_ref().map(|a| a.status()),
+    })
 }
 
 // === /shift ===

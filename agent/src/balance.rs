@@ -6,8 +6,15 @@
 //! [`locality`] (the caller's own zone while enough of it is healthy), then the balancer.
 //! An [`EndpointSet`] is immutable once built (the schedules, rings and pools are built with
 //! it); a change of endpoints or policy builds a new set that is swapped in atomically.
+//!
+//! Ejected endpoints are skipped. Below the set's healthy panic threshold (Envoy's
+//! `healthy_panic_threshold`, off by default) the set is in panic: too few endpoints are left
+//! to carry the load, so picks ignore ejection and spread over every endpoint with the
+//! balancer, bypassing the subset and locality stages (Envoy also drops zone-aware routing in
+//! panic).
 
 pub mod endpoint;
+pub mod lane;
 mod least_request;
 pub mod locality;
 mod p2c_ewma;
@@ -15,9 +22,11 @@ mod random;
 mod ring_hash;
 mod round_robin;
 pub mod subset;
-mod weighted;
+pub mod weighted;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 pub use endpoint::{Endpoint, EndpointStats, Env, InFlight, Labels, Source};
 pub use ring_hash::hash_bytes as ring_hash_key;
@@ -49,6 +58,17 @@ pub struct SetPolicy {
 pub struct EndpointSet {
     endpoints: Vec<Arc<Endpoint>>,
     subsets: subset::Subsets,
+    kind: BalancerKind,
+    /// Healthy panic threshold in percent of endpoints not ejected (0: off).
+    panic_threshold: AtomicU32,
+    /// Every endpoint under one balancer: where picks go in panic. Built when a threshold is set.
+    panic_pool: OnceLock<Pool>,
+    /// The split and locality the set was built with (lanes are built with them too).
+    policy: SetPolicy,
+    /// Whether some endpoint carries a colour (uncoloured requests then keep off them).
+    coloured: bool,
+    /// Colour and version lanes, built on the first request that asks for one.
+    lanes: OnceLock<lane::Lanes>,
 }
 
 /// Some endpoints of a set (global indexes into the set) with a balancer over them.
@@ -80,7 +100,62 @@ impl EndpointSet {
 
     pub fn with_policy(kind: BalancerKind, endpoints: Vec<Arc<Endpoint>>, policy: &SetPolicy) -> Self {
         let subsets = subset::Subsets::build(kind, &endpoints, policy);
-        Self { endpoints, subsets }
+        let coloured = endpoints.iter().any(|e| !e.labels.colour.is_empty());
+        Self {
+            endpoints,
+            subsets,
+            kind,
+            panic_threshold: AtomicU32::new(0),
+            panic_pool: OnceLock::new(),
+            coloured,
+            policy: policy.clone(),
+            lanes: OnceLock::new(),
+        }
+    }
+
+    /// Picks an endpoint for a request of `colour` that a route's split sent to `version`:
+    /// the lane stage, then [`EndpointSet::pick`]'s stages inside the lane; a lane with nothing
+    /// usable falls back to the whole set.
+    pub fn pick_lane(&self, colour: Option<&[u8]>, version: Option<&str>, ctx: PickCtx) -> Option<usize> {
+        if version.is_none() && !self.coloured {
+            return self.pick(ctx);
+        }
+        let lanes = self
+            .lanes
+            .get_or_init(|| lane::Lanes::build(self.kind, &self.endpoints, &self.policy));
+        lanes.pick(colour, version, ctx).or_else(|| self.pick(ctx))
+    }
+
+    /// Sets the healthy panic threshold (percent, capped at 100; 0 turns panic mode off): while
+    /// fewer than this share of the endpoints are available (not ejected), picks ignore
+    /// ejection. A setter on `&self` so a reload can change it on the set in force.
+    pub fn set_panic_threshold(&self, percent: u32) {
+        let percent = percent.min(100);
+        if percent > 0 {
+            self.panic_pool();
+        }
+        self.panic_threshold.store(percent, Ordering::Relaxed);
+    }
+
+    pub fn panic_threshold(&self) -> u32 {
+        self.panic_threshold.load(Ordering::Relaxed)
+    }
+
+    /// Endpoints not ejected at `now`.
+    pub fn available_at(&self, now: Instant) -> usize {
+        self.endpoints.iter().filter(|e| !e.stats.is_ejected_at(now)).count()
+    }
+
+    /// Whether the set is in panic at `now`: available share below the panic threshold.
+    pub fn in_panic_at(&self, now: Instant) -> bool {
+        let threshold = self.panic_threshold();
+        // available / len < threshold / 100, in integers.
+        threshold > 0 && (self.available_at(now) as u64) * 100 < u64::from(threshold) * self.endpoints.len() as u64
+    }
+
+    fn panic_pool(&self) -> &Pool {
+        self.panic_pool
+            .get_or_init(|| Pool::new(self.kind, &self.endpoints, (0..self.endpoints.len()).collect()))
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
@@ -97,10 +172,15 @@ impl EndpointSet {
     }
 
     /// Picks an endpoint index: environment, then locality, then the balancer. Ejected
-    /// endpoints are skipped unless every endpoint of the pool is ejected (panic mode, as Envoy).
+    /// endpoints are skipped unless every endpoint of the pool is ejected, or the set is below
+    /// its panic threshold (then the balancer picks among all endpoints, as Envoy's panic mode).
     pub fn pick(&self, ctx: PickCtx) -> Option<usize> {
         if self.endpoints.is_empty() {
             return None;
+        }
+        // The threshold check costs a pass over the endpoints, so only when one is set.
+        if self.panic_threshold() > 0 && self.in_panic_at(Instant::now()) {
+            return self.panic_pool().pick_where(ctx, false);
         }
         self.subsets.pick(ctx)
     }
@@ -157,12 +237,17 @@ impl Pool {
     /// The balancer's choice when usable, else the next usable member, else (all ejected)
     /// any member but `exclude`. Returns a global index.
     pub fn pick(&self, ctx: PickCtx) -> Option<usize> {
+        self.pick_where(ctx, true)
+    }
+
+    /// [`Self::pick`], with ejected members usable unless `skip_ejected`.
+    fn pick_where(&self, ctx: PickCtx, skip_ejected: bool) -> Option<usize> {
         let n = self.members.len();
         if n == 0 {
             return None;
         }
         let exclude = ctx.exclude.and_then(|g| self.members.iter().position(|&m| m == g));
-        let usable = |i: usize| Some(i) != exclude && !self.endpoints[i].stats.is_ejected();
+        let usable = |i: usize| Some(i) != exclude && !(skip_ejected && self.endpoints[i].stats.is_ejected());
         for _ in 0..2 {
             let i = self.choose(ctx.hash);
             if usable(i) {
@@ -274,6 +359,60 @@ mod tests {
             e.stats.eject(Duration::from_secs(30), Duration::from_secs(30));
         }
         assert!(set.pick(PickCtx::default()).is_some());
+    }
+
+    #[test]
+    fn below_the_panic_threshold_picks_ignore_ejection() {
+        let ctx = |k: usize| PickCtx {
+            hash: Some(ring_hash_key(&k.to_le_bytes())),
+            exclude: None,
+        };
+        for kind in [
+            BalancerKind::RoundRobin,
+            BalancerKind::Weighted,
+            BalancerKind::Random,
+            BalancerKind::LeastRequest,
+            BalancerKind::P2cEwma,
+            BalancerKind::RingHash,
+        ] {
+            let set = EndpointSet::new(kind, endpoints(&[100, 100, 100, 100]));
+            for e in &set.endpoints()[..3] {
+                e.stats.eject(Duration::from_secs(30), Duration::from_secs(30));
+            }
+            let now = Instant::now();
+            // (threshold, in panic): 1 of 4 available is 25%.
+            for (threshold, panic) in [(0, false), (25, false), (26, true), (50, true), (100, true)] {
+                set.set_panic_threshold(threshold);
+                assert_eq!(set.in_panic_at(now), panic, "{kind:?} at {threshold}%");
+                let counts = histogram(&set, 400, ctx);
+                if panic {
+                    assert!(counts.iter().all(|&c| c > 0), "{kind:?} at {threshold}%: {counts:?}");
+                } else {
+                    assert_eq!(counts, [0, 0, 0, 400], "{kind:?} at {threshold}%");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panic_mode_still_avoids_the_excluded_endpoint_and_ends_with_the_ejections() {
+        let set = EndpointSet::new(BalancerKind::RoundRobin, endpoints(&[1, 1, 1]));
+        set.set_panic_threshold(200);
+        assert_eq!(set.panic_threshold(), 100);
+        for e in &set.endpoints()[..2] {
+            e.stats.eject(Duration::from_secs(30), Duration::from_secs(30));
+        }
+        for _ in 0..30 {
+            let i = set.pick(PickCtx {
+                hash: None,
+                exclude: Some(0),
+            });
+            assert_ne!(i, Some(0));
+        }
+        // Half an hour later nothing is ejected: out of panic.
+        let later = Instant::now() + Duration::from_secs(1800);
+        assert_eq!(set.available_at(later), 3);
+        assert!(!set.in_panic_at(later));
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod governance;
 pub mod identity;
 pub mod lifecycle;
 pub mod proxy;

@@ -14,6 +14,7 @@ pub mod headers;
 mod http;
 pub mod listener;
 pub mod pool;
+mod record;
 mod tcp;
 
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub struct Shared {
     pub limits: ProxyConfig,
     /// Set when the agent starts draining: HTTP/1.1 responses then carry `Connection: close`.
     pub draining: std::sync::atomic::AtomicBool,
+    /// The colour of this VM's identity (a test lane), stamped on its outbound calls.
+    pub own_colour: arc_swap::ArcSwapOption<::http::HeaderValue>,
 }
 
 /// One listener's identity and target.

@@ -4,14 +4,22 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
 
 use crate::balance::{Endpoint, EndpointSet, Env, Labels, Source};
-use crate::config::{BalancerKind, Config, EndpointConfig, InboundConfig, OutboundConfig, Protocol, RetryConfig};
+use crate::config::{
+    BalancerKind, ColourConfig, Config, EndpointConfig, InboundConfig, OutboundConfig, Protocol, RetryConfig,
+};
+use crate::governance::colour::{Colouring, Propagation};
+use crate::governance::routing::{Route, RouteRules};
+use crate::governance::{Fallback, RateLimit};
 use crate::proxy::client::{self, UpstreamClient};
+use crate::resilience::adaptive::AdaptiveLimiter;
+use crate::resilience::breaker::Breaker;
+use crate::resilience::cpu::CpuGauge;
 use crate::resilience::{Outlier, RetryBudget, RetryPolicy};
 use crate::telemetry::metrics::{ClusterMetrics, Direction, Metrics};
 
@@ -34,14 +42,33 @@ pub struct Cluster {
     pub metrics: ClusterMetrics,
     /// Request bodies up to this size are buffered for retries.
     pub retry_buffer: u64,
+    /// Route rules for requests addressed to this cluster (outbound), in order.
+    pub routes: Arc<[Arc<Route>]>,
+    pub breaker: Option<Arc<Breaker>>,
+    pub fallback: Option<Arc<Fallback>>,
+    pub rate_limit: Option<Arc<RateLimit>>,
+    /// The adaptive concurrency limit (inbound).
+    pub adaptive: Option<Arc<AdaptiveLimiter>>,
+    /// The settings the governance parts were built from.
+    pub policy: ClusterPolicy,
+    /// When outlier detection last ran its statistical sweep.
+    last_sweep: std::sync::Mutex<Instant>,
 }
 
-/// Every cluster of one config generation.
+/// Every cluster of one config generation, and the rules that steer requests among them.
 #[derive(Default)]
 pub struct RouteTable {
     pub inbound: Option<Arc<Cluster>>,
     /// Outbound clusters by service name.
     pub services: HashMap<Box<str>, Arc<Cluster>>,
+    /// `[[route]]` rules, compiled.
+    pub rules: RouteRules,
+    /// `[colour]`, compiled.
+    pub colouring: Option<Arc<Colouring>>,
+    /// Headers carried from inbound requests to the app's outbound calls (with `[colour]`).
+    pub propagation: Option<Arc<Propagation>>,
+    /// The config the colouring was built from (a reload keeps the propagation map when equal).
+    colour_config: Option<ColourConfig>,
 }
 
 // === impl RouteTable ===
@@ -50,6 +77,7 @@ impl RouteTable {
     /// Builds the table for `config`, reusing what `previous` already has.
     pub fn build(config: &Config, previous: Option<&RouteTable>, metrics: &Metrics) -> Self {
         let retry_buffer = config.proxy.retry_buffer_bytes.0;
+        let rules = RouteRules::compile(&config.route, previous.map(|p| &p.rules));
         let inbound = config.inbound.as_ref().map(|inb| {
             let prev = previous.and_then(|p| p.inbound.as_deref());
             Arc::new(Cluster::inbound(inb, prev, metrics, retry_buffer))
@@ -61,13 +89,34 @@ impl RouteTable {
                 let prev = previous
                     .and_then(|p| p.services.get(out.service.as_str()))
                     .map(|c| &**c);
+                let routes = rules.for_service(&out.service);
                 (
                     Box::from(out.service.as_str()),
-                    Arc::new(Cluster::outbound(out, prev, metrics, retry_buffer)),
+                    Arc::new(Cluster::outbound(out, routes, prev, metrics, retry_buffer)),
                 )
             })
             .collect();
-        Self { inbound, services }
+        let colouring = config.colour.as_ref().map(|c| Arc::new(Colouring::new(c)));
+        let propagation = config.colour.as_ref().zip(colouring.as_ref()).map(|(c, compiled)| {
+            let kept = previous
+                .filter(|p| p.colour_config.as_ref() == Some(c))
+                .and_then(|p| p.propagation.clone());
+            kept.unwrap_or_else(|| {
+                Arc::new(Propagation::new(
+                    compiled.propagate.clone(),
+                    c.propagate_ttl.get(),
+                    c.propagate_max,
+                ))
+            })
+        });
+        Self {
+            inbound,
+            services,
+            rules,
+            colouring,
+            propagation,
+            colour_config: config.colour.clone(),
+        }
     }
 
     pub fn by_host(&self, host: &str) -> Option<&Arc<Cluster>> {
@@ -88,6 +137,30 @@ struct Spec<'a> {
     connect_timeout: Duration,
     retry: &'a RetryConfig,
     endpoints: Vec<(std::net::SocketAddr, u32, Labels)>,
+    routes: Arc<[Arc<Route>]>,
+    policy: ClusterPolicy,
+}
+
+/// The governance settings of one cluster, kept to tell whether a reload changed them (an
+/// unchanged breaker or limiter keeps its state across the reload).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterPolicy {
+    pub outlier: crate::config::OutlierConfig,
+    pub breaker: Option<crate::config::BreakerConfig>,
+    pub fallback: Option<crate::config::FallbackConfig>,
+    pub rate_limit: Option<crate::config::RateLimitConfig>,
+    pub adaptive: Option<crate::config::AdaptiveConfig>,
+}
+
+/// Host CPU use, sampled by one task for the whole process (adaptive limits read it).
+fn cpu_gauge() -> CpuGauge {
+    static CPU: std::sync::OnceLock<CpuGauge> = std::sync::OnceLock::new();
+    if tokio::runtime::Handle::try_current().is_err() {
+        // No runtime (unit tests building tables): a gauge that reads 0.
+        return CPU.get().cloned().unwrap_or_default();
+    }
+    CPU.get_or_init(|| CpuGauge::spawn_sampler(Duration::from_millis(250)))
+        .clone()
 }
 
 impl Cluster {
@@ -112,6 +185,12 @@ impl Cluster {
                 connect_timeout: c.connect_timeout.get(),
                 retry: &retry,
                 endpoints: vec![(c.app, 100, Labels::env(Env::Vm))],
+                routes: Arc::from(Vec::new()),
+                policy: ClusterPolicy {
+                    rate_limit: c.rate_limit.clone(),
+                    adaptive: c.adaptive.clone(),
+                    ..ClusterPolicy::default()
+                },
             },
             prev,
             metrics,
@@ -119,7 +198,13 @@ impl Cluster {
         )
     }
 
-    fn outbound(c: &OutboundConfig, prev: Option<&Cluster>, metrics: &Metrics, retry_buffer: u64) -> Self {
+    fn outbound(
+        c: &OutboundConfig,
+        routes: Arc<[Arc<Route>]>,
+        prev: Option<&Cluster>,
+        metrics: &Metrics,
+        retry_buffer: u64,
+    ) -> Self {
         Self::build(
             Spec {
                 service: &c.service,
@@ -146,6 +231,14 @@ impl Cluster {
                         (e.address(), e.weight(), labels)
                     })
                     .collect(),
+                routes,
+                policy: ClusterPolicy {
+                    outlier: c.outlier.clone(),
+                    breaker: c.breaker.clone(),
+                    fallback: c.fallback.clone(),
+                    rate_limit: c.rate_limit.clone(),
+                    adaptive: None,
+                },
             },
             prev,
             metrics,
@@ -204,10 +297,75 @@ impl Cluster {
             connect_timeout: spec.connect_timeout,
             retry: RetryPolicy::from_config(spec.retry),
             budget: RetryBudget::new(spec.retry.budget_ratio, spec.retry.budget_min_concurrency),
-            outlier: Outlier::default(),
+            outlier: Outlier::from_config(&spec.policy.outlier),
             client,
             metrics: metrics.cluster(spec.direction, spec.service),
             retry_buffer,
+            routes: spec.routes,
+            breaker: spec.policy.breaker.as_ref().map(|b| match prev {
+                Some(p) if p.policy.breaker.as_ref() == Some(b) && p.breaker.is_some() => {
+                    p.breaker.clone().unwrap_or_else(|| Breaker::new(b))
+                }
+                _ => Breaker::new(b),
+            }),
+            fallback: spec.policy.fallback.as_ref().map(|f| Arc::new(Fallback::new(f))),
+            rate_limit: spec
+                .policy
+                .rate_limit
+                .as_ref()
+                .map(|rl| RateLimit::reuse(rl, prev.and_then(|p| p.rate_limit.as_ref()))),
+            adaptive: spec.policy.adaptive.as_ref().map(|a| match prev {
+                Some(p) if p.policy.adaptive.as_ref() == Some(a) && p.adaptive.is_some() => p
+                    .adaptive
+                    .clone()
+                    .unwrap_or_else(|| AdaptiveLimiter::new(a, cpu_gauge(), Instant::now())),
+                _ => AdaptiveLimiter::new(a, cpu_gauge(), Instant::now()),
+            }),
+            policy: spec.policy,
+            last_sweep: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Runs outlier detection's sweep (statistical modes, forgiveness) when its interval has
+    /// passed; returns the ejections it made.
+    pub fn sweep_outliers(&self, now: Instant) -> usize {
+        // Every interval, even without a statistical mode: the sweep also forgives ejections.
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+            if now.duration_since(*last) < self.outlier.interval() {
+                return 0;
+            }
+            *last = now;
+        }
+        let set = self.endpoints.load();
+        // Discovery installs new sets: each gets the cluster's panic threshold here.
+        set.set_panic_threshold(self.outlier.panic_threshold_percent());
+        let ejected = self.outlier.sweep(&set, now);
+        for (i, ej) in &ejected {
+            self.metrics.ejected(ej.reason.as_str());
+            if let Some(ep) = set.endpoints().get(*i) {
+                tracing::warn!(service = %self.service, endpoint = %ep.addr, reason = ej.reason.as_str(), ejected_for = ?ej.duration, "outlier ejected");
+            }
+        }
+        ejected.len()
+    }
+
+    /// Sets the cluster's breaker-state and adaptive-limit gauges from their live state.
+    pub fn publish_gauges(&self, metrics: &Metrics, now: Instant) {
+        let labels = crate::telemetry::metrics::ClusterLabels {
+            direction: self.direction,
+            service: self.service.to_string(),
+        };
+        if let Some(b) = &self.breaker {
+            let v = match b.state(now) {
+                crate::resilience::breaker::BreakerState::Closed => 0,
+                crate::resilience::breaker::BreakerState::HalfOpen => 1,
+                crate::resilience::breaker::BreakerState::Open => 2,
+            };
+            metrics.breaker_state.get_or_create(&labels).set(v);
+        }
+        if let Some(a) = &self.adaptive {
+            metrics.adaptive_limit.get_or_create(&labels).set(i64::from(a.limit()));
         }
     }
 

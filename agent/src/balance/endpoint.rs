@@ -1,7 +1,8 @@
-//! An upstream endpoint and its live statistics (in-flight, peak-EWMA latency, failures).
+//! An upstream endpoint and its live statistics (in-flight, peak-EWMA latency, failures,
+//! ejection state for outlier detection).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,10 @@ pub struct Labels {
 }
 
 /// Lock-free statistics read by the balancers and written by the request path.
+///
+/// Ejection state is a deadline (nanoseconds since the stats' creation), so an endpoint
+/// returns to service by itself when the deadline passes; the `*_at(now)` methods take the
+/// time explicitly so tests drive it without sleeping.
 #[derive(Debug)]
 pub struct EndpointStats {
     in_flight: AtomicU64,
@@ -69,11 +74,64 @@ pub struct EndpointStats {
     ewma_ns: AtomicU64,
     /// When `ewma_ns` was last updated, nanoseconds since `epoch`.
     ewma_stamp: AtomicU64,
+    /// Consecutive gateway failures (connect failure, reset, timeout, 502/503/504).
     consecutive_failures: AtomicU32,
+    /// Consecutive 5xx of any kind, local failures included.
+    consecutive_5xx: AtomicU32,
+    /// The ejection multiplier: ejections not yet forgiven.
     ejections: AtomicU32,
-    /// Ejected until this many nanoseconds since `epoch` (0: not ejected).
+    /// Ejected until this many nanoseconds since `epoch` (0: never ejected).
     ejected_until: AtomicU64,
+    /// Ejections ever (admin status).
+    ejected_total: AtomicU64,
+    /// [`EjectionReason::code`] of the latest ejection (0: none yet).
+    last_reason: AtomicU8,
+    /// This interval's tries for the statistical outlier modes: total in the high 32 bits,
+    /// successes in the low 32, in one word so a sweep takes both at once.
+    interval: AtomicU64,
     epoch: Instant,
+}
+
+/// Why an endpoint was ejected: a bounded set, usable as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EjectionReason {
+    /// Consecutive gateway failures (connect failure, reset, timeout, 502/503/504).
+    ConsecutiveGateway,
+    /// Consecutive 5xx responses (500 included) or local failures.
+    Consecutive5xx,
+    /// Success rate below the cluster's mean by more than `stdev_factor` deviations.
+    SuccessRate,
+    /// Failure percentage at or above the threshold.
+    FailurePercentage,
+}
+
+/// An endpoint's ejection state, for the admin API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EjectionStatus {
+    /// When the current ejection ends; `None` when not ejected.
+    pub ejected_until: Option<Instant>,
+    /// Time left of the current ejection; `None` when not ejected.
+    pub remaining: Option<Duration>,
+    /// Ejections since the endpoint was first seen.
+    pub times_ejected: u64,
+    /// The current ejection multiplier (the next ejection lasts `base * (multiplier + 1)`).
+    pub multiplier: u32,
+    /// Why it was last ejected; `None` if never.
+    pub last_reason: Option<EjectionReason>,
+}
+
+/// An interval's tries of one endpoint, taken by an outlier sweep.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IntervalCounts {
+    pub success: u64,
+    pub total: u64,
+}
+
+/// The consecutive-failure counts after a try.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Consecutive {
+    pub gateway: u32,
+    pub five_xx: u32,
 }
 
 /// Decay time of the peak-EWMA (Finagle/Linkerd use 10 s).
@@ -82,7 +140,7 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 /// estimate decays to): optimistic, so new and recovered endpoints get probed.
 const EWMA_DEFAULT_NS: f64 = 100_000.0;
 
-// === impl Endpoint ===
+// === impl Env ===
 
 impl Env {
     /// `vm` and `k8s` as they are; everything else is `Other`.
@@ -121,6 +179,8 @@ impl Labels {
         Self { env, ..Self::default() }
     }
 }
+
+// === impl Endpoint ===
 
 impl Endpoint {
     pub fn new(addr: SocketAddr, weight: u32, labels: Arc<Labels>, metrics: RequestMetrics) -> Self {
@@ -170,8 +230,12 @@ impl EndpointStats {
             ewma_ns: AtomicU64::new(EWMA_DEFAULT_NS.to_bits()),
             ewma_stamp: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
+            consecutive_5xx: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
+            ejected_total: AtomicU64::new(0),
+            last_reason: AtomicU8::new(0),
+            interval: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -181,7 +245,12 @@ impl EndpointStats {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.ns_at(Instant::now())
+    }
+
+    /// `now` as nanoseconds since `epoch` (0 for an instant before it).
+    fn ns_at(&self, now: Instant) -> u64 {
+        nanos(now.saturating_duration_since(self.epoch))
     }
 
     /// The decayed peak-EWMA latency now, in nanoseconds.
@@ -229,26 +298,117 @@ impl EndpointStats {
     }
 
     pub fn is_ejected(&self) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && self.now_ns() < until
+        self.is_ejected_at(Instant::now())
     }
 
-    /// Ejects for `base * 2^(ejections so far)`, capped at `max`; returns the duration.
+    /// Whether the endpoint is ejected at `now`.
+    pub fn is_ejected_at(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && self.ns_at(now) < until
+    }
+
+    /// Ejects for `base * 2^(ejections so far)`, capped at `max`; returns the duration. The
+    /// growth law of [`Outlier::record`](crate::resilience::Outlier::record).
     pub fn eject(&self, base: Duration, max: Duration) -> Duration {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
         let d = base.saturating_mul(1 << n).min(max);
-        let until = self
-            .now_ns()
-            .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        self.ejected_until.store(until.max(1), Ordering::Relaxed);
-        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.set_ejected(self.now_ns(), d, EjectionReason::ConsecutiveGateway);
         d
+    }
+
+    /// Ejects from `now` for `base * multiplier`, capped at `max`, as Envoy: the multiplier
+    /// grows by one per ejection while `base * multiplier` is below `max` (so it decays from
+    /// the cap in a bounded number of intervals, see [`Self::forgive_at`]). Returns the duration.
+    pub fn eject_at(&self, now: Instant, base: Duration, max: Duration, reason: EjectionReason) -> Duration {
+        let below_cap = |m: u32| base.saturating_mul(m) < max;
+        let prev = self
+            .ejections
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| {
+                Some(if below_cap(m) { m.saturating_add(1) } else { m })
+            })
+            .unwrap_or_else(|m| m); // the closure always returns Some
+        let m = if below_cap(prev) { prev.saturating_add(1) } else { prev };
+        let d = base.saturating_mul(m.max(1)).min(max);
+        self.set_ejected(self.ns_at(now), d, reason);
+        d
+    }
+
+    fn set_ejected(&self, from_ns: u64, d: Duration, reason: EjectionReason) {
+        let until = from_ns.saturating_add(nanos(d));
+        self.ejected_until.store(until.max(1), Ordering::Relaxed);
+        self.ejected_total.fetch_add(1, Ordering::Relaxed);
+        self.last_reason.store(reason.code(), Ordering::Relaxed);
+        // Back in service, the endpoint starts from clean counts (as Envoy on unejection).
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
     }
 
     /// Ends an ejection early (the endpoint answered well after its ejection ended).
     pub fn reset_ejections(&self) {
         if self.ejections.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
             self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgives one ejection when the endpoint has been back in service for at least `quiet`
+    /// at `now` (Envoy decrements the multiplier once per healthy sweep interval).
+    pub fn forgive_at(&self, now: Instant, quiet: Duration) {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until != 0 && self.ns_at(now) >= until.saturating_add(nanos(quiet)) {
+            // Err: already 0, nothing to forgive.
+            let _ = self
+                .ejections
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |m| m.checked_sub(1));
+        }
+    }
+
+    /// Counts a try for the consecutive modes: a gateway failure (connect failure, reset,
+    /// timeout, 502/503/504) and/or a server failure (any 5xx or local failure). A try that is
+    /// not a failure of a kind resets that kind's count.
+    pub fn count_consecutive(&self, gateway: bool, server: bool) -> Consecutive {
+        let bump = |c: &AtomicU32, failed: bool| {
+            if failed {
+                c.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+            } else {
+                if c.load(Ordering::Relaxed) != 0 {
+                    c.store(0, Ordering::Relaxed);
+                }
+                0
+            }
+        };
+        Consecutive {
+            gateway: bump(&self.consecutive_failures, gateway),
+            five_xx: bump(&self.consecutive_5xx, server),
+        }
+    }
+
+    /// Counts a try in this interval's success/total counts. Whoever counts takes the counts
+    /// each interval ([`Self::take_interval`]): 2^32 tries in one interval would overflow.
+    pub fn count_interval(&self, success: bool) {
+        self.interval
+            .fetch_add((1 << 32) | u64::from(success), Ordering::Relaxed);
+    }
+
+    /// Takes this interval's counts and starts the next interval from zero.
+    pub fn take_interval(&self) -> IntervalCounts {
+        let v = self.interval.swap(0, Ordering::Relaxed);
+        IntervalCounts {
+            success: v & u64::from(u32::MAX),
+            total: v >> 32,
+        }
+    }
+
+    /// The ejection state at `now`.
+    pub fn ejection_status(&self, now: Instant) -> EjectionStatus {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        let now_ns = self.ns_at(now);
+        let ejected = until != 0 && now_ns < until;
+        EjectionStatus {
+            ejected_until: ejected.then(|| self.epoch + Duration::from_nanos(until)),
+            remaining: ejected.then(|| Duration::from_nanos(until - now_ns)),
+            times_ejected: self.ejected_total.load(Ordering::Relaxed),
+            multiplier: self.ejections.load(Ordering::Relaxed),
+            last_reason: EjectionReason::from_code(self.last_reason.load(Ordering::Relaxed)),
         }
     }
 }
@@ -258,6 +418,48 @@ impl Default for EndpointStats {
         Self::new()
     }
 }
+
+// === impl EjectionReason ===
+
+impl EjectionReason {
+    pub const ALL: [Self; 4] = [
+        Self::ConsecutiveGateway,
+        Self::Consecutive5xx,
+        Self::SuccessRate,
+        Self::FailurePercentage,
+    ];
+
+    /// The metric label and admin API value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ConsecutiveGateway => "consecutive_gateway",
+            Self::Consecutive5xx => "consecutive_5xx",
+            Self::SuccessRate => "success_rate",
+            Self::FailurePercentage => "failure_percentage",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::ConsecutiveGateway => 1,
+            Self::Consecutive5xx => 2,
+            Self::SuccessRate => 3,
+            Self::FailurePercentage => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+}
+
+impl std::fmt::Display for EjectionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// === impl InFlight ===
 
 /// A request in flight to an endpoint; decrements the endpoint's count on drop.
 #[derive(Debug)]
@@ -273,6 +475,11 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// A duration in nanoseconds, saturating (u64 nanoseconds last 584 years).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -301,6 +508,57 @@ mod tests {
             s.eject(base, max);
         }
         assert_eq!(s.eject(base, max), max);
+    }
+
+    #[test]
+    fn eject_at_grows_by_base_caps_and_ends_at_the_deadline() {
+        let s = EndpointStats::new();
+        let (base, max) = (Duration::from_secs(30), Duration::from_secs(100));
+        let t = Instant::now();
+        let got: Vec<u64> = (0..5)
+            .map(|_| s.eject_at(t, base, max, EjectionReason::SuccessRate).as_secs())
+            .collect();
+        assert_eq!(got, [30, 60, 90, 100, 100]);
+        assert!(s.is_ejected_at(t + Duration::from_secs(99)));
+        assert!(!s.is_ejected_at(t + Duration::from_secs(100)));
+        let status = s.ejection_status(t);
+        assert_eq!((status.times_ejected, status.multiplier), (5, 4));
+        assert_eq!(status.last_reason, Some(EjectionReason::SuccessRate));
+        // Forgiven once per quiet interval after the deadline, down to zero.
+        let quiet = Duration::from_secs(10);
+        s.forgive_at(t + Duration::from_secs(105), quiet);
+        assert_eq!(s.ejection_status(t).multiplier, 4);
+        for k in 0..6 {
+            s.forgive_at(t + Duration::from_secs(110 + 10 * k), quiet);
+        }
+        assert_eq!(s.ejection_status(t).multiplier, 0);
+    }
+
+    #[test]
+    fn consecutive_counts_reset_per_kind() {
+        let s = EndpointStats::new();
+        assert_eq!(s.count_consecutive(true, true), Consecutive { gateway: 1, five_xx: 1 });
+        assert_eq!(s.count_consecutive(false, true), Consecutive { gateway: 0, five_xx: 2 });
+        assert_eq!(s.count_consecutive(true, true), Consecutive { gateway: 1, five_xx: 3 });
+        assert_eq!(s.count_consecutive(false, false), Consecutive::default());
+        s.count_consecutive(true, true);
+        s.eject_at(
+            Instant::now(),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            EjectionReason::Consecutive5xx,
+        );
+        assert_eq!(s.count_consecutive(true, true), Consecutive { gateway: 1, five_xx: 1 });
+    }
+
+    #[test]
+    fn interval_counts_are_taken_whole() {
+        let s = EndpointStats::new();
+        for k in 0..10 {
+            s.count_interval(k % 5 != 0);
+        }
+        assert_eq!(s.take_interval(), IntervalCounts { success: 8, total: 10 });
+        assert_eq!(s.take_interval(), IntervalCounts::default());
     }
 
     #[test]

@@ -31,8 +31,14 @@ struct Subset {
 
 impl Subsets {
     pub fn build(kind: BalancerKind, endpoints: &[Arc<Endpoint>], policy: &SetPolicy) -> Self {
+        let all: Vec<usize> = (0..endpoints.len()).collect();
+        Self::build_over(kind, endpoints, &all, policy)
+    }
+
+    /// Subsets of the endpoints at `members` (global indexes into `endpoints`): a lane.
+    pub fn build_over(kind: BalancerKind, endpoints: &[Arc<Endpoint>], members: &[usize], policy: &SetPolicy) -> Self {
         let Some(split) = &policy.split else {
-            let all = (0..endpoints.len()).collect();
+            let all = members.to_vec();
             return Self {
                 subsets: vec![Subset {
                     env: Env::Vm,
@@ -47,7 +53,8 @@ impl Subsets {
         // One subset per environment of the policy, even an empty one (a request the schedule
         // sends there falls back and is counted), then environments outside the policy at 0%.
         let mut envs: Vec<(Env, u32)> = split.clone();
-        for e in endpoints {
+        for &i in members {
+            let e = &endpoints[i];
             if !envs.iter().any(|(env, _)| *env == e.env()) {
                 envs.push((e.env(), 0));
             }
@@ -55,7 +62,7 @@ impl Subsets {
         let subsets: Vec<Subset> = envs
             .iter()
             .map(|&(env, percent)| {
-                let members = (0..endpoints.len()).filter(|&i| endpoints[i].env() == env).collect();
+                let members = members.iter().copied().filter(|&i| endpoints[i].env() == env).collect();
                 Subset {
                     env,
                     percent,
@@ -78,6 +85,11 @@ impl Subsets {
             return Vec::new();
         }
         self.subsets.iter().map(|s| (s.env, s.percent, s.pool.len())).collect()
+    }
+
+    /// Whether some subset has an endpoint a pick may use.
+    pub fn has_usable(&self, exclude: Option<usize>) -> bool {
+        self.subsets.iter().any(|s| s.pool.has_usable(exclude))
     }
 
     pub fn pick(&self, ctx: PickCtx) -> Option<usize> {

@@ -32,7 +32,7 @@ impl SmoothWeighted {
 /// Divides by the GCD, then scales down proportionally if the sum is still too large.
 /// Nginx's smooth weighted round-robin unrolled: one index per unit of weight, spread so that no
 /// index comes in runs longer than its share requires. `weights` sum to the schedule's length.
-pub(super) fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+pub fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
     let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
     let mut current = vec![0i64; weights.len()];
     let mut schedule = Vec::with_capacity(usize::try_from(total).unwrap_or(0));

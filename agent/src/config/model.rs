@@ -6,6 +6,13 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::units::{ByteSize, Dur};
+pub use crate::governance::colour::ColourConfig;
+pub use crate::governance::routing::RouteConfig;
+pub use crate::governance::FallbackConfig;
+pub use crate::resilience::adaptive::AdaptiveConfig;
+pub use crate::resilience::breaker::BreakerConfig;
+pub use crate::resilience::outlier::OutlierConfig;
+pub use crate::resilience::rate_limit::RateLimitConfig;
 
 /// The whole agent configuration (`/etc/vmesh/vmesh.toml`).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -35,6 +42,12 @@ pub struct Config {
     /// The Kubernetes API, for outbound services discovered from EndpointSlices.
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
+    /// Routing rules for outbound requests, first match wins (docs/governance.md).
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+    /// Colouring (染色) rules and the headers carried from inbound to outbound requests.
+    #[serde(default)]
+    pub colour: Option<ColourConfig>,
 }
 
 /// `[agent]`
@@ -178,6 +191,12 @@ pub struct InboundConfig {
     /// Slow start after registration.
     #[serde(default)]
     pub ramp: RampConfig,
+    /// A token bucket protecting the local application (per caller with `by`).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// The adaptive concurrency limit protecting the local application (latency and CPU).
+    #[serde(default)]
+    pub adaptive: Option<AdaptiveConfig>,
 }
 
 /// `[inbound.health]`
@@ -292,6 +311,18 @@ pub struct OutboundConfig {
     /// Prefer endpoints in the caller's zone.
     #[serde(default)]
     pub locality: LocalityConfig,
+    /// Outlier detection: when an endpoint is ejected, and for how long.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Circuit breaking: limits on connections and requests, and the error-rate breaker.
+    #[serde(default)]
+    pub breaker: Option<BreakerConfig>,
+    /// The answer given instead of a proxy error (by default only `CIRCUIT_OPEN`).
+    #[serde(default)]
+    pub fallback: Option<FallbackConfig>,
+    /// A token bucket on requests to this service (per caller with `by`).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitConfig>,
 }
 
 /// Where an outbound service's endpoints come from.

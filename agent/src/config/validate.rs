@@ -243,6 +243,26 @@ pub fn validate(config: &Config) -> Problems {
                 format!("{} is out of range 0..=100", out.locality.min_healthy_percent),
             ));
         }
+        p.extend(governance_problems(
+            &key(""),
+            Some(&out.outlier),
+            out.breaker.as_ref(),
+            out.fallback.as_ref(),
+            out.rate_limit.as_ref(),
+        ));
+    }
+    let names: Vec<&str> = config.outbound.iter().map(|o| o.service.as_str()).collect();
+    p.extend(crate::governance::routing::validate(&config.route, &names));
+    if let Some(c) = &config.colour {
+        p.extend(c.validate("colour"));
+    }
+    if let Some(inb) = &config.inbound {
+        if let Some(rl) = &inb.rate_limit {
+            p.extend(crate::governance::keyed(rl.validate("inbound.rate_limit")));
+        }
+        if let Some(a) = &inb.adaptive {
+            p.extend(crate::governance::keyed(a.validate("inbound.adaptive")));
+        }
     }
     if !matches!(config.registry.advertise_env.as_str(), "vm" | "k8s") {
         p.push((
@@ -260,6 +280,31 @@ pub fn validate(config: &Config) -> Problems {
                 format!("{api:?} is not an http:// or https:// URL"),
             ));
         }
+    }
+    p
+}
+
+/// Problems of a service's governance sections; `prefix` ends with `.` (`outbound[0].`) or
+/// is empty (a central policy).
+pub fn governance_problems(
+    prefix: &str,
+    outlier: Option<&crate::resilience::outlier::OutlierConfig>,
+    breaker: Option<&crate::resilience::breaker::BreakerConfig>,
+    fallback: Option<&crate::governance::FallbackConfig>,
+    rate_limit: Option<&crate::resilience::rate_limit::RateLimitConfig>,
+) -> Problems {
+    let mut p = Problems::new();
+    if let Some(o) = outlier {
+        p.extend(o.validate(&format!("{prefix}outlier")));
+    }
+    if let Some(b) = breaker {
+        p.extend(crate::governance::keyed(b.validate(&format!("{prefix}breaker"))));
+    }
+    if let Some(f) = fallback {
+        p.extend(crate::governance::validate_fallback(&format!("{prefix}fallback"), f));
+    }
+    if let Some(rl) = rate_limit {
+        p.extend(crate::governance::keyed(rl.validate(&format!("{prefix}rate_limit"))));
     }
     p
 }

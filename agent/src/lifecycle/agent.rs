@@ -74,6 +74,7 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         access_log,
         limits: config.proxy.clone(),
         draining: AtomicBool::new(false),
+        own_colour: arc_swap::ArcSwapOption::empty(),
     });
 
     // Bind everything first: a port in use fails the start, before anything is registered.
@@ -119,6 +120,7 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         lifecycle: lifecycle.handle.clone(),
         discovery,
     });
+    spawn_governance_ticks(state.clone(), shared.clone());
     let mut rt = Runtime {
         state: state.clone(),
         builder: Arc::new(crate::proxy::http_builder(&config.proxy)),
@@ -215,6 +217,36 @@ fn start_lifecycle(
         ready_tx,
     );
     Ok(Lifecycle { handle, ready, store })
+}
+
+/// Once a second: publishes the identity's colour to the request path (it can change with a
+/// CMDB refresh), runs outlier detection's statistical sweeps, and sets the breaker and
+/// adaptive-limit gauges.
+fn spawn_governance_ticks(state: Arc<AgentState>, shared: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let colour = state
+                .lifecycle
+                .status
+                .lock()
+                .ok()
+                .and_then(|s| s.identity.as_ref().map(|i| i.colour.clone()))
+                .filter(|c| !c.is_empty())
+                .and_then(|c| http::HeaderValue::from_str(&c).ok());
+            if shared.own_colour.load().as_deref() != colour.as_ref() {
+                shared.own_colour.store(colour.map(Arc::new));
+            }
+            let now = Instant::now();
+            let table = state.routes.load();
+            for cluster in table.services.values().chain(table.inbound.iter()) {
+                cluster.sweep_outliers(now);
+                cluster.publish_gauges(&state.metrics, now);
+            }
+        }
+    });
 }
 
 /// Pings systemd's watchdog at half its period when the unit asks for one: `WATCHDOG_USEC`

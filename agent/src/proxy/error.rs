@@ -26,6 +26,14 @@ pub enum ProxyError {
     BadRequest,
     /// A request body was larger than allowed while being buffered, or failed to arrive.
     BodyError,
+    /// The service's circuit breaker is open (or half-open with its probes taken).
+    CircuitOpen,
+    /// The service's breaker limits (`max_requests`, `max_pending_requests`) are reached.
+    CircuitFull,
+    /// A rate limit refused the request.
+    RateLimited,
+    /// The inbound adaptive concurrency limit shed the request.
+    Overloaded,
 }
 
 impl ProxyError {
@@ -38,13 +46,20 @@ impl ProxyError {
             Self::UnknownService => "UNKNOWN_SERVICE",
             Self::BadRequest => "BAD_REQUEST",
             Self::BodyError => "REQUEST_BODY_ERROR",
+            Self::CircuitOpen => "CIRCUIT_OPEN",
+            Self::CircuitFull => "CIRCUIT_MAX_REQUESTS",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::Overloaded => "OVERLOADED",
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
             Self::ConnectFailed | Self::Reset => StatusCode::BAD_GATEWAY,
-            Self::NoHealthyEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoHealthyEndpoint | Self::CircuitOpen | Self::CircuitFull | Self::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnknownService => StatusCode::NOT_FOUND,
             Self::BadRequest | Self::BodyError => StatusCode::BAD_REQUEST,
@@ -54,7 +69,13 @@ impl ProxyError {
     /// The gRPC status code for this error (UNAVAILABLE, DEADLINE_EXCEEDED, ...).
     fn grpc_status(self) -> &'static str {
         match self {
-            Self::ConnectFailed | Self::Reset | Self::NoHealthyEndpoint => "14",
+            Self::ConnectFailed
+            | Self::Reset
+            | Self::NoHealthyEndpoint
+            | Self::CircuitOpen
+            | Self::CircuitFull
+            | Self::Overloaded => "14",
+            Self::RateLimited => "8",
             Self::Timeout => "4",
             Self::UnknownService => "12",
             Self::BadRequest | Self::BodyError => "13",
@@ -70,6 +91,10 @@ impl ProxyError {
             Self::UnknownService => "unknown service",
             Self::BadRequest => "bad request",
             Self::BodyError => "request body could not be read",
+            Self::CircuitOpen => "circuit open: the service is failing, requests are refused for a while",
+            Self::CircuitFull => "circuit breaker limit reached: too many requests in flight",
+            Self::RateLimited => "rate limit exceeded",
+            Self::Overloaded => "overloaded: the adaptive concurrency limit shed this request",
         }
     }
 

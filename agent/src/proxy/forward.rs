@@ -1,29 +1,49 @@
-//! Forwarding one HTTP request to a cluster: pick an endpoint, send with deadlines, retry
-//! within the policy and the budget, feed outlier detection and latency, shape the response.
+//! Forwarding one HTTP request to a cluster, as a pipeline of named stages (each in its own
+//! file under `forward/`, drawn in docs/request-lifecycle.md):
+//!
+//! prepare (head, body) -> colour -> route -> fault -> admit (rate limit, adaptive limit,
+//! breaker) -> pick (colour lane, canary split, environment shift, locality, balancer) -> try
+//! -> record (outlier, EWMA; shared with TCP) -> retry or respond.
 
-use std::sync::atomic::AtomicU64;
+mod admit;
+mod attempt;
+mod prepare;
+mod select;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
-use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
-use http_body::Body;
-use http_body_util::BodyExt;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{RequestBody, ResponseBody};
+use super::body::ResponseBody;
 use super::complete::{Completion, LogParts, Received};
 use super::error::ProxyError;
 use super::headers;
-use super::pool::SendError;
+use super::record;
 use super::ConnCtx;
 use crate::balance::ring_hash_key;
 use crate::balance::PickCtx;
 use crate::config::Protocol;
+use crate::governance::fault::Abort;
+use crate::governance::Fallback;
 use crate::resilience::TryOutcome;
-use crate::route::Cluster;
+use crate::route::{Cluster, RouteTable};
+
+/// A request the fault stage resets instead of answering (hyper then closes the HTTP/1.1
+/// connection or resets the HTTP/2 stream).
+#[derive(Debug)]
+pub struct InjectedReset;
+
+impl std::fmt::Display for InjectedReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reset injected by a fault rule")
+    }
+}
+
+impl std::error::Error for InjectedReset {}
 
 /// Whether a request is gRPC (answered with `grpc-status` on proxy errors).
 pub fn is_grpc(req: &Request<Incoming>) -> bool {
@@ -76,196 +96,189 @@ pub fn fail(err: ProxyError, grpc: bool, mut completion: Completion) -> Response
     err.response(grpc, Some(completion))
 }
 
-/// Forwards `req` to `cluster`.
+/// Answers `err`, or the fallback when one covers it (marked `x-vmesh-fallback: 1`).
+fn fail_or_fallback(
+    err: ProxyError,
+    grpc: bool,
+    fallback: Option<&Fallback>,
+    mut completion: Completion,
+) -> Response<ResponseBody> {
+    let Some(fb) = fallback.filter(|f| f.covers(err.code())) else {
+        return fail(err, grpc, completion);
+    };
+    completion.status = fb.status.as_u16();
+    completion.headers_time = completion.start.elapsed();
+    completion.set_error(err.code());
+    if let Some(c) = &completion.cluster {
+        c.metrics.proxy_error(err.code());
+        c.metrics.fallbacks.inc();
+    }
+    let mut r = Response::new(ResponseBody::full(fb.body.clone(), Some(completion)));
+    *r.status_mut() = fb.status;
+    *r.headers_mut() = fb.headers.clone();
+    r
+}
+
+/// Forwards `req` to `cluster` (chosen by listener or `Host`; a route rule may send it to
+/// another cluster of `table`).
 pub async fn forward(
     ctx: &ConnCtx,
+    table: &RouteTable,
     cluster: Arc<Cluster>,
     req: Request<Incoming>,
     start: Instant,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, InjectedReset> {
     let grpc = is_grpc(&req) || cluster.is_grpc();
     let mut completion = early_completion(ctx, &req, start, Some(cluster.clone()));
-    let upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade(req.headers());
-    // While the agent drains, HTTP/1.1 clients are told to reconnect (to the next agent on
-    // the same socket) after this response, instead of finding their connection closed.
-    let close_after =
-        req.version() <= Version::HTTP_11 && ctx.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
-    let (mut parts, body) = req.into_parts();
-    let path = match parts.uri.path_and_query() {
-        Some(p) => p.clone(),
-        None if parts.method != http::Method::CONNECT => PathAndQuery::from_static("/"),
-        // CONNECT tunnels are not a sidecar's job.
-        None => return fail(ProxyError::BadRequest, grpc, completion),
-    };
-    let on_upgrade = if upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
-    } else {
-        None
+    let (parts, body) = req.into_parts();
+    let h2 = matches!(cluster.protocol, Protocol::Http2 | Protocol::Grpc);
+
+    // Stage prepare: the head for the next hop.
+    let mut p = match prepare::head(ctx, parts, h2, &mut completion) {
+        Ok(p) => p,
+        Err(e) => return Ok(fail(e, grpc, completion)),
     };
 
-    // Rewrite the request head for the next hop.
-    let h2_upstream = matches!(cluster.protocol, Protocol::Http2 | Protocol::Grpc);
-    let te_trailers = headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    if te_trailers && h2_upstream {
-        parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-    parts.headers.remove(header::EXPECT);
-    // Room for x-forwarded-for and x-request-id in one step: the map hyper parsed is sized
-    // for the headers it found, and growing it twice costs two reallocations and rehashes.
-    parts.headers.reserve(2);
-    headers::append_forwarded_for(&mut parts.headers, &ctx.client_ip);
-    headers::ensure_request_id(&mut parts.headers);
-    if let Some(log) = completion.log.as_mut() {
-        log.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
-        log.authority = parts.headers.get(header::HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-    }
-    if h2_upstream {
-        // HTTP/2 carries the authority in `:authority`; a `host` header beside it is a
-        // duplicate that servers such as nginx reject.
-        parts.headers.remove(header::HOST);
-    } else if !parts.headers.contains_key(header::HOST) {
-        if let Some(a) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, a);
+    // Stage colour: mark the request (rules, the VM's own colour, headers carried from the
+    // inbound request it serves) before routes match, so rules can match the colour.
+    let colour = select::colour(ctx, table, &cluster, &mut p.parts);
+
+    // Stage route: the first matching rule of the addressed service.
+    let route = select::route(&cluster, &p.parts);
+    let cluster = match route.as_ref().and_then(|r| r.service.as_deref()) {
+        Some(s) if *s != *cluster.service => match table.services.get(s) {
+            Some(c) => {
+                completion.cluster = Some(c.clone());
+                let now_h2 = matches!(c.protocol, Protocol::Http2 | Protocol::Grpc);
+                if now_h2 != h2 {
+                    prepare::set_authority(&mut p.parts, now_h2);
+                }
+                c.clone()
+            }
+            None => return Ok(fail(ProxyError::UnknownService, grpc, completion)),
+        },
+        _ => cluster,
+    };
+    let h2 = matches!(cluster.protocol, Protocol::Http2 | Protocol::Grpc);
+    let fallback = route
+        .as_ref()
+        .and_then(|r| r.fallback.as_deref())
+        .or(cluster.fallback.as_deref());
+
+    // Stage fault: drills on real traffic.
+    if let Some(f) = route.as_ref().and_then(|r| r.fault.as_ref()) {
+        let injected = f.draw(colour.as_ref().map(HeaderValue::as_bytes), fastrand::f64);
+        if let Some(d) = injected.delay {
+            tokio::time::sleep(d).await;
+        }
+        match injected.abort {
+            Some(Abort::Reset) => {
+                cluster.metrics.proxy_error("FAULT_INJECTED");
+                return Err(InjectedReset);
+            }
+            Some(Abort::Status(s)) => return Ok(admit::fault_answer(s, grpc, completion)),
+            None => {}
         }
     }
-    let deadline = start + cluster.timeout;
 
-    // The body: empty and small bodies can be replayed for a retry; others stream once.
-    let body = if body.is_end_stream() {
-        RequestBody::empty()
-    } else if !upgrade
-        // A known, small length is a finite body (gRPC streams never declare one): buffering it
-        // lets a refused connection be retried, and an early error answer the whole request.
-        && cluster.retry.attempts > 0
-        && content_length(&parts.headers).is_some_and(|n| n <= cluster.retry_buffer)
+    // Stage admit: rate limits, the adaptive limit, the breaker.
+    let now = Instant::now();
+    let admitted = match admit::admit(&cluster, route.as_deref(), &p.parts, now) {
+        Ok(a) => a,
+        Err(admit::Refused::RateLimited(wait)) => return Ok(admit::rate_limited(wait, grpc, fallback, completion)),
+        Err(admit::Refused::Error(e)) => return Ok(fail_or_fallback(e, grpc, fallback, completion)),
+    };
+
+    let timeout = route.as_ref().and_then(|r| r.timeout).unwrap_or(cluster.timeout);
+    let per_try_timeout = route
+        .as_ref()
+        .and_then(|r| r.per_try_timeout)
+        .or(cluster.per_try_timeout);
+    let retry = route.as_ref().and_then(|r| r.retry.as_ref()).unwrap_or(&cluster.retry);
+    let deadline = start + timeout;
+
+    // The body: small ones are buffered so that a retry can replay them.
+    let body = match prepare::body(
+        body,
+        &p.parts.headers,
+        retry.attempts,
+        cluster.retry_buffer,
+        p.upgrade,
+        deadline,
+        &mut completion,
+    )
+    .await
     {
-        match tokio::time::timeout_at(deadline.into(), body.collect()).await {
-            Ok(Ok(collected)) => RequestBody::Buffered(Some(collected.to_bytes())),
-            Ok(Err(_)) => return fail(ProxyError::BodyError, grpc, completion),
-            Err(_) => return fail(ProxyError::Timeout, grpc, completion),
-        }
-    } else {
-        let counter = completion.log.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
-        if let (Some(log), Some(c)) = (completion.log.as_mut(), &counter) {
-            log.received = Received::Counted(c.clone());
-        }
-        RequestBody::Stream(body, counter)
+        Ok(b) => b,
+        Err(e) => return Ok(fail(e, grpc, completion)),
     };
-    if let (Some(log), RequestBody::Buffered(b)) = (completion.log.as_mut(), &body) {
-        log.received = Received::Known(b.as_ref().map_or(0, |b| b.len() as u64));
-    }
 
     let _request_token = cluster.budget.request();
     let set = cluster.endpoints.load();
     let hash = cluster
         .hash_header
         .as_ref()
-        .and_then(|h| parts.headers.get(h))
+        .and_then(|h| p.parts.headers.get(h))
         .map(|v| ring_hash_key(v.as_bytes()));
-    let version = if h2_upstream { Version::HTTP_2 } else { Version::HTTP_11 };
+    let version = route.as_ref().and_then(|r| r.split.as_ref()).map(|s| s.choose());
+    let lane = select::Lane {
+        colour: colour.as_ref().map(HeaderValue::as_bytes),
+        version,
+    };
+    let http_version = if h2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
     let mut body = Some(body);
     let mut exclude = None;
-    let mut _retry_token = None;
+    let mut _retry_tokens = None;
     loop {
         completion.attempts += 1;
-        let Some(idx) = set.pick(PickCtx { hash, exclude }) else {
-            return fail(ProxyError::NoHealthyEndpoint, grpc, completion);
+        // Stage pick.
+        let Some(idx) = select::pick(&set, &lane, PickCtx { hash, exclude }) else {
+            return Ok(admitted.finish_with_error(fail_or_fallback(
+                ProxyError::NoHealthyEndpoint,
+                grpc,
+                fallback,
+                completion,
+            )));
         };
         let endpoint = &set.endpoints()[idx];
         let in_flight = endpoint.start();
         let Some(this_body) = body.take() else {
-            return fail(ProxyError::BodyError, grpc, completion);
+            return Ok(admitted.finish_with_error(fail(ProxyError::BodyError, grpc, completion)));
         };
         let next_body = this_body.replay();
-        let may_retry = completion.attempts <= cluster.retry.attempts && next_body.is_some();
+        let may_retry = completion.attempts <= retry.attempts && next_body.is_some();
         let head = if may_retry {
-            parts.headers.clone()
+            p.parts.headers.clone()
         } else {
-            std::mem::take(&mut parts.headers)
+            std::mem::take(&mut p.parts.headers)
         };
         let mut upstream_req = Request::new(this_body);
-        *upstream_req.method_mut() = parts.method.clone();
-        *upstream_req.version_mut() = version;
+        *upstream_req.method_mut() = p.parts.method.clone();
+        *upstream_req.version_mut() = http_version;
         *upstream_req.headers_mut() = head;
 
-        let now = Instant::now();
-        let try_deadline = cluster.per_try_timeout.map_or(deadline, |d| (now + d).min(deadline));
-        let sent = if h2_upstream {
-            // One multiplexed connection per endpoint, from the cluster's HTTP/2 client.
-            *upstream_req.uri_mut() = upstream_uri(&endpoint.authority, &path);
-            tokio::time::timeout_at(try_deadline.into(), cluster.client.request(upstream_req))
-                .await
-                .map(|r| match r {
-                    Ok(resp) => Ok((resp, None)),
-                    Err(e) => {
-                        tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
-                        Err(if e.is_connect() {
-                            TryOutcome::ConnectFailed
-                        } else {
-                            TryOutcome::Reset
-                        })
-                    }
-                })
-        } else {
-            // HTTP/1.1: origin-form target on a pooled keep-alive connection.
-            *upstream_req.uri_mut() = Uri::from(path.clone());
-            if !upstream_req.headers().contains_key(header::HOST) {
-                if let Ok(h) = HeaderValue::from_str(endpoint.authority.as_str()) {
-                    upstream_req.headers_mut().insert(header::HOST, h);
-                }
-            }
-            tokio::time::timeout_at(
-                try_deadline.into(),
-                endpoint.pool.send(upstream_req, cluster.connect_timeout),
-            )
-            .await
-            .map(|r| match r {
-                Ok((resp, conn)) => Ok((resp, Some(conn))),
-                Err(e) => {
-                    tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
-                    Err(match e {
-                        SendError::Connect(_) => TryOutcome::ConnectFailed,
-                        SendError::Http(_) => TryOutcome::Reset,
-                    })
-                }
-            })
-        };
-        let rtt = now.elapsed();
+        // Stage try.
+        let sent_at = Instant::now();
+        let try_deadline = per_try_timeout.map_or(deadline, |d| (sent_at + d).min(deadline));
+        let result = attempt::send(&cluster, endpoint, upstream_req, &p.path, h2, try_deadline, deadline).await;
+        let rtt = sent_at.elapsed();
         completion.upstream_time += rtt;
 
-        let result = match sent {
-            Ok(r) => r,
-            Err(_) if try_deadline < deadline => Err(TryOutcome::PerTryTimeout),
-            Err(_) => Err(TryOutcome::Timeout),
+        // Stage record.
+        let outcome = match &result {
+            Ok((r, _)) => TryOutcome::Status(r.status().as_u16()),
+            Err(o) => *o,
         };
-        let status = result.as_ref().ok().map(|(r, _)| r.status().as_u16());
-        if status.is_some() {
-            endpoint.stats.observe_rtt(rtt);
-        }
-        if !matches!(result, Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout)) {
-            let failed = crate::resilience::Outlier::is_failure(status);
-            if let Some(d) = cluster.outlier.record(&set, endpoint, failed) {
-                cluster.metrics.ejections.inc();
-                tracing::warn!(service = %cluster.service, endpoint = %endpoint.addr, ejected_for = ?d, "outlier ejected");
-            }
-        }
-        let outcome = status.map_or_else(
-            || result.as_ref().err().copied().unwrap_or(TryOutcome::Reset),
-            TryOutcome::Status,
-        );
-        if may_retry && Instant::now() < deadline && cluster.retry.retryable(&parts.method, outcome) {
-            if let Some(token) = cluster.budget.try_retry() {
+        record::try_ended(&cluster, &set, endpoint, outcome, rtt);
+
+        if may_retry && Instant::now() < deadline && retry.retryable(&p.parts.method, outcome) {
+            if let Some(tokens) = admit::retry_tokens(&cluster, &admitted) {
                 cluster.metrics.retries.inc();
-                _retry_token = Some(token);
+                _retry_tokens = Some(tokens);
                 exclude = Some(idx);
                 body = next_body;
                 continue;
@@ -274,26 +287,21 @@ pub async fn forward(
         }
 
         completion.endpoint = Some(in_flight);
-        return match result {
-            Ok((resp, conn)) => respond(resp, conn, completion, on_upgrade, close_after),
-            Err(TryOutcome::ConnectFailed) => fail(ProxyError::ConnectFailed, grpc, completion),
-            Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => fail(ProxyError::Timeout, grpc, completion),
-            Err(_) => fail(ProxyError::Reset, grpc, completion),
+        let answer = match result {
+            Ok((resp, conn)) => {
+                admitted.finish(resp.status().as_u16(), completion.start.elapsed());
+                respond(resp, conn, completion, p.on_upgrade, p.close_after)
+            }
+            Err(TryOutcome::ConnectFailed) => {
+                admitted.finish_with_error(fail_or_fallback(ProxyError::ConnectFailed, grpc, fallback, completion))
+            }
+            Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => {
+                admitted.finish_with_error(fail_or_fallback(ProxyError::Timeout, grpc, fallback, completion))
+            }
+            Err(_) => admitted.finish_with_error(fail_or_fallback(ProxyError::Reset, grpc, fallback, completion)),
         };
+        return Ok(answer);
     }
-}
-
-fn upstream_uri(authority: &http::uri::Authority, path: &PathAndQuery) -> Uri {
-    let mut p = http::uri::Parts::default();
-    p.scheme = Some(Scheme::HTTP);
-    p.authority = Some(authority.clone());
-    p.path_and_query = Some(path.clone());
-    // Scheme, authority and path are all present and valid.
-    Uri::from_parts(p).unwrap_or_default()
-}
-
-fn content_length(h: &http::HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
 /// Shapes the upstream response for the client and attaches the completion to its body.

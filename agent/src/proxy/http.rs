@@ -1,7 +1,6 @@
 //! Serving one downstream HTTP connection (HTTP/1.1 or HTTP/2 prior knowledge, detected per
 //! connection) and routing each request to its cluster.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +14,7 @@ use tokio::net::TcpStream;
 
 use super::body::ResponseBody;
 use super::error::ProxyError;
-use super::forward::{early_completion, fail, forward, is_grpc};
+use super::forward::{early_completion, fail, forward, is_grpc, InjectedReset};
 use super::{ConnCtx, DrainWatch};
 use crate::config::ProxyConfig;
 
@@ -105,35 +104,37 @@ struct ProxyService(Arc<ConnCtx>);
 
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<ResponseBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    /// Only an injected fault resets a request; hyper then closes the HTTP/1.1 connection or
+    /// resets the HTTP/2 stream.
+    type Error = InjectedReset;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, InjectedReset>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.0.clone();
-        Box::pin(async move { Ok(handle(&ctx, req).await) })
+        Box::pin(async move { handle(&ctx, req).await })
     }
 }
 
-async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<ResponseBody> {
+async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<ResponseBody>, InjectedReset> {
     let start = Instant::now();
+    let table = ctx.shared.routes.load_full();
     let cluster = {
-        let routes = ctx.shared.routes.load();
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().host());
-        ctx.listener.cluster(&routes, host)
+        ctx.listener.cluster(&table, host)
     };
     match cluster {
-        Some(cluster) => forward(ctx, cluster, req, start).await,
+        Some(cluster) => forward(ctx, &table, cluster, req, start).await,
         None => {
             let grpc = is_grpc(&req);
-            fail(
+            Ok(fail(
                 ProxyError::UnknownService,
                 grpc,
                 early_completion(ctx, &req, start, None),
-            )
+            ))
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Plain TCP forwarding: pick an endpoint (retrying connect failures on another one), then
-//! copy bytes both ways until either side closes or the connection idles out.
+//! Plain TCP forwarding: pick an endpoint (retrying connect failures on another one; each try
+//! recorded by the same record stage as HTTP), then copy bytes both ways until either side
+//! closes or the connection idles out.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,8 +13,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::error::ProxyError;
+use super::record;
 use super::{DrainWatch, ListenerCtx, Shared};
 use crate::balance::PickCtx;
+use crate::resilience::TryOutcome;
 
 pub async fn proxy(
     mut client: TcpStream,
@@ -25,6 +29,19 @@ pub async fn proxy(
     let Some(cluster) = listener.cluster(&shared.routes.load(), None) else {
         return;
     };
+    // The breaker's `max_connections` bounds TCP connections to the service.
+    let _slot = match &cluster.breaker {
+        Some(b) => match b.connection() {
+            Ok(g) => Some(g),
+            Err(r) => {
+                cluster.metrics.proxy_error(r.code());
+                cluster.metrics.no_endpoint.count_status(503);
+                tracing::debug!(client = %peer, service = %cluster.service, code = r.code(), "tcp connection refused by the breaker");
+                return;
+            }
+        },
+        None => None,
+    };
     let set = cluster.endpoints.load_full();
     let mut exclude = None;
     let mut upstream = None;
@@ -33,23 +50,39 @@ pub async fn proxy(
             break;
         };
         let ep = &set.endpoints()[idx];
-        match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(ep.addr)).await {
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(cluster.connect_timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(s)) => {
-                cluster.outlier.record(&set, ep, false);
                 upstream = Some((s, ep.start()));
-                break;
+                TryOutcome::Connected
             }
-            Ok(Err(e)) => tracing::debug!(endpoint = %ep.addr, error = %e, "tcp connect failed"),
-            Err(_) => tracing::debug!(endpoint = %ep.addr, "tcp connect timed out"),
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %ep.addr, error = %e, "tcp connect failed");
+                TryOutcome::ConnectFailed
+            }
+            Err(_) => {
+                tracing::debug!(endpoint = %ep.addr, "tcp connect timed out");
+                TryOutcome::Timeout
+            }
+        };
+        record::try_ended(&cluster, &set, ep, outcome, started.elapsed());
+        if upstream.is_some() {
+            break;
         }
-        cluster.outlier.record(&set, ep, true);
         exclude = Some(idx);
     }
-    let Some((mut up, _in_flight)) = upstream else {
-        cluster.metrics.proxy_error("UPSTREAM_CONNECT_FAILED");
-        tracing::debug!(client = %peer, service = %cluster.service, "no endpoint accepted the tcp connection");
+    let Some((mut up, in_flight)) = upstream else {
+        let code = ProxyError::ConnectFailed.code();
+        cluster.metrics.proxy_error(code);
+        // Counted like an HTTP request the proxy failed: one connection, class 5xx.
+        cluster.metrics.no_endpoint.count_status(502);
+        tracing::debug!(client = %peer, service = %cluster.service, code, "no endpoint accepted the tcp connection");
         return;
     };
+    // One connection counts as one request of class 2xx on the endpoint that took it (so the
+    // observed split of a shift covers TCP services too).
+    in_flight.endpoint().metrics.count_status(200);
+    let _in_flight = in_flight;
     let _ = up.set_nodelay(true);
     let idle = shared.limits.idle_timeout.get();
     let activity = Arc::new(Activity::new());

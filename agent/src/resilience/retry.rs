@@ -17,6 +17,8 @@ pub enum TryOutcome {
     PerTryTimeout,
     /// A response with this status.
     Status(u16),
+    /// A TCP connection was made (TCP proxying: the try succeeded).
+    Connected,
 }
 
 #[derive(Clone, Debug)]
@@ -43,7 +45,7 @@ impl RetryPolicy {
             TryOutcome::ConnectFailed => true,
             TryOutcome::Reset | TryOutcome::PerTryTimeout => self.on_reset && is_idempotent(method),
             TryOutcome::Status(503) => self.on_503 && is_idempotent(method),
-            TryOutcome::Status(_) | TryOutcome::Timeout => false,
+            TryOutcome::Status(_) | TryOutcome::Timeout | TryOutcome::Connected => false,
         }
     }
 }

@@ -62,6 +62,15 @@ pub struct ClusterLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EjectionLabels {
+    pub direction: Direction,
+    pub service: String,
+    /// Which detector ejected: `consecutive_gateway`, `consecutive_5xx`, `success_rate`,
+    /// `failure_percentage`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutboundLabels {
     pub service: String,
 }
@@ -102,7 +111,12 @@ pub struct Metrics {
     proxy_errors: Family<ErrorLabels, Counter>,
     retries: Family<ClusterLabels, Counter>,
     retries_budget_exhausted: Family<ClusterLabels, Counter>,
-    ejections: Family<ClusterLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
+    fallbacks: Family<ClusterLabels, Counter>,
+    /// Circuit breaker state per service: 0 closed, 1 half-open, 2 open (set at scrape time).
+    pub breaker_state: Family<ClusterLabels, Gauge>,
+    /// The inbound adaptive concurrency limit now (set at scrape time).
+    pub adaptive_limit: Family<ClusterLabels, Gauge>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections: Family<ListenerLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
@@ -145,7 +159,10 @@ pub struct RequestMetrics {
 pub struct ClusterMetrics {
     pub retries: Counter,
     pub retries_budget_exhausted: Counter,
-    pub ejections: Counter,
+    /// Ejections by reason, resolved on first use (off the fast path).
+    ejections: Option<(Family<EjectionLabels, Counter>, ClusterLabels)>,
+    /// Answers given by a fallback instead of a proxy error.
+    pub fallbacks: Counter,
     /// Proxy errors by code, resolved on first use (errors are off the fast path).
     errors: Option<(Family<ErrorLabels, Counter>, ClusterLabels)>,
     /// Metrics for requests that never reached an endpoint.
@@ -168,6 +185,9 @@ impl Metrics {
             retries: Family::default(),
             retries_budget_exhausted: Family::default(),
             ejections: Family::default(),
+            fallbacks: Family::default(),
+            breaker_state: Family::default(),
+            adaptive_limit: Family::default(),
             connections_active: Family::default(),
             connections: Family::default(),
             config_reloads: Family::default(),
@@ -218,8 +238,23 @@ impl Metrics {
         );
         registry.register(
             "outlier_ejections",
-            "Endpoints ejected by outlier detection",
+            "Endpoints ejected by outlier detection, by detector",
             m.ejections.clone(),
+        );
+        registry.register(
+            "fallbacks",
+            "Requests answered by a configured fallback instead of a proxy error",
+            m.fallbacks.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state per service: 0 closed, 1 half-open, 2 open",
+            m.breaker_state.clone(),
+        );
+        registry.register(
+            "adaptive_concurrency_limit",
+            "The inbound adaptive concurrency limit in force",
+            m.adaptive_limit.clone(),
         );
         registry.register(
             "downstream_connections_active",
@@ -320,7 +355,8 @@ impl Metrics {
         ClusterMetrics {
             retries: self.retries.get_or_create(&labels).clone(),
             retries_budget_exhausted: self.retries_budget_exhausted.get_or_create(&labels).clone(),
-            ejections: self.ejections.get_or_create(&labels).clone(),
+            ejections: Some((self.ejections.clone(), labels.clone())),
+            fallbacks: self.fallbacks.get_or_create(&labels).clone(),
             errors: Some((self.proxy_errors.clone(), labels)),
             no_endpoint: self.request(direction, service, "none"),
         }
@@ -406,6 +442,19 @@ impl RequestMetrics {
 // === impl ClusterMetrics ===
 
 impl ClusterMetrics {
+    /// Counts an ejection by outlier detection (`reason`: the detector).
+    pub fn ejected(&self, reason: &'static str) {
+        if let Some((family, labels)) = &self.ejections {
+            family
+                .get_or_create(&EjectionLabels {
+                    direction: labels.direction,
+                    service: labels.service.clone(),
+                    reason,
+                })
+                .inc();
+        }
+    }
+
     pub fn proxy_error(&self, code: &'static str) {
         if let Some((family, labels)) = &self.errors {
             family

@@ -1,0 +1,81 @@
+//! The try stage: one request to one endpoint within the try's deadline, over the cluster's
+//! HTTP/2 client or the endpoint's HTTP/1.1 keep-alive pool.
+
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+
+use super::super::body::RequestBody;
+use super::super::pool::{Conn, SendError};
+use crate::balance::Endpoint;
+use crate::resilience::TryOutcome;
+use crate::route::Cluster;
+
+/// A response and, for HTTP/1.1, the pooled connection it came on.
+pub type Answer = (Response<Incoming>, Option<Conn>);
+
+/// Sends `req` (head and body set, URI not yet) to `endpoint`.
+pub async fn send(
+    cluster: &Cluster,
+    endpoint: &Endpoint,
+    mut req: Request<RequestBody>,
+    path: &PathAndQuery,
+    h2: bool,
+    try_deadline: Instant,
+    deadline: Instant,
+) -> Result<Answer, TryOutcome> {
+    let sent = if h2 {
+        // One multiplexed connection per endpoint, from the cluster's HTTP/2 client.
+        *req.uri_mut() = upstream_uri(&endpoint.authority, path);
+        tokio::time::timeout_at(try_deadline.into(), cluster.client.request(req))
+            .await
+            .map(|r| match r {
+                Ok(resp) => Ok((resp, None)),
+                Err(e) => {
+                    tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
+                    Err(if e.is_connect() {
+                        TryOutcome::ConnectFailed
+                    } else {
+                        TryOutcome::Reset
+                    })
+                }
+            })
+    } else {
+        // HTTP/1.1: origin-form target on a pooled keep-alive connection.
+        *req.uri_mut() = Uri::from(path.clone());
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(h) = HeaderValue::from_str(endpoint.authority.as_str()) {
+                req.headers_mut().insert(header::HOST, h);
+            }
+        }
+        tokio::time::timeout_at(try_deadline.into(), endpoint.pool.send(req, cluster.connect_timeout))
+            .await
+            .map(|r| match r {
+                Ok((resp, conn)) => Ok((resp, Some(conn))),
+                Err(e) => {
+                    tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
+                    Err(match e {
+                        SendError::Connect(_) => TryOutcome::ConnectFailed,
+                        SendError::Http(_) => TryOutcome::Reset,
+                    })
+                }
+            })
+    };
+    match sent {
+        Ok(r) => r,
+        Err(_) if try_deadline < deadline => Err(TryOutcome::PerTryTimeout),
+        Err(_) => Err(TryOutcome::Timeout),
+    }
+}
+
+fn upstream_uri(authority: &http::uri::Authority, path: &PathAndQuery) -> Uri {
+    let mut p = http::uri::Parts::default();
+    p.scheme = Some(Scheme::HTTP);
+    p.authority = Some(authority.clone());
+    p.path_and_query = Some(path.clone());
+    // Scheme, authority and path are all present and valid.
+    Uri::from_parts(p).unwrap_or_default()
+}
