@@ -234,7 +234,29 @@ fn status(state: &AgentState) -> Value {
             "stale": !state.discovery.stale_services().is_empty(),
             "stale_services": state.discovery.stale_services(),
         },
+        "governance": central_policies_json(state),
     })
+}
+
+/// The central governance policies seen in the registry: per service, the key's index,
+/// whether a policy is in force, and why the current value was refused (if it was).
+fn central_policies_json(state: &AgentState) -> Value {
+    let central = state.discovery.governance_policies().borrow().clone();
+    let services: serde_json::Map<String, Value> = central
+        .by_service
+        .iter()
+        .map(|(s, e)| {
+            (
+                s.clone(),
+                json!({
+                    "index": e.index,
+                    "in_force": e.policy.is_some(),
+                    "error": e.error,
+                }),
+            )
+        })
+        .collect();
+    json!({ "policies": services, "error": central.error })
 }
 
 fn config(state: &AgentState) -> Value {

@@ -151,8 +151,16 @@ pub struct Discovery {
     store: Option<Arc<dyn Store>>,
     sources: Sources,
     policies: shift::PolicyWatch,
+    /// Central governance policies (`vmesh/policy/<service>`), for the route table.
+    governance: tokio::sync::watch::Receiver<Arc<crate::governance::central::CentralPolicies>>,
     zone: ZoneFn,
     tasks: Mutex<HashMap<String, service::Handle>>,
+}
+
+/// No registry: no central governance policies (the receiver keeps the empty value).
+fn none_governance() -> tokio::sync::watch::Receiver<Arc<crate::governance::central::CentralPolicies>> {
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::default());
+    rx
 }
 
 /// How often a service task rebuilds its set without news (ramps, stale flags, store writes).
@@ -196,12 +204,14 @@ impl Discovery {
         if wanted(SourceKind::Kubernetes) {
             sources.kubernetes = Some(kubernetes::KubernetesSource::start(&config.kubernetes)?);
         }
+        let governance = none_governance();
         let d = Arc::new(Self {
             routes: routes.clone(),
             metrics: metrics.clone(),
             store,
             sources,
             policies,
+            governance,
             zone,
             tasks: Mutex::new(HashMap::new()),
         });
@@ -236,6 +246,13 @@ impl Discovery {
             policies: self.policies.subscribe(),
             zone: self.zone.clone(),
         }
+    }
+
+    /// The central governance policies as they change.
+    pub fn governance_policies(
+        &self,
+    ) -> tokio::sync::watch::Receiver<Arc<crate::governance::central::CentralPolicies>> {
+        self.governance.clone()
     }
 
     /// The discovery status of `service`, if it is an outbound service.

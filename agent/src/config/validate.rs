@@ -252,7 +252,7 @@ pub fn validate(config: &Config) -> Problems {
         ));
     }
     let names: Vec<&str> = config.outbound.iter().map(|o| o.service.as_str()).collect();
-    p.extend(crate::governance::routing::validate(&config.route, &names));
+    p.extend(crate::governance::routing::validate(&config.route, Some(&names)));
     if let Some(c) = &config.colour {
         p.extend(c.validate("colour"));
     }

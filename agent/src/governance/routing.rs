@@ -377,13 +377,14 @@ const METHODS: &[&str] = &[
 /// Every problem of the rule list, each naming its key: bad regexes, matches that name no or
 /// several kinds, splits that do not sum to 100, and rules that an earlier rule makes
 /// unreachable (same scope and a match that takes everything, or the identical match).
-pub fn validate(rules: &[RouteConfig], services: &[&str]) -> Vec<(String, String)> {
+/// `services`: the configured outbound services (`None`: a central policy, not checked).
+pub fn validate(rules: &[RouteConfig], services: Option<&[&str]>) -> Vec<(String, String)> {
     let mut p = Vec::new();
     for (i, r) in rules.iter().enumerate() {
         let key = format!("route[{i}]");
         p.extend(validate_route(&key, r));
         for (what, name) in [("match.service", &r.matches.service), ("service", &r.service)] {
-            if let Some(s) = name {
+            if let (Some(s), Some(services)) = (name, services) {
                 if !services.contains(&s.as_str()) {
                     p.push((format!("{key}.{what}"), format!("{s:?} is not an [[outbound]] service")));
                 }

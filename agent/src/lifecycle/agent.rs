@@ -38,6 +38,22 @@ pub struct AgentState {
     pub lifecycle: Handle,
     /// Endpoint sets, their sources and the shift policies.
     pub discovery: Arc<Discovery>,
+    /// Serialises route-table rebuilds (reload, central policy change).
+    rebuild: Mutex<()>,
+}
+
+impl AgentState {
+    /// Rebuilds the route table for the running config with the central policies in force
+    /// laid over it, keeping the state of every part whose settings did not change. A reload
+    /// and a central policy change both come here.
+    pub fn rebuild_routes(&self) {
+        let _one_at_a_time = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
+        let config = self.config.load_full();
+        let central = self.discovery.governance_policies().borrow().clone();
+        let effective = crate::governance::central::overlay(&config, &central);
+        let table = RouteTable::build(&effective, Some(&self.routes.load()), &self.metrics);
+        self.routes.store(Arc::new(table));
+    }
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -119,7 +135,9 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         listeners: Mutex::new(Vec::new()),
         lifecycle: lifecycle.handle.clone(),
         discovery,
+        rebuild: Mutex::new(()),
     });
+    spawn_central_policy_watch(state.clone());
     spawn_governance_ticks(state.clone(), shared.clone());
     let mut rt = Runtime {
         state: state.clone(),
@@ -217,6 +235,17 @@ fn start_lifecycle(
         ready_tx,
     );
     Ok(Lifecycle { handle, ready, store })
+}
+
+/// Applies central governance policies as they change (a refused one keeps the previous).
+fn spawn_central_policy_watch(state: Arc<AgentState>) {
+    let mut rx = state.discovery.governance_policies();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            state.rebuild_routes();
+            tracing::info!("central governance policies applied");
+        }
+    });
 }
 
 /// Once a second: publishes the identity's colour to the request path (it can change with a
@@ -344,10 +373,10 @@ impl Runtime {
             }
         }
         // Everything is validated and bound: swap.
-        let routes = RouteTable::build(&new, Some(&self.state.routes.load()), &self.state.metrics);
-        self.state.routes.store(Arc::new(routes));
+        let new = Arc::new(new);
+        self.state.config.store(new.clone());
+        self.state.rebuild_routes();
         self.state.discovery.reconcile(&new);
-        self.state.config.store(Arc::new(new));
         let mut kept = Vec::new();
         for mut running in std::mem::take(&mut self.listeners) {
             match specs.iter().find(|s| s.addr == running.spec.addr) {

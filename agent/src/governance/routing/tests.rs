@@ -100,7 +100,7 @@ name = "shadowed"
 match = { service = "orders", path = { prefix = "/" } }
 "#,
     );
-    let p = validate(&bad, &["orders"]);
+    let p = validate(&bad, Some(&["orders"]));
     let text = format!("{p:#?}");
     for want in [
         "route[0].match.path.regex",
@@ -115,7 +115,7 @@ match = { service = "orders", path = { prefix = "/" } }
     ] {
         assert!(text.contains(want), "missing {want:?} in {text}");
     }
-    assert!(validate(&rules(TABLE), &["orders", "orders-admin"]).is_empty());
+    assert!(validate(&rules(TABLE), Some(&["orders", "orders-admin"])).is_empty());
 }
 
 #[test]
