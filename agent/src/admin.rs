@@ -326,6 +326,7 @@ fn clusters(state: &AgentState, service: Option<&str>) -> Value {
                         "ewma_ms": (e.stats.ewma_ns() / 1e6 * 1000.0).round() / 1000.0,
                         "healthy": !e.stats.is_ejected(),
                         "idle_connections": e.pool.idle(),
+                        "ejection": ejection_json(e, now),
                     })
                 })
                 .collect();
@@ -351,6 +352,16 @@ fn clusters(state: &AgentState, service: Option<&str>) -> Value {
         })
         .collect();
     json!({ "clusters": clusters })
+}
+
+/// An endpoint's outlier state: time left in its ejection, times ejected, the last reason.
+fn ejection_json(e: &crate::balance::Endpoint, now: std::time::Instant) -> Value {
+    let ej = e.stats.ejection_status(now);
+    json!({
+        "remaining_ms": ej.remaining.map(|d| d.as_millis() as u64),
+        "times_ejected": ej.times_ejected,
+        "last_reason": ej.last_reason.map(|r| r.as_str()),
+    })
 }
 
 /// A cluster's routes, breaker, limits and outlier settings, with their live state.

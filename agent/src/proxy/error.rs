@@ -30,6 +30,8 @@ pub enum ProxyError {
     CircuitOpen,
     /// The service's breaker limits (`max_requests`, `max_pending_requests`) are reached.
     CircuitFull,
+    /// A new upstream connection was needed and `max_pending_requests` were already dialling.
+    CircuitPending,
     /// A rate limit refused the request.
     RateLimited,
     /// The inbound adaptive concurrency limit shed the request.
@@ -48,6 +50,7 @@ impl ProxyError {
             Self::BodyError => "REQUEST_BODY_ERROR",
             Self::CircuitOpen => "CIRCUIT_OPEN",
             Self::CircuitFull => "CIRCUIT_MAX_REQUESTS",
+            Self::CircuitPending => "CIRCUIT_MAX_PENDING",
             Self::RateLimited => "RATE_LIMITED",
             Self::Overloaded => "OVERLOADED",
         }
@@ -56,9 +59,11 @@ impl ProxyError {
     pub fn status(self) -> StatusCode {
         match self {
             Self::ConnectFailed | Self::Reset => StatusCode::BAD_GATEWAY,
-            Self::NoHealthyEndpoint | Self::CircuitOpen | Self::CircuitFull | Self::Overloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoHealthyEndpoint
+            | Self::CircuitOpen
+            | Self::CircuitFull
+            | Self::CircuitPending
+            | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnknownService => StatusCode::NOT_FOUND,
@@ -74,6 +79,7 @@ impl ProxyError {
             | Self::NoHealthyEndpoint
             | Self::CircuitOpen
             | Self::CircuitFull
+            | Self::CircuitPending
             | Self::Overloaded => "14",
             Self::RateLimited => "8",
             Self::Timeout => "4",
@@ -93,6 +99,7 @@ impl ProxyError {
             Self::BodyError => "request body could not be read",
             Self::CircuitOpen => "circuit open: the service is failing, requests are refused for a while",
             Self::CircuitFull => "circuit breaker limit reached: too many requests in flight",
+            Self::CircuitPending => "circuit breaker limit reached: too many requests waiting for a connection",
             Self::RateLimited => "rate limit exceeded",
             Self::Overloaded => "overloaded: the adaptive concurrency limit shed this request",
         }

@@ -295,6 +295,9 @@ pub async fn forward(
             Err(TryOutcome::ConnectFailed) => {
                 admitted.finish_with_error(fail_or_fallback(ProxyError::ConnectFailed, grpc, fallback, completion))
             }
+            Err(TryOutcome::Refused) => {
+                admitted.finish_with_error(fail_or_fallback(ProxyError::CircuitPending, grpc, fallback, completion))
+            }
             Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => {
                 admitted.finish_with_error(fail_or_fallback(ProxyError::Timeout, grpc, fallback, completion))
             }

@@ -47,6 +47,9 @@ pub enum SendError {
     /// The connection failed while the request was on it (reset, closed, bad response).
     #[error("{0}")]
     Http(hyper::Error),
+    /// A new connection was needed and the breaker's `max_pending_requests` refused it.
+    #[error("{0}")]
+    Pending(crate::resilience::breaker::Rejected),
 }
 
 /// How long an idle connection is kept before it is closed.
@@ -64,16 +67,22 @@ impl ConnPool {
     }
 
     /// Sends `req` on an idle connection, or a new one. A pooled connection found closed
-    /// before the request went out is dropped and the request goes on the next one.
+    /// before the request went out is dropped and the request goes on the next one. With a
+    /// `breaker`, a request that must dial counts as pending while it dials (Envoy's
+    /// `max_pending_requests`: requests waiting for a connection).
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
+        breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
         loop {
             let (mut conn, reused) = match self.pop() {
                 Some(c) => (c, true),
-                None => (self.connect(connect_timeout).await?, false),
+                None => {
+                    let _pending = breaker.map(|b| b.pending()).transpose().map_err(SendError::Pending)?;
+                    (self.connect(connect_timeout).await?, false)
+                }
             };
             if let Err(e) = conn.ready().await {
                 if reused {
@@ -244,7 +253,7 @@ mod tests {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
         for _ in 0..3 {
-            let (resp, conn) = pool.send(get(addr), Duration::from_secs(1)).await.unwrap();
+            let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
             assert_eq!(body(resp).await, "conn1");
             pool.put(conn);
         }
@@ -256,9 +265,9 @@ mod tests {
     async fn a_connection_not_returned_is_not_reused() {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1)).await.unwrap();
+        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
         drop((resp, conn));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1)).await.unwrap();
+        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
         assert_eq!(body(resp).await, "conn2");
         pool.put(conn);
         assert_eq!(conns.load(Ordering::SeqCst), 2);
@@ -270,7 +279,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         drop(l);
         let pool = Arc::new(ConnPool::new(addr));
-        let err = pool.send(get(addr), Duration::from_secs(1)).await.unwrap_err();
+        let err = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }
 
@@ -278,11 +287,42 @@ mod tests {
     async fn expired_connections_are_closed() {
         let (addr, _) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1)).await.unwrap();
+        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
         body(resp).await;
         pool.put(conn);
         assert_eq!(pool.expire(Instant::now()), 1);
         assert_eq!(pool.expire(Instant::now() + IDLE_TIMEOUT), 0);
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dial_past_max_pending_is_refused_but_an_idle_connection_is_used() {
+        let (addr, _) = server().await;
+        let pool = Arc::new(ConnPool::new(addr));
+        let breaker = crate::resilience::breaker::Breaker::new(&crate::resilience::breaker::BreakerConfig {
+            max_pending_requests: 1,
+            ..Default::default()
+        });
+        // One request is dialling: the next one that must dial is refused...
+        let dialling = breaker.pending().unwrap();
+        let err = pool
+            .send(get(addr), Duration::from_secs(1), Some(&breaker))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SendError::Pending(_)), "{err:?}");
+        drop(dialling);
+        // ...while one that finds an idle connection needs no pending slot.
+        let (resp, conn) = pool
+            .send(get(addr), Duration::from_secs(1), Some(&breaker))
+            .await
+            .unwrap();
+        body(resp).await;
+        pool.put(conn);
+        let _dialling = breaker.pending().unwrap();
+        let (resp, _) = pool
+            .send(get(addr), Duration::from_secs(1), Some(&breaker))
+            .await
+            .unwrap();
+        assert_eq!(body(resp).await, "conn1");
     }
 }

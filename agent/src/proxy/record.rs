@@ -15,6 +15,9 @@ pub fn try_ended(cluster: &Cluster, set: &EndpointSet, endpoint: &Endpoint, outc
     }
     // A try that ran out of time counts against the endpoint (a hanging endpoint is ejected
     // like a refusing one); a TCP connection made is a success.
+    if outcome == TryOutcome::Refused {
+        return;
+    }
     let outcome = Outcome::from(outcome);
     if let Some(ej) = cluster.outlier.observe(set, endpoint, outcome, Instant::now()) {
         cluster.metrics.ejected(ej.reason.as_str());

@@ -251,6 +251,9 @@ impl From<TryOutcome> for Outcome {
             TryOutcome::Timeout | TryOutcome::PerTryTimeout => Self::Timeout,
             TryOutcome::Status(s) => Self::Response(s),
             TryOutcome::Connected => Self::Connected,
+            // Nothing was sent (the record stage never passes it on); as a local failure it
+            // would count like a reset.
+            TryOutcome::Refused => Self::Reset,
         }
     }
 }

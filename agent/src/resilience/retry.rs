@@ -19,6 +19,9 @@ pub enum TryOutcome {
     Status(u16),
     /// A TCP connection was made (TCP proxying: the try succeeded).
     Connected,
+    /// The breaker's `max_pending_requests` refused to dial a new connection: nothing was
+    /// sent, and the endpoint is not to blame.
+    Refused,
 }
 
 #[derive(Clone, Debug)]
@@ -45,7 +48,7 @@ impl RetryPolicy {
             TryOutcome::ConnectFailed => true,
             TryOutcome::Reset | TryOutcome::PerTryTimeout => self.on_reset && is_idempotent(method),
             TryOutcome::Status(503) => self.on_503 && is_idempotent(method),
-            TryOutcome::Status(_) | TryOutcome::Timeout | TryOutcome::Connected => false,
+            TryOutcome::Status(_) | TryOutcome::Timeout | TryOutcome::Connected | TryOutcome::Refused => false,
         }
     }
 }

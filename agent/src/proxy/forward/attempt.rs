@@ -51,18 +51,24 @@ pub async fn send(
                 req.headers_mut().insert(header::HOST, h);
             }
         }
-        tokio::time::timeout_at(try_deadline.into(), endpoint.pool.send(req, cluster.connect_timeout))
-            .await
-            .map(|r| match r {
-                Ok((resp, conn)) => Ok((resp, Some(conn))),
-                Err(e) => {
-                    tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
-                    Err(match e {
-                        SendError::Connect(_) => TryOutcome::ConnectFailed,
-                        SendError::Http(_) => TryOutcome::Reset,
-                    })
-                }
-            })
+        tokio::time::timeout_at(
+            try_deadline.into(),
+            endpoint
+                .pool
+                .send(req, cluster.connect_timeout, cluster.breaker.as_ref()),
+        )
+        .await
+        .map(|r| match r {
+            Ok((resp, conn)) => Ok((resp, Some(conn))),
+            Err(e) => {
+                tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
+                Err(match e {
+                    SendError::Connect(_) => TryOutcome::ConnectFailed,
+                    SendError::Http(_) => TryOutcome::Reset,
+                    SendError::Pending(_) => TryOutcome::Refused,
+                })
+            }
+        })
     };
     match sent {
         Ok(r) => r,
