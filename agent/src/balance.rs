@@ -340,9 +340,12 @@ mod tests {
             BalancerKind::RingHash,
         ] {
             let set = EndpointSet::new(kind, endpoints(&[100, 100, 100]));
-            set.endpoints()[1]
-                .stats
-                .eject(Duration::from_secs(30), Duration::from_secs(30));
+            set.endpoints()[1].stats.eject_at(
+                Instant::now(),
+                Duration::from_secs(30),
+                Duration::from_secs(30),
+                endpoint::EjectionReason::ConsecutiveGateway,
+            );
             let counts = histogram(&set, 600, |k| PickCtx {
                 hash: Some(k as u64 * 7919),
                 exclude: None,
@@ -356,7 +359,12 @@ mod tests {
     fn all_ejected_still_picks_panic_mode() {
         let set = EndpointSet::new(BalancerKind::RoundRobin, endpoints(&[1, 1]));
         for e in set.endpoints() {
-            e.stats.eject(Duration::from_secs(30), Duration::from_secs(30));
+            e.stats.eject_at(
+                Instant::now(),
+                Duration::from_secs(30),
+                Duration::from_secs(30),
+                endpoint::EjectionReason::ConsecutiveGateway,
+            );
         }
         assert!(set.pick(PickCtx::default()).is_some());
     }
@@ -377,7 +385,12 @@ mod tests {
         ] {
             let set = EndpointSet::new(kind, endpoints(&[100, 100, 100, 100]));
             for e in &set.endpoints()[..3] {
-                e.stats.eject(Duration::from_secs(30), Duration::from_secs(30));
+                e.stats.eject_at(
+                    Instant::now(),
+                    Duration::from_secs(30),
+                    Duration::from_secs(30),
+                    endpoint::EjectionReason::ConsecutiveGateway,
+                );
             }
             let now = Instant::now();
             // (threshold, in panic): 1 of 4 available is 25%.
@@ -400,7 +413,12 @@ mod tests {
         set.set_panic_threshold(200);
         assert_eq!(set.panic_threshold(), 100);
         for e in &set.endpoints()[..2] {
-            e.stats.eject(Duration::from_secs(30), Duration::from_secs(30));
+            e.stats.eject_at(
+                Instant::now(),
+                Duration::from_secs(30),
+                Duration::from_secs(30),
+                endpoint::EjectionReason::ConsecutiveGateway,
+            );
         }
         for _ in 0..30 {
             let i = set.pick(PickCtx {

@@ -290,7 +290,11 @@ impl Cluster {
                 // Same balancer: the set in force stays as it is (with its shift subsets) until
                 // the discovery task installs the next one.
                 (Some(p), Direction::Outbound) if p.balancer == spec.balancer => ArcSwap::new(p.endpoints.load_full()),
-                _ => ArcSwap::from_pointee(EndpointSet::new(spec.balancer, endpoints)),
+                _ => {
+                    let set = EndpointSet::new(spec.balancer, endpoints);
+                    set.set_panic_threshold(spec.policy.outlier.panic_threshold_percent);
+                    ArcSwap::from_pointee(set)
+                }
             },
             timeout: spec.timeout,
             per_try_timeout: spec.per_try_timeout,
@@ -338,7 +342,8 @@ impl Cluster {
             *last = now;
         }
         let set = self.endpoints.load();
-        // Discovery installs new sets: each gets the cluster's panic threshold here.
+        // A threshold changed by a reload reaches the set in force here (new sets get it when
+        // they are built).
         set.set_panic_threshold(self.outlier.panic_threshold_percent());
         let ejected = self.outlier.sweep(&set, now);
         for (i, ej) in &ejected {

@@ -285,18 +285,6 @@ impl EndpointStats {
         self.ewma_stamp.store(now, Ordering::Relaxed);
     }
 
-    /// Counts a success: resets the consecutive-failure count.
-    pub fn success(&self) {
-        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts a failure; returns the consecutive count.
-    pub fn failure(&self) -> u32 {
-        self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
     pub fn is_ejected(&self) -> bool {
         self.is_ejected_at(Instant::now())
     }
@@ -305,15 +293,6 @@ impl EndpointStats {
     pub fn is_ejected_at(&self, now: Instant) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         until != 0 && self.ns_at(now) < until
-    }
-
-    /// Ejects for `base * 2^(ejections so far)`, capped at `max`; returns the duration. The
-    /// growth law of [`Outlier::record`](crate::resilience::Outlier::record).
-    pub fn eject(&self, base: Duration, max: Duration) -> Duration {
-        let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-        let d = base.saturating_mul(1 << n).min(max);
-        self.set_ejected(self.now_ns(), d, EjectionReason::ConsecutiveGateway);
-        d
     }
 
     /// Ejects from `now` for `base * multiplier`, capped at `max`, as Envoy: the multiplier
@@ -341,13 +320,6 @@ impl EndpointStats {
         // Back in service, the endpoint starts from clean counts (as Envoy on unejection).
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
-    }
-
-    /// Ends an ejection early (the endpoint answered well after its ejection ended).
-    pub fn reset_ejections(&self) {
-        if self.ejections.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
-            self.ejections.store(0, Ordering::Relaxed);
-        }
     }
 
     /// Forgives one ejection when the endpoint has been back in service for at least `quiet`
@@ -493,21 +465,6 @@ mod tests {
         assert!((s.ewma_ns() - 50e6).abs() < 1e6, "{}", s.ewma_ns());
         s.observe_rtt(Duration::from_micros(10));
         assert!(s.ewma_ns() <= 50e6);
-    }
-
-    #[test]
-    fn ejection_doubles_and_caps() {
-        let s = EndpointStats::new();
-        let base = Duration::from_secs(30);
-        let max = Duration::from_secs(300);
-        assert_eq!(s.eject(base, max), base);
-        assert!(s.is_ejected());
-        assert_eq!(s.eject(base, max), base * 2);
-        assert_eq!(s.eject(base, max), base * 4);
-        for _ in 0..10 {
-            s.eject(base, max);
-        }
-        assert_eq!(s.eject(base, max), max);
     }
 
     #[test]

@@ -209,9 +209,12 @@ mod tests {
             labelled(&[Env::Vm, Env::K8s]),
             &policy(50, 50, None),
         );
-        set.endpoints()[1]
-            .stats
-            .eject(Duration::from_secs(30), Duration::from_secs(30));
+        set.endpoints()[1].stats.eject_at(
+            std::time::Instant::now(),
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            crate::balance::endpoint::EjectionReason::ConsecutiveGateway,
+        );
         assert_eq!(split_of(&set, 100), (100, 0));
     }
 

@@ -384,6 +384,7 @@ impl Task {
                 .map(|_| self.ctx.metrics.shift_fallbacks.get_or_create(&self.labels).clone()),
         };
         let set = Arc::new(EndpointSet::with_policy(key.balancer, endpoints, &policy));
+        set.set_panic_threshold(cluster.outlier.panic_threshold_percent());
         cluster.endpoints.store(set.clone());
         // A reload may have swapped the route table meanwhile: install into the new one too.
         if !Arc::ptr_eq(&*routes, &*self.ctx.routes.load()) {

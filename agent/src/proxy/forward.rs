@@ -103,7 +103,9 @@ fn fail_or_fallback(
     fallback: Option<&Fallback>,
     mut completion: Completion,
 ) -> Response<ResponseBody> {
-    let Some(fb) = fallback.filter(|f| f.covers(err.code())) else {
+    // A gRPC caller expects length-prefixed protobuf frames and a grpc-status: a configured
+    // body cannot be that, so gRPC requests get the gRPC error instead.
+    let Some(fb) = fallback.filter(|f| !grpc && f.covers(err.code())) else {
         return fail(err, grpc, completion);
     };
     completion.status = fb.status.as_u16();
@@ -174,6 +176,10 @@ pub async fn forward(
         match injected.abort {
             Some(Abort::Reset) => {
                 cluster.metrics.proxy_error("FAULT_INJECTED");
+                // No response: counted and logged with status 0.
+                completion.set_error("FAULT_INJECTED");
+                completion.headers_time = completion.start.elapsed();
+                completion.finish(0);
                 return Err(InjectedReset);
             }
             Some(Abort::Status(s)) => return Ok(admit::fault_answer(s, grpc, completion)),

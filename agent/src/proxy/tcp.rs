@@ -42,11 +42,25 @@ pub async fn proxy(
         },
         None => None,
     };
+    // An open breaker refuses new connections too; the connect result feeds its error rate.
+    let admitted = match &cluster.breaker {
+        Some(b) => match b.admit(Instant::now()) {
+            Ok(g) => Some(g),
+            Err(r) => {
+                cluster.metrics.proxy_error(r.code());
+                cluster.metrics.no_endpoint.count_status(503);
+                tracing::debug!(client = %peer, service = %cluster.service, code = r.code(), "tcp connection refused by the breaker");
+                return;
+            }
+        },
+        None => None,
+    };
     let set = cluster.endpoints.load_full();
     let mut exclude = None;
     let mut upstream = None;
     for _ in 0..=cluster.retry.attempts {
-        let Some(idx) = set.pick(PickCtx { hash: None, exclude }) else {
+        // Uncoloured: a TCP connection carries no colour, so it keeps off test lanes.
+        let Some(idx) = set.pick_lane(None, None, PickCtx { hash: None, exclude }) else {
             break;
         };
         let ep = &set.endpoints()[idx];
@@ -70,6 +84,9 @@ pub async fn proxy(
             break;
         }
         exclude = Some(idx);
+    }
+    if let Some(g) = admitted {
+        g.record(upstream.is_some(), Instant::now());
     }
     let Some((mut up, in_flight)) = upstream else {
         let code = ProxyError::ConnectFailed.code();

@@ -18,10 +18,6 @@
 //! still act on small clusters); 0 turns ejection off. The check and the ejection are two
 //! atomic steps, so tries ending at the same instant on different threads may overshoot the
 //! limit by one each; a sweep never does.
-//!
-//! [`Outlier::record`] and [`Outlier::is_failure`] keep the first version's behaviour (no
-//! timeouts counted, doubling ejection times, reset by a success) until callers move to
-//! [`Outlier::observe`].
 
 use std::time::{Duration, Instant};
 
@@ -291,33 +287,6 @@ impl Outlier {
             self.config.base_ejection_time.get(),
             self.config.max_ejection_time.get(),
         )
-    }
-
-    /// Legacy: whether a try's result counts as a failure for [`Self::record`] (a connect
-    /// failure or reset, `None`, or 502/503/504).
-    pub fn is_failure(status: Option<u16>) -> bool {
-        matches!(status, None | Some(502..=504))
-    }
-
-    /// Legacy: records a result; returns the ejection time when the endpoint was just ejected.
-    /// Ejections double from `base_ejection_time`; a success after an ejection resets them.
-    pub fn record(&self, set: &EndpointSet, ep: &Endpoint, failed: bool) -> Option<Duration> {
-        if !failed {
-            ep.stats.success();
-            ep.stats.reset_ejections();
-            return None;
-        }
-        let threshold = self.config.consecutive_gateway_failures;
-        if threshold == 0 || ep.stats.failure() < threshold || ep.stats.is_ejected() {
-            return None;
-        }
-        let n = set.endpoints().len();
-        let ejected = set.endpoints().iter().filter(|e| e.stats.is_ejected()).count();
-        if (ejected + 1) * 100 > n * self.config.max_ejection_percent as usize {
-            return None;
-        }
-        let (base, max) = self.ejection_times();
-        Some(ep.stats.eject(base, max))
     }
 
     /// Records how a try to `ep` (an endpoint of `set`) ended at `now`; returns the ejection

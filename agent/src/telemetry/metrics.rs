@@ -113,9 +113,9 @@ pub struct Metrics {
     retries_budget_exhausted: Family<ClusterLabels, Counter>,
     ejections: Family<EjectionLabels, Counter>,
     fallbacks: Family<ClusterLabels, Counter>,
-    /// Circuit breaker state per service: 0 closed, 1 half-open, 2 open (set at scrape time).
+    /// Circuit breaker state per service: 0 closed, 1 half-open, 2 open (set once a second).
     pub breaker_state: Family<ClusterLabels, Gauge>,
-    /// The inbound adaptive concurrency limit now (set at scrape time).
+    /// The inbound adaptive concurrency limit now (set once a second).
     pub adaptive_limit: Family<ClusterLabels, Gauge>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections: Family<ListenerLabels, Counter>,

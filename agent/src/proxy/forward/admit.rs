@@ -123,10 +123,13 @@ pub fn fault_answer(status: u16, grpc: bool, mut completion: Completion) -> Resp
     if let Some(c) = &completion.cluster {
         c.metrics.proxy_error("FAULT_INJECTED");
     }
-    let mut r = Response::new(ResponseBody::full(
-        bytes::Bytes::from_static(b"FAULT_INJECTED: fault injected by a route rule\n"),
-        Some(completion),
-    ));
+    let body = if grpc {
+        // gRPC trailers-only: no body.
+        bytes::Bytes::new()
+    } else {
+        bytes::Bytes::from_static(b"FAULT_INJECTED: fault injected by a route rule\n")
+    };
+    let mut r = Response::new(ResponseBody::full(body, Some(completion)));
     if grpc {
         let h = r.headers_mut();
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));

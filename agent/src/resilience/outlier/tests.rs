@@ -531,45 +531,6 @@ fn failure_percentage_ignores_endpoints_below_the_volume() {
     assert!(o.sweep(&set, now).is_empty());
 }
 
-// === legacy API ===
-
-#[test]
-fn legacy_five_failures_eject_and_success_resets() {
-    let set = set_of(4);
-    let o = Outlier::default();
-    let e = &set.endpoints()[0];
-    for _ in 0..4 {
-        assert_eq!(o.record(&set, e, true), None);
-    }
-    o.record(&set, e, false);
-    for _ in 0..4 {
-        assert_eq!(o.record(&set, e, true), None);
-    }
-    assert_eq!(o.record(&set, e, true), Some(secs(30)));
-    assert!(e.stats.is_ejected());
-}
-
-#[test]
-fn legacy_at_most_half_of_the_cluster_is_ejected() {
-    let set = set_of(4);
-    let o = Outlier::default();
-    for e in set.endpoints() {
-        for _ in 0..5 {
-            o.record(&set, e, true);
-        }
-    }
-    let ejected = set.endpoints().iter().filter(|e| e.stats.is_ejected()).count();
-    assert_eq!(ejected, 2);
-}
-
-#[test]
-fn legacy_failure_classes() {
-    assert!(Outlier::is_failure(None));
-    assert!(Outlier::is_failure(Some(503)));
-    assert!(!Outlier::is_failure(Some(500)));
-    assert!(!Outlier::is_failure(Some(404)));
-}
-
 // === properties ===
 
 #[derive(Clone, Debug)]
