@@ -94,3 +94,113 @@ impl Lanes {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::super::endpoint::EjectionReason;
+    use super::super::test_support::labelled;
+    use super::super::{EndpointSet, Env, Labels, PickCtx};
+    use crate::config::BalancerKind;
+
+    fn label(colour: &str, version: &str) -> Labels {
+        Labels {
+            colour: colour.into(),
+            version: version.into(),
+            ..Labels::env(Env::Vm)
+        }
+    }
+
+    /// 0, 1: uncoloured v1; 2: uncoloured v2; 3: blue v1.
+    fn set() -> EndpointSet {
+        EndpointSet::new(
+            BalancerKind::RoundRobin,
+            labelled([
+                (100, label("", "v1")),
+                (100, label("", "v1")),
+                (100, label("", "v2")),
+                (100, label("blue", "v1")),
+            ]),
+        )
+    }
+
+    fn picks(set: &EndpointSet, colour: Option<&[u8]>, version: Option<&str>, n: usize) -> Vec<usize> {
+        let mut counts = vec![0; set.endpoints().len()];
+        for _ in 0..n {
+            if let Some(i) = set.pick_lane(colour, version, PickCtx::default()) {
+                counts[i] += 1;
+            }
+        }
+        counts
+    }
+
+    fn eject(set: &EndpointSet, i: usize) {
+        set.endpoints()[i].stats.eject_at(
+            Instant::now(),
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+            EjectionReason::ConsecutiveGateway,
+        );
+    }
+
+    #[test]
+    fn a_coloured_request_stays_in_its_lane_and_uncoloured_ones_stay_out() {
+        let s = set();
+        assert_eq!(picks(&s, Some(b"blue"), None, 30), [0, 0, 0, 30]);
+        let plain = picks(&s, None, None, 30);
+        assert_eq!(plain[3], 0, "uncoloured requests keep off the blue lane: {plain:?}");
+        assert_eq!(plain.iter().sum::<usize>(), 30);
+    }
+
+    #[test]
+    fn an_empty_or_unusable_lane_falls_back_to_uncoloured_endpoints() {
+        let s = set();
+        let unknown = picks(&s, Some(b"green"), None, 30);
+        assert_eq!(unknown[3], 0, "{unknown:?}");
+        eject(&s, 3);
+        let blue = picks(&s, Some(b"blue"), None, 30);
+        assert_eq!((blue[3], blue.iter().sum::<usize>()), (0, 30), "{blue:?}");
+    }
+
+    #[test]
+    fn a_version_split_picks_inside_the_uncoloured_endpoints() {
+        let s = set();
+        assert_eq!(picks(&s, None, Some("v2"), 20), [0, 0, 20, 0]);
+        let v1 = picks(&s, None, Some("v1"), 20);
+        assert_eq!(
+            (v1[2], v1[3]),
+            (0, 0),
+            "blue v1 is not in the uncoloured v1 lane: {v1:?}"
+        );
+        eject(&s, 2);
+        let fallback = picks(&s, None, Some("v2"), 20);
+        assert_eq!((fallback[2], fallback[3], fallback.iter().sum::<usize>()), (0, 0, 20));
+    }
+
+    #[test]
+    fn without_coloured_endpoints_a_colour_changes_nothing() {
+        let s = EndpointSet::new(
+            BalancerKind::RoundRobin,
+            labelled([(100, label("", "")), (100, label("", ""))]),
+        );
+        assert_eq!(picks(&s, Some(b"blue"), None, 10), [5, 5]);
+        assert!(
+            s.lanes.get().is_none(),
+            "no lanes are built for a set without colours or versions"
+        );
+    }
+
+    #[test]
+    fn only_ejected_everywhere_still_answers() {
+        let s = set();
+        for i in 0..4 {
+            eject(&s, i);
+        }
+        assert_eq!(
+            picks(&s, Some(b"blue"), None, 4).iter().sum::<usize>(),
+            4,
+            "panic mode, as a plain pick"
+        );
+    }
+}
