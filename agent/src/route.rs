@@ -349,7 +349,7 @@ impl Cluster {
         for (i, ej) in &ejected {
             self.metrics.ejected(ej.reason.as_str());
             if let Some(ep) = set.endpoints().get(*i) {
-                tracing::warn!(service = %self.service, endpoint = %ep.addr, reason = ej.reason.as_str(), ejected_for = ?ej.duration, "outlier ejected");
+                tracing::warn!(service = %self.service, endpoint = %ep.addr, reason = %ej.reason.as_str(), ejected_for = ?ej.duration, "outlier ejected");
             }
         }
         ejected.len()

@@ -48,6 +48,10 @@ pub struct AgentBuilder {
     telemetry: Table,
     inbound: Option<Inbound>,
     outbounds: Vec<Outbound>,
+    /// Top-level `[[route]]` rules, in order.
+    routes: Vec<Table>,
+    /// The `[colour]` section (written only when set).
+    colour: Option<Table>,
     /// `agent.data_dir` chosen by the test (default: `<agent temp dir>/data`).
     data_dir: Option<PathBuf>,
 }
@@ -108,6 +112,18 @@ impl Outbound {
         let mut t = Table::new();
         t.insert("address".into(), addr.to_string().into());
         t.insert("weight".into(), i64::from(weight).into());
+        self.endpoints.push(Value::Table(t));
+        self
+    }
+
+    /// Adds an endpoint with labels (`{ address = .., version = "v2", colour = "blue" }`; any
+    /// key of a static endpoint: `weight`, `env`, `zone`, `version`, `colour`).
+    pub fn labelled_endpoint(mut self, addr: SocketAddr, labels: &[(&str, &str)]) -> Outbound {
+        let mut t = Table::new();
+        t.insert("address".into(), addr.to_string().into());
+        for (k, v) in labels {
+            t.insert((*k).to_string(), (*v).into());
+        }
         self.endpoints.push(Value::Table(t));
         self
     }
@@ -247,6 +263,8 @@ impl AgentBuilder {
             telemetry,
             inbound: None,
             outbounds: Vec::new(),
+            routes: Vec::new(),
+            colour: None,
             data_dir: None,
         }
     }
@@ -306,6 +324,24 @@ impl AgentBuilder {
         self
     }
 
+    /// Appends a top-level `[[route]]` rule (see [`toml_table`] to write one inline).
+    pub fn route(mut self, route: Table) -> AgentBuilder {
+        self.routes.push(route);
+        self
+    }
+
+    /// Removes every `[[route]]` rule.
+    pub fn clear_routes(mut self) -> AgentBuilder {
+        self.routes.clear();
+        self
+    }
+
+    /// Sets the `[colour]` section (see [`toml_table`]).
+    pub fn colour(mut self, colour: Table) -> AgentBuilder {
+        self.colour = Some(colour);
+        self
+    }
+
     /// Adds an `[[outbound]]`, or replaces the one for the same service.
     pub fn outbound(mut self, outbound: Outbound) -> AgentBuilder {
         self.outbounds.retain(|o| o.service != outbound.service);
@@ -344,6 +380,13 @@ impl AgentBuilder {
         if !self.outbounds.is_empty() {
             let list = self.outbounds.iter().map(|o| Value::Table(o.to_table())).collect();
             root.insert("outbound".into(), Value::Array(list));
+        }
+        if !self.routes.is_empty() {
+            let list = self.routes.iter().cloned().map(Value::Table).collect();
+            root.insert("route".into(), Value::Array(list));
+        }
+        if let Some(colour) = &self.colour {
+            root.insert("colour".into(), Value::Table(colour.clone()));
         }
         toml::to_string(&root).expect("a toml::Table always serializes")
     }
@@ -662,6 +705,13 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         .filter_map(|l| l.rsplit_once(' '))
         .find(|(name, _)| name.trim() == series)
         .and_then(|(_, value)| value.trim().parse().ok())
+}
+
+/// A TOML table written inline, for config pieces the builders have no method for (an
+/// `[outbound.outlier]` section, a whole `[[route]]` rule). Panics on bad TOML.
+pub fn toml_table(text: &str) -> Table {
+    text.parse::<Table>()
+        .unwrap_or_else(|e| panic!("bad TOML in a test config piece: {e}\n{text}"))
 }
 
 /// Runs `vmesh check-config --config <path>` and returns its output.

@@ -11,6 +11,7 @@ pub mod clients;
 pub mod consul;
 pub mod etcd;
 pub mod eventually;
+pub mod governance;
 pub mod http;
 pub mod k8s;
 pub mod lifecycle;

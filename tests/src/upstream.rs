@@ -20,7 +20,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Which server an [`Upstream`] runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamKind {
-    /// `tests/fixtures/upstream.py`: echo JSON, `/slow`, `/status/N`, `/echo`, `/stream`, `/__stats`.
+    /// `tests/fixtures/upstream.py`: echo JSON, `/slow`, `/status/N`, `/echo`, `/stream`, `/call`,
+    /// `/__stats`, `/__control`; optionally failing, hanging, slow or of bounded capacity.
     Python,
     /// nginx answering every path with `body`; `h2c` = HTTP/2 prior knowledge only.
     Nginx {
@@ -98,6 +99,35 @@ impl Upstream {
         assert_eq!(self.kind, UpstreamKind::Python, "fail_status needs the Python upstream");
         self.extra_args
             .extend(["--fail-status".to_string(), status.to_string()]);
+        self
+    }
+
+    /// Python upstream only: answer `percent`% of requests (but `/__stats`) with the
+    /// [`Upstream::fail_status`] status, 500 unless set, spread evenly (50: every second request).
+    pub fn fail_percent(self, percent: u8) -> Upstream {
+        self.python_flag("fail_percent", &["--fail-percent".to_string(), percent.to_string()])
+    }
+
+    /// Python upstream only: read every request (but `/__stats`) and never answer it: a hung
+    /// endpoint that accepts connections.
+    pub fn hang(self) -> Upstream {
+        self.python_flag("hang", &["--hang".to_string()])
+    }
+
+    /// Python upstream only: wait `ms` before answering every request (but `/__stats`).
+    pub fn delay_ms(self, ms: u32) -> Upstream {
+        self.python_flag("delay_ms", &["--delay-ms".to_string(), ms.to_string()])
+    }
+
+    /// Python upstream only: serve at most `n` requests at once (the rest wait their turn), so
+    /// with [`Upstream::delay_ms`] its latency grows with load like a saturated app's.
+    pub fn capacity(self, n: u32) -> Upstream {
+        self.python_flag("capacity", &["--capacity".to_string(), n.to_string()])
+    }
+
+    fn python_flag(mut self, what: &str, args: &[String]) -> Upstream {
+        assert_eq!(self.kind, UpstreamKind::Python, "{what} needs the Python upstream");
+        self.extra_args.extend_from_slice(args);
         self
     }
 
@@ -251,6 +281,17 @@ impl RunningUpstream {
     /// Requests the Python upstream is serving right now.
     pub fn in_flight(&self) -> u64 {
         self.stats()["in_flight"].as_u64().unwrap_or(0)
+    }
+
+    /// Changes the Python upstream's behaviour at run time (`/__control`): keys `fail_status`,
+    /// `fail_percent`, `hang` (0/1), `delay_ms`. Returns the behaviour now in force.
+    pub fn control(&self, settings: &[(&str, u32)]) -> serde_json::Value {
+        assert_eq!(self.kind, UpstreamKind::Python, "control() needs the Python upstream");
+        let query: Vec<String> = settings.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let path = format!("/__control?{}", query.join("&"));
+        let response = http::get(self.addr, &path).unwrap_or_else(|e| panic!("GET {path} on {}: {e}", self.name));
+        assert_eq!(response.status, 200, "GET {path} on {}: {}", self.name, response.text());
+        response.json()
     }
 
     /// The server's stderr (its request log).

@@ -415,6 +415,19 @@ pub fn validate(rules: &[RouteConfig], services: Option<&[&str]>) -> Vec<(String
     p
 }
 
+/// A regex error on one line: the crate's message draws the pattern with a caret over several
+/// lines and ends with the reason.
+fn regex_error(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .last()
+        .unwrap_or("invalid");
+    last.strip_prefix("error: ").unwrap_or(last).to_owned()
+}
+
 fn validate_route(key: &str, r: &RouteConfig) -> Vec<(String, String)> {
     let mut p = Vec::new();
     if let Some(path) = &r.matches.path {
@@ -435,7 +448,10 @@ fn validate_route(key: &str, r: &RouteConfig) -> Vec<(String, String)> {
         }
         if let Some(re) = &path.regex {
             if let Err(e) = regex::Regex::new(re) {
-                p.push((format!("{key}.match.path.regex"), format!("bad regex {re:?}: {e}")));
+                p.push((
+                    format!("{key}.match.path.regex"),
+                    format!("bad regex {re:?}: {}", regex_error(&e)),
+                ));
             }
         }
     }
@@ -473,7 +489,7 @@ fn validate_route(key: &str, r: &RouteConfig) -> Vec<(String, String)> {
             }
             if let Some(re) = &v.regex {
                 if let Err(e) = regex::Regex::new(re) {
-                    p.push((format!("{k}.regex"), format!("bad regex {re:?}: {e}")));
+                    p.push((format!("{k}.regex"), format!("bad regex {re:?}: {}", regex_error(&e))));
                 }
             }
         }

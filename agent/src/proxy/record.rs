@@ -24,7 +24,7 @@ pub fn try_ended(cluster: &Cluster, set: &EndpointSet, endpoint: &Endpoint, outc
         tracing::warn!(
             service = %cluster.service,
             endpoint = %endpoint.addr,
-            reason = ej.reason.as_str(),
+            reason = %ej.reason.as_str(),
             ejected_for = ?ej.duration,
             "outlier ejected"
         );

@@ -116,6 +116,9 @@ match = { service = "orders", path = { prefix = "/" } }
         assert!(text.contains(want), "missing {want:?} in {text}");
     }
     assert!(validate(&rules(TABLE), Some(&["orders", "orders-admin"])).is_empty());
+    let regex = p.iter().find(|(k, _)| k == "route[0].match.path.regex").unwrap();
+    assert!(!regex.1.contains('\n'), "one line: {:?}", regex.1);
+    assert!(regex.1.ends_with("unclosed group"), "{:?}", regex.1);
 }
 
 #[test]
