@@ -378,3 +378,80 @@ impl Cluster {
         self.protocol == Protocol::Grpc
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[inbound]
+listen = "127.0.0.1:7000"
+app = "127.0.0.1:7001"
+[inbound.adaptive]
+min_limit = 2
+[inbound.rate_limit]
+rate = "10/s"
+
+[[outbound]]
+service = "orders"
+endpoints = ["127.0.0.1:9"]
+[outbound.breaker]
+error_rate_percent = 50
+[outbound.rate_limit]
+rate = "5/s"
+
+[colour]
+propagate = ["x-tenant"]
+"#;
+
+    fn table(text: &str, previous: Option<&RouteTable>) -> RouteTable {
+        let config = crate::config::load_str(text).unwrap();
+        RouteTable::build(&config, previous, &Metrics::new())
+    }
+
+    #[test]
+    fn unchanged_governance_state_survives_a_reload_and_changed_state_is_rebuilt() {
+        let a = table(BASE, None);
+        let b = table(BASE, Some(&a));
+        let (ao, bo) = (&a.services["orders"], &b.services["orders"]);
+        assert!(Arc::ptr_eq(ao.breaker.as_ref().unwrap(), bo.breaker.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            ao.rate_limit.as_ref().unwrap(),
+            bo.rate_limit.as_ref().unwrap()
+        ));
+        let (ai, bi) = (a.inbound.as_ref().unwrap(), b.inbound.as_ref().unwrap());
+        assert!(Arc::ptr_eq(
+            ai.adaptive.as_ref().unwrap(),
+            bi.adaptive.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            ai.rate_limit.as_ref().unwrap(),
+            bi.rate_limit.as_ref().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            a.propagation.as_ref().unwrap(),
+            b.propagation.as_ref().unwrap()
+        ));
+
+        let changed = BASE
+            .replace("error_rate_percent = 50", "error_rate_percent = 60")
+            .replace("min_limit = 2", "min_limit = 3")
+            .replace("propagate = [\"x-tenant\"]", "propagate = []");
+        let c = table(&changed, Some(&b));
+        let co = &c.services["orders"];
+        assert!(!Arc::ptr_eq(bo.breaker.as_ref().unwrap(), co.breaker.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            bo.rate_limit.as_ref().unwrap(),
+            co.rate_limit.as_ref().unwrap()
+        ));
+        let ci = c.inbound.as_ref().unwrap();
+        assert!(!Arc::ptr_eq(
+            bi.adaptive.as_ref().unwrap(),
+            ci.adaptive.as_ref().unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            b.propagation.as_ref().unwrap(),
+            c.propagation.as_ref().unwrap()
+        ));
+    }
+}
