@@ -5,8 +5,9 @@
 set -euo pipefail
 
 PYTHON="${PYTHON:-python3}"
-# Pinned major versions of the Python peers the tests drive.
-PIP_PACKAGES=("grpcio>=1.60,<2" "websockets>=17,<18")
+# Pinned major versions of the Python peers the tests drive (Playwright drives the web console
+# in Debian's Chromium: `playwright install` cannot download its own browsers here, and need not).
+PIP_PACKAGES=("grpcio>=1.60,<2" "websockets>=17,<18" "playwright>=1.40,<2")
 
 log() { printf 'install-test-deps: %s\n' "$*"; }
 # shellcheck source=scripts/apt.sh
@@ -20,6 +21,8 @@ declare -A APT_FOR=(
   [nghttp]=nghttp2-client
   [h2load]=nghttp2-client
   [promtool]=prometheus
+  # The dashboards' test runs the real Prometheus server too (same package).
+  [prometheus]=prometheus
   [protoc]=protobuf-compiler
   [etcd]=etcd-server
   [etcdctl]=etcd-client
@@ -27,6 +30,8 @@ declare -A APT_FOR=(
   # The Kubernetes API double is checked with the real kubectl (over TLS: openssl makes the cert).
   [kubectl]=kubectl
   [openssl]=openssl
+  # The web console's test runs headless in Debian's Chromium (/usr/bin/chromium).
+  [chromium]=chromium
 )
 
 missing=()
@@ -52,7 +57,7 @@ else
 fi
 
 # --- Python packages ---------------------------------------------------------------------------
-if "$PYTHON" -c 'import grpc, websockets, sys; sys.exit(0 if int(websockets.__version__.split(".")[0]) >= 17 else 1)' >/dev/null 2>&1; then
+if "$PYTHON" -c 'import grpc, websockets, playwright.sync_api, sys; sys.exit(0 if int(websockets.__version__.split(".")[0]) >= 17 else 1)' >/dev/null 2>&1; then
   log "Python packages present"
 else
   log "installing ${PIP_PACKAGES[*]} for $("$PYTHON" -c 'import sys; print(sys.executable)')"
@@ -67,8 +72,8 @@ else
 fi
 
 # --- Final check: fail loudly rather than let a test discover a missing tool -------------------
-for cmd in nginx curl nghttp h2load promtool; do
+for cmd in nginx curl nghttp h2load promtool prometheus chromium; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || { log "$cmd still missing" >&2; exit 1; }
 done
-"$PYTHON" -c 'import grpc, websockets' || { log "grpcio/websockets still missing" >&2; exit 1; }
+"$PYTHON" -c 'import grpc, websockets, playwright.sync_api' || { log "grpcio/websockets/playwright still missing" >&2; exit 1; }
 log "ok"

@@ -38,7 +38,55 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
     }
 }
 
+/// Browser-borne requests are refused: a `Host` that is not an IP address, `localhost` or the
+/// node's name (DNS rebinding: a page on a hostile domain resolving to 127.0.0.1 could read the
+/// GETs), and a call that is not a read with an `Origin` other than the admin address itself
+/// (a page in a browser on the VM posting `/drain`, which needs no preflight).
+fn check_origin(state: &AgentState, req: &Request<Incoming>) -> Result<(), Box<Response<Full<Bytes>>>> {
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+    if let Some(host) = host {
+        let name = host_name(host);
+        let node = state.config.load().node_name();
+        let allowed = name.parse::<std::net::IpAddr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || name.eq_ignore_ascii_case(&node);
+        if !allowed {
+            return Err(Box::new(owned_text(
+                StatusCode::FORBIDDEN,
+                format!("ADMIN_HOST_REFUSED: Host {name:?} is not an IP address, localhost or the node name\n"),
+            )));
+        }
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok());
+        if let Some(origin) = origin {
+            let same = host.is_some_and(|h| origin.split_once("://").is_some_and(|(_, a)| a.eq_ignore_ascii_case(h)));
+            if !same {
+                return Err(Box::new(owned_text(
+                    StatusCode::FORBIDDEN,
+                    format!("ADMIN_FOREIGN_ORIGIN: a call from {origin:?} is not a call from the admin page\n"),
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `127.0.0.1:9901` -> `127.0.0.1`; `[::1]:9901` -> `::1`; `localhost` -> `localhost`.
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.contains(':') => h,
+        _ => host,
+    }
+}
+
 async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(r) = check_origin(state, &req) {
+        return *r;
+    }
     // Every call that is not a read needs the admin token when one is set.
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         if let Err(r) = authorize(state, &req) {
@@ -100,11 +148,28 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
             r
         }
         (&Method::GET, "/shift" | "/shift/") => json_response(shift_all(state)),
-        (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics" | "/shift") => {
+        (&Method::GET, "/ui") => ui_page(),
+        (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics" | "/shift" | "/ui") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `GET /ui`: the web console, one self-contained page (`admin/ui.html`) that calls this API.
+/// Its CSP lets it run its own inline script and style and talk to this origin only.
+fn ui_page() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(include_str!("admin/ui.html").as_bytes())));
+    for (name, value) in [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::CONTENT_SECURITY_POLICY, "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+    ] {
+        r.headers_mut().insert(name, header::HeaderValue::from_static(value));
+    }
+    r
 }
 
 /// Why the instance should not get traffic, if it should not.

@@ -422,8 +422,7 @@ fn regex_error(e: &regex::Error) -> String {
     let last = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .last()
+        .rfind(|l| !l.is_empty())
         .unwrap_or("invalid");
     last.strip_prefix("error: ").unwrap_or(last).to_owned()
 }
