@@ -166,6 +166,11 @@ impl EndpointSet {
         self.endpoints.is_empty()
     }
 
+    /// Whether some endpoint carries a colour (the set has colour lanes).
+    pub fn is_coloured(&self) -> bool {
+        self.coloured
+    }
+
     /// The split in force: `(env, percent, endpoints)` per environment; empty without a split.
     pub fn split(&self) -> Vec<(Env, u32, usize)> {
         self.subsets.describe()

@@ -169,6 +169,7 @@ pub async fn forward(
 
     // Stage fault: drills on real traffic.
     if let Some(f) = route.as_ref().and_then(|r| r.fault.as_ref()) {
+        let colour = select::header_colour(table, &colour, &p.parts);
         let injected = f.draw(colour.as_ref().map(HeaderValue::as_bytes), fastrand::f64);
         if let Some(d) = injected.delay {
             tokio::time::sleep(d).await;
@@ -187,9 +188,9 @@ pub async fn forward(
         }
     }
 
-    // Stage admit: rate limits, the adaptive limit, the breaker.
-    let now = Instant::now();
-    let admitted = match admit::admit(&cluster, route.as_deref(), &p.parts, now) {
+    // Stage admit: rate limits, the adaptive limit, the breaker (on the request's arrival
+    // time: no clock read for a service without them).
+    let admitted = match admit::admit(&cluster, route.as_deref(), &p.parts, start) {
         Ok(a) => a,
         Err(admit::Refused::RateLimited(wait)) => return Ok(admit::rate_limited(wait, grpc, fallback, completion)),
         Err(admit::Refused::Error(e)) => return Ok(fail_or_fallback(e, grpc, fallback, completion)),
@@ -227,6 +228,12 @@ pub async fn forward(
         .and_then(|h| p.parts.headers.get(h))
         .map(|v| ring_hash_key(v.as_bytes()));
     let version = route.as_ref().and_then(|r| r.split.as_ref()).map(|s| s.choose());
+    // The colour header is read only when the set has colour lanes.
+    let colour = if set.is_coloured() {
+        select::header_colour(table, &colour, &p.parts)
+    } else {
+        None
+    };
     let lane = select::Lane {
         colour: colour.as_ref().map(HeaderValue::as_bytes),
         version,
@@ -271,7 +278,8 @@ pub async fn forward(
         let sent_at = Instant::now();
         let try_deadline = per_try_timeout.map_or(deadline, |d| (sent_at + d).min(deadline));
         let result = attempt::send(&cluster, endpoint, upstream_req, &p.path, h2, try_deadline, deadline).await;
-        let rtt = sent_at.elapsed();
+        let answered_at = Instant::now();
+        let rtt = answered_at.saturating_duration_since(sent_at);
         completion.upstream_time += rtt;
 
         // Stage record.
@@ -279,9 +287,9 @@ pub async fn forward(
             Ok((r, _)) => TryOutcome::Status(r.status().as_u16()),
             Err(o) => *o,
         };
-        record::try_ended(&cluster, &set, endpoint, outcome, rtt);
+        record::try_ended(&cluster, &set, endpoint, outcome, rtt, answered_at);
 
-        if may_retry && Instant::now() < deadline && retry.retryable(&p.parts.method, outcome) {
+        if may_retry && retry.retryable(&p.parts.method, outcome) && answered_at < deadline {
             if let Some(tokens) = admit::retry_tokens(&cluster, &admitted) {
                 cluster.metrics.retries.inc();
                 _retry_tokens = Some(tokens);
@@ -295,7 +303,7 @@ pub async fn forward(
         completion.endpoint = Some(in_flight);
         let answer = match result {
             Ok((resp, conn)) => {
-                admitted.finish(resp.status().as_u16(), completion.start.elapsed());
+                admitted.finish(resp.status().as_u16(), start, answered_at);
                 respond(resp, conn, completion, p.on_upgrade, p.close_after)
             }
             Err(TryOutcome::ConnectFailed) => {

@@ -8,8 +8,15 @@ use crate::resilience::outlier::Outcome;
 use crate::resilience::TryOutcome;
 use crate::route::Cluster;
 
-/// Records one try of `endpoint` that ended with `outcome` after `rtt`.
-pub fn try_ended(cluster: &Cluster, set: &EndpointSet, endpoint: &Endpoint, outcome: TryOutcome, rtt: Duration) {
+/// Records one try of `endpoint` that ended with `outcome` after `rtt`, at `now`.
+pub fn try_ended(
+    cluster: &Cluster,
+    set: &EndpointSet,
+    endpoint: &Endpoint,
+    outcome: TryOutcome,
+    rtt: Duration,
+    now: Instant,
+) {
     if matches!(outcome, TryOutcome::Status(_)) {
         endpoint.stats.observe_rtt(rtt);
     }
@@ -19,7 +26,7 @@ pub fn try_ended(cluster: &Cluster, set: &EndpointSet, endpoint: &Endpoint, outc
         return;
     }
     let outcome = Outcome::from(outcome);
-    if let Some(ej) = cluster.outlier.observe(set, endpoint, outcome, Instant::now()) {
+    if let Some(ej) = cluster.outlier.observe(set, endpoint, outcome, now) {
         cluster.metrics.ejected(ej.reason.as_str());
         tracing::warn!(
             service = %cluster.service,

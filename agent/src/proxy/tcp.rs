@@ -79,7 +79,8 @@ pub async fn proxy(
                 TryOutcome::Timeout
             }
         };
-        record::try_ended(&cluster, &set, ep, outcome, started.elapsed());
+        let now = Instant::now();
+        record::try_ended(&cluster, &set, ep, outcome, now.saturating_duration_since(started), now);
         if upstream.is_some() {
             break;
         }

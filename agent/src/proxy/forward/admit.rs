@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+
 use http::header::HeaderValue;
 use http::request::Parts;
 use http::Response;
@@ -56,23 +57,22 @@ pub fn admit(cluster: &Cluster, route: Option<&Route>, parts: &Parts, now: Insta
 }
 
 impl Admitted {
-    /// The upstream answered `status` after `elapsed`: a 5xx counts as a failure.
-    pub fn finish(self, status: u16, elapsed: Duration) {
+    /// The upstream answered `status` at `answered_at` to a request that arrived at `start`: a
+    /// 5xx counts as a failure.
+    pub fn finish(self, status: u16, start: Instant, answered_at: Instant) {
         let ok = status < 500;
-        let now = Instant::now();
         if let Some(g) = self.breaker {
-            g.record(ok, now);
+            g.record(ok, answered_at);
         }
         if let Some(g) = self.adaptive {
-            g.record(elapsed, ok, now);
+            g.record(answered_at.saturating_duration_since(start), ok, answered_at);
         }
     }
 
     /// The request ends with the proxy's own error answer `resp` (a failure).
     pub fn finish_with_error(self, resp: Response<ResponseBody>) -> Response<ResponseBody> {
-        let now = Instant::now();
         if let Some(g) = self.breaker {
-            g.record(false, now);
+            g.record(false, Instant::now());
         }
         // A failed request says nothing about the app's latency: the slot is released
         // without a sample.

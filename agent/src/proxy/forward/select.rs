@@ -23,19 +23,22 @@ pub struct Lane<'a> {
 }
 
 /// Colours the request: headers carried from the inbound request it serves (outbound), the
-/// `[colour]` rules, and the VM's own colour (outbound). Returns the request's colour.
+/// `[colour]` rules, and the VM's own colour (outbound). Returns the request's colour when
+/// `[colour]` is configured; without it the colour header is only read where a later stage
+/// needs it ([`header_colour`]).
 pub fn colour(ctx: &ConnCtx, table: &RouteTable, cluster: &Cluster, parts: &mut Parts) -> Option<HeaderValue> {
     let inbound = cluster.direction == Direction::Inbound;
     let Some(c) = &table.colouring else {
-        // No [colour] section: a VM of a lane still stamps its colour on outbound calls, and
-        // a colour that arrives is still honoured.
-        let header = &crate::governance::colour::DEFAULT_HEADER;
-        if !inbound && !parts.headers.contains_key(header) {
+        // No [colour] section: a VM of a lane still stamps its colour on outbound calls.
+        if !inbound {
             if let Some(own) = ctx.shared.own_colour.load().as_deref() {
-                parts.headers.insert(header.clone(), own.clone());
+                parts
+                    .headers
+                    .entry(&crate::governance::colour::DEFAULT_HEADER)
+                    .or_insert_with(|| own.clone());
             }
         }
-        return parts.headers.get(header).filter(|v| !v.is_empty()).cloned();
+        return None;
     };
     let now = Instant::now();
     if !inbound {
@@ -57,6 +60,19 @@ pub fn colour(ctx: &ConnCtx, table: &RouteTable, cluster: &Cluster, parts: &mut 
         }
     }
     colour
+}
+
+/// The colour a request carries in the default header, for a stage that needs it when no
+/// `[colour]` section decided it (a colour that arrives is honoured without one).
+pub fn header_colour(table: &RouteTable, colour: &Option<HeaderValue>, parts: &Parts) -> Option<HeaderValue> {
+    if colour.is_some() || table.colouring.is_some() {
+        return colour.clone();
+    }
+    parts
+        .headers
+        .get(&crate::governance::colour::DEFAULT_HEADER)
+        .filter(|v| !v.is_empty())
+        .cloned()
 }
 
 /// The first route rule of the addressed service that takes the request.
