@@ -114,7 +114,8 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
         (&Method::POST, "/undrain") => {
             let timeout = query_param(&req, "timeout")
                 .and_then(|t| humantime::parse_duration(&t).ok())
-                .unwrap_or(std::time::Duration::from_secs(60));
+                .unwrap_or(std::time::Duration::from_secs(60))
+                .min(std::time::Duration::from_secs(86_400));
             match state.lifecycle.undrain(timeout).await {
                 Ok(()) => json_response(lifecycle_json(state)),
                 Err(e) => owned_text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),

@@ -42,7 +42,7 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
         /// Longest wait for in-flight requests to reach zero.
-        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = parse_timeout)]
         timeout: std::time::Duration,
     },
     /// Put this instance back: wait for the app's health, register, start a new slow start.
@@ -50,7 +50,7 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminArgs,
         /// Longest wait for the application to pass its health check.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "60s", value_parser = parse_timeout)]
         timeout: std::time::Duration,
     },
     /// Show or set the traffic shift of an outbound service between environments:
@@ -162,4 +162,14 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, Str
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// A command's `--timeout`: a human duration of at most one day (no deadline arithmetic can
+/// overflow).
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > std::time::Duration::from_secs(86_400) {
+        return Err(format!("{s} is longer than one day"));
+    }
+    Ok(d)
 }

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use crate::config::{Config, SourceKind};
 use crate::registry::RegistryClient;
 use crate::route::RouteTable;
-use crate::store::Store;
+use crate::store::{RampRecord, Store};
 use crate::telemetry::Metrics;
 
 /// What one source currently knows of one service.
@@ -77,14 +77,31 @@ impl RampInfo {
     /// Reads ramp metadata through `get` (keys `ramp_start`, `ramp_window`, optional `weight`
     /// and `ramp_aggression`); `None` without a start and a window, or with nonsense values.
     pub fn from_meta(get: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        Self::from_meta_at(get, crate::store::unix_now())
+    }
+
+    /// [`Self::from_meta`] by the clock `now_unix`. A ramp no agent could have advertised (see
+    /// [`RampRecord::plausible_at`]: a window beyond a day, a start more than five minutes
+    /// ahead, `u64::MAX` included) is not a ramp: the endpoint keeps the registry's weight, the
+    /// step its agent last wrote, instead of sitting at weight 1 until the year 584 billion.
+    pub fn from_meta_at(get: impl Fn(&str) -> Option<String>, now_unix: u64) -> Option<Self> {
         let aggression = get("ramp_aggression")
             .and_then(|a| a.parse::<f64>().ok())
             .filter(|a| *a > 0.0 && *a <= 10.0)
             .unwrap_or(1.0);
+        let start: u64 = get("ramp_start")?.parse().ok()?;
+        let window: u64 = get("ramp_window")?.parse().ok()?;
+        if !(RampRecord {
+            start,
+            window_secs: window,
+        })
+        .plausible_at(now_unix)
+        {
+            return None;
+        }
         Some(Self {
-            start: get("ramp_start")?.parse().ok()?,
-            // A window beyond a day is not a slow start.
-            window: get("ramp_window")?.parse().ok().filter(|w| *w <= 86_400)?,
+            start,
+            window,
             target: get("weight")
                 .and_then(|w| w.parse::<u32>().ok())
                 .map_or(100, |w| w.clamp(1, 10_000)),
@@ -276,5 +293,108 @@ impl Discovery {
     /// The central policies as last read (for `GET /shift`).
     pub fn policies(&self) -> &shift::PolicyWatch {
         &self.policies
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_764_200_000;
+
+    fn ramp(meta: &[(&str, &str)]) -> Option<RampInfo> {
+        let meta: HashMap<String, String> = meta.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        RampInfo::from_meta_at(|k| meta.get(k).cloned(), NOW)
+    }
+
+    #[test]
+    fn ramp_metadata_is_read() {
+        let r = ramp(&[("ramp_start", "1764199990"), ("ramp_window", "60"), ("weight", "40")]);
+        assert_eq!(
+            r,
+            Some(RampInfo {
+                start: 1_764_199_990,
+                window: 60,
+                target: 40,
+                aggression: 1.0
+            })
+        );
+        assert_eq!(ramp(&[("ramp_start", "1764199990")]), None, "no window");
+        assert_eq!(ramp(&[("ramp_window", "60")]), None, "no start");
+    }
+
+    #[test]
+    fn extreme_ramp_metadata_is_no_ramp_and_no_panic() {
+        let max = u64::MAX.to_string();
+        let ahead = (NOW + RampRecord::MAX_START_AHEAD_SECS + 1).to_string();
+        for (start, window) in [
+            (max.as_str(), "60"),
+            (ahead.as_str(), "60"),
+            ("1764199990", "86401"),
+            ("1764199990", max.as_str()),
+            ("-1", "60"),
+            ("1764199990", "-60"),
+            ("1e9", "60"),
+            ("18446744073709551616", "60"),
+            ("", "60"),
+        ] {
+            let r = ramp(&[("ramp_start", start), ("ramp_window", window)]);
+            assert_eq!(r, None, "start {start:?} window {window:?}");
+        }
+        // A zero window and a start a little ahead are plausible, and weigh in range.
+        for (start, window) in [("1764200000", "0"), ("1764200100", "60"), ("0", "0"), ("0", "86400")] {
+            let r = ramp(&[
+                ("ramp_start", start),
+                ("ramp_window", window),
+                ("ramp_aggression", "NaN"),
+            ]);
+            let r = r.unwrap_or_else(|| panic!("start {start:?} window {window:?}"));
+            assert_eq!(r.aggression, 1.0, "NaN aggression falls back to linear");
+            let found = Found {
+                address: "127.0.0.1:1".parse().unwrap(),
+                weight: 100,
+                env: "vm".into(),
+                zone: String::new(),
+                version: String::new(),
+                colour: String::new(),
+                ramp: Some(r),
+            };
+            for now in [0, NOW, u64::MAX] {
+                let w = service::effective_weight(&found, now);
+                assert!((1..=100).contains(&w), "{start} {window} at {now}: {w}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the registry says and whatever the clock, the weight is in range.
+        #[test]
+        fn any_ramp_metadata_weighs_in_range(start: u64, window: u64, weight: u32, aggression: f64, now: u64) {
+            let meta: HashMap<&str, String> = [
+                ("ramp_start", start.to_string()),
+                ("ramp_window", window.to_string()),
+                ("weight", weight.to_string()),
+                ("ramp_aggression", aggression.to_string()),
+            ]
+            .into_iter()
+            .collect();
+            let r = RampInfo::from_meta_at(|k| meta.get(k).cloned(), now);
+            if let Some(r) = r {
+                proptest::prop_assert!(r.window <= RampRecord::MAX_WINDOW_SECS);
+                let found = Found {
+                    address: "127.0.0.1:1".parse().unwrap(),
+                    weight: r.target,
+                    env: "vm".into(),
+                    zone: String::new(),
+                    version: String::new(),
+                    colour: String::new(),
+                    ramp: Some(r),
+                };
+                for at in [now, now.saturating_add(1), u64::MAX, 0] {
+                    let w = service::effective_weight(&found, at);
+                    proptest::prop_assert!((1..=10_000).contains(&w));
+                }
+            }
+        }
     }
 }

@@ -68,6 +68,25 @@ pub struct RampRecord {
     pub window_secs: u64,
 }
 
+// === impl RampRecord ===
+
+impl RampRecord {
+    /// The longest ramp window: `inbound.ramp.window` is a duration, capped at a day like every
+    /// duration, and callers ignore ramp metadata with a longer window.
+    pub const MAX_WINDOW_SECS: u64 = 86_400;
+    /// How far in the future a start may lie: a clock stepped back after the ramp began (NTP
+    /// steps are seconds), or a caller whose clock is behind the instance's.
+    pub const MAX_START_AHEAD_SECS: u64 = 300;
+
+    /// Whether a run of the agent can have written this record by the clock `now_unix`: its
+    /// window at most [`Self::MAX_WINDOW_SECS`], its start at most
+    /// [`Self::MAX_START_AHEAD_SECS`] ahead. Anything else (a start of `u64::MAX` from
+    /// registry metadata, a tampered store) is not a ramp.
+    pub fn plausible_at(&self, now_unix: u64) -> bool {
+        self.window_secs <= Self::MAX_WINDOW_SECS && self.start <= now_unix.saturating_add(Self::MAX_START_AHEAD_SECS)
+    }
+}
+
 /// Typed access over any [`Store`].
 pub struct State<S: ?Sized = dyn Store> {
     inner: std::sync::Arc<S>,
@@ -239,8 +258,23 @@ impl State {
         self.put(keys::DRAIN, &drained)
     }
 
+    /// The stored ramp; a record no run of the agent could have written (see
+    /// [`RampRecord::plausible_at`]) reads as none, so the agent starts a fresh ramp instead of
+    /// acting on it (and a start of `u64::MAX` cannot come back after every restart).
     pub fn ramp(&self) -> Result<Option<RampRecord>, StoreError> {
-        self.get(keys::RAMP)
+        let now = unix_now();
+        Ok(self.get::<RampRecord>(keys::RAMP)?.filter(|r| {
+            let ok = r.plausible_at(now);
+            if !ok {
+                tracing::warn!(
+                    start = r.start,
+                    window_secs = r.window_secs,
+                    now,
+                    "ignoring an implausible ramp record in the store"
+                );
+            }
+            ok
+        }))
     }
 
     pub fn set_ramp(&self, r: Option<RampRecord>) -> Result<(), StoreError> {
@@ -297,6 +331,31 @@ mod tests {
         assert_eq!(s.registration().unwrap().unwrap().id, "orders-web-01");
         s.set_registration(None).unwrap();
         assert_eq!(s.registration().unwrap(), None);
+    }
+
+    #[test]
+    fn implausible_ramp_records_read_as_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::new(std::sync::Arc::new(SledStore::open_or_rebuild(dir.path()).unwrap()));
+        let now = unix_now();
+        for (start, window_secs, kept) in [
+            (now - 30, 60, true),
+            (now + RampRecord::MAX_START_AHEAD_SECS, 60, true),
+            (0, 0, true),
+            (now + RampRecord::MAX_START_AHEAD_SECS + 60, 60, false),
+            (u64::MAX, 60, false),
+            (now, RampRecord::MAX_WINDOW_SECS + 1, false),
+            (now, u64::MAX, false),
+        ] {
+            let rec = RampRecord { start, window_secs };
+            s.set_ramp(Some(rec)).unwrap();
+            assert_eq!(s.ramp().unwrap(), kept.then_some(rec), "{rec:?}");
+        }
+        // Straight from the bytes, as a tampered or foreign store has them.
+        s.shared()
+            .put_raw(keys::RAMP, br#"{"start":18446744073709551615,"window_secs":0}"#)
+            .unwrap();
+        assert_eq!(s.ramp().unwrap(), None);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::units::{ByteSize, Dur};
+use super::units::{ByteSize, Cidr, Dur};
 pub use crate::governance::colour::ColourConfig;
 pub use crate::governance::routing::RouteConfig;
 pub use crate::governance::FallbackConfig;
@@ -248,6 +248,10 @@ pub struct ProxyConfig {
     pub h2_max_pending_reset_streams: usize,
     /// Request bodies up to this size are buffered so the request can be retried.
     pub retry_buffer_bytes: ByteSize,
+    /// Clients whose `x-forwarded-for` is kept (with their address appended); from any other
+    /// client it is replaced by the client's address. Default: loopback (the local app, a
+    /// front proxy on the same VM).
+    pub trust_forwarded_for: Vec<Cidr>,
 }
 
 /// `[telemetry]`
@@ -533,8 +537,17 @@ impl Default for ProxyConfig {
             h2_max_concurrent_streams: 256,
             h2_max_pending_reset_streams: 64,
             retry_buffer_bytes: ByteSize(64 << 10),
+            trust_forwarded_for: loopback(),
         }
     }
+}
+
+/// `127.0.0.0/8` and `::1/128`.
+fn loopback() -> Vec<Cidr> {
+    ["127.0.0.0/8", "::1/128"]
+        .into_iter()
+        .filter_map(|c| Cidr::parse(c).ok())
+        .collect()
 }
 
 impl Default for LocalityConfig {

@@ -464,6 +464,68 @@ budget_ratio = 3.0
     }
 
     #[test]
+    fn durations_beyond_a_day_are_refused_with_their_key() {
+        let text = r#"
+[agent]
+drain_timeout = "2d"
+[inbound]
+listen = "127.0.0.1:15006"
+app = "127.0.0.1:8080"
+timeout = "18446744073709551615s"
+[inbound.ramp]
+window = "30d"
+[colour]
+propagate_ttl = "1y"
+[[outbound]]
+service = "a"
+endpoints = ["127.0.0.1:1"]
+timeout = "24h 1s"
+[outbound.breaker]
+open_for = "100000000y"
+[[route]]
+timeout = "9999999999h"
+"#;
+        let err = load_str(text).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "agent.drain_timeout",
+            "inbound.timeout",
+            "inbound.ramp.window",
+            "colour.propagate_ttl",
+            "outbound[0].timeout",
+            "outbound[0].breaker.open_for",
+            "route[0].timeout",
+        ] {
+            assert!(keys.contains(&want), "missing {want} in {:?}", err.problems);
+        }
+        // Exactly a day is the longest accepted.
+        let c =
+            load_str("[agent]\ndrain_timeout = \"1d\"\n[cmdb]\nrefresh = \"24h\"\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.agent.drain_timeout, crate::config::Dur::MAX);
+    }
+
+    #[test]
+    fn central_policies_from_the_registry_are_capped_too() {
+        let huge = br#"{"routes": [{"timeout": "500000000y"}], "breaker": {"open_for": "3d"}}"#;
+        let problems = crate::governance::central::parse("orders", huge).unwrap_err();
+        assert!(problems[0].contains("invalid duration"), "{problems:?}");
+    }
+
+    #[test]
+    fn trusted_forwarders_parse_as_networks() {
+        let c = load_str("").unwrap_or_else(|e| panic!("{e}"));
+        let lo = &c.proxy.trust_forwarded_for;
+        assert!(lo.iter().any(|n| n.contains("127.0.0.1".parse().unwrap())));
+        assert!(lo.iter().any(|n| n.contains("::1".parse().unwrap())));
+        assert!(!lo.iter().any(|n| n.contains("10.0.0.1".parse().unwrap())));
+        let c = load_str("[proxy]\ntrust_forwarded_for = []\n").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.proxy.trust_forwarded_for.is_empty());
+        let err = load_str("[proxy]\ntrust_forwarded_for = [\"10.0.0.0/8\", \"10.0.0.0/40\"]\n").unwrap_err();
+        assert_eq!(err.problems[0].key, "proxy.trust_forwarded_for[1]", "{err}");
+        assert!(err.problems[0].message.contains("prefix length"), "{err}");
+    }
+
+    #[test]
     fn syntax_errors_name_the_line() {
         let err = load_str("[agent]\nnode = \n").unwrap_err();
         assert_eq!(err.problems[0].line, Some(2), "{err}");

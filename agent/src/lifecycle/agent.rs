@@ -446,7 +446,8 @@ fn warn_restart_only(old: &Config, new: &Config) {
             old.proxy.max_connections != new.proxy.max_connections
                 || old.proxy.max_header_bytes != new.proxy.max_header_bytes
                 || old.proxy.header_read_timeout != new.proxy.header_read_timeout
-                || old.proxy.h2_max_concurrent_streams != new.proxy.h2_max_concurrent_streams,
+                || old.proxy.h2_max_concurrent_streams != new.proxy.h2_max_concurrent_streams
+                || old.proxy.trust_forwarded_for != new.proxy.trust_forwarded_for,
         ),
         ("telemetry", old.telemetry != new.telemetry),
         ("kubernetes", old.kubernetes != new.kubernetes),

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::store::RampRecord;
+
 /// A ramp's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Ramp {
@@ -25,7 +27,15 @@ impl Ramp {
             .iter()
             .map(|&w| {
                 let f = (f64::from(w.saturating_sub(1)) / 99.0).clamp(0.0, 1.0);
-                (self.window.mul_f64(f.powf(self.aggression)), w)
+                // In [0, 1] for a validated aggression; a NaN or infinite share (an aggression
+                // no validated config has) reaches the step at the window's end.
+                let share = f.powf(self.aggression);
+                let share = if share.is_finite() { share.clamp(0.0, 1.0) } else { 1.0 };
+                // `mul_f64` panics when the product does not fit (`window * 1.0` of a window
+                // near `Duration::MAX` rounds up past it); this falls back to the window.
+                let at = Duration::try_from_secs_f64(self.window.as_secs_f64() * share)
+                    .map_or(self.window, |d| d.min(self.window));
+                (at, w)
             })
             .collect()
     }
@@ -42,6 +52,22 @@ impl Ramp {
     /// The next step after `elapsed`, if any: (time from start, weight).
     pub fn next_step(&self, elapsed: Duration) -> Option<(Duration, u32)> {
         self.step_times().into_iter().find(|(t, _)| *t > elapsed)
+    }
+
+    /// The next step of the ramp `rec` (from the store or the registry) after `now_unix`: how
+    /// long from now until it is due, and its weight; `None` when no step is left. Saturating
+    /// throughout, and the wait is at most the window plus [`RampRecord::MAX_START_AHEAD_SECS`]
+    /// (what a plausible record can need), so that `Instant::now() + wait` cannot overflow
+    /// whatever the record says (a start of `u64::MAX` included).
+    pub fn next_step_in(&self, rec: RampRecord, now_unix: u64) -> Option<(Duration, u32)> {
+        let elapsed = Duration::from_secs(now_unix.saturating_sub(rec.start));
+        let (at, weight) = self.next_step(elapsed)?;
+        let due = Duration::from_secs(rec.start).saturating_add(at);
+        let wait = due.saturating_sub(Duration::from_secs(now_unix));
+        let longest = self
+            .window
+            .saturating_add(Duration::from_secs(RampRecord::MAX_START_AHEAD_SECS));
+        Some((wait.min(longest), weight))
     }
 }
 
@@ -121,6 +147,71 @@ mod tests {
     #[test]
     fn at_most_five_writes_per_default_ramp() {
         assert_eq!(ramp(1.0).step_times().len(), 5);
+    }
+
+    #[test]
+    fn next_step_waits_from_the_record() {
+        let r = ramp(1.0);
+        let rec = |start| RampRecord { start, window_secs: 99 };
+        assert_eq!(r.next_step_in(rec(1000), 1040), Some((Duration::from_secs(25), 66)));
+        assert_eq!(r.next_step_in(rec(1000), 1000), Some((Duration::from_secs(9), 10)));
+        assert_eq!(r.next_step_in(rec(1000), 2000), None);
+        // A start a little ahead (the clock stepped back): the wait includes the gap.
+        assert_eq!(r.next_step_in(rec(1010), 1000), Some((Duration::from_secs(19), 10)));
+    }
+
+    #[test]
+    fn extreme_records_and_shapes_do_not_panic() {
+        let longest = Duration::from_secs(99 + RampRecord::MAX_START_AHEAD_SECS);
+        for start in [0, 1, u64::MAX / 2, u64::MAX - 1, u64::MAX] {
+            for now in [0, 1_764_200_000, u64::MAX] {
+                let rec = RampRecord {
+                    start,
+                    window_secs: u64::MAX,
+                };
+                if let Some((wait, w)) = ramp(1.0).next_step_in(rec, now) {
+                    assert!(wait <= longest && (1..=100).contains(&w), "{start} {now}: {wait:?}");
+                    // What the registrar does with it.
+                    let _ = std::time::Instant::now() + wait;
+                }
+            }
+        }
+        for window in [
+            Duration::ZERO,
+            Duration::from_nanos(1),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+        ] {
+            for aggression in [f64::NAN, f64::INFINITY, -1.0, 0.0, f64::MIN_POSITIVE, 10.0, f64::MAX] {
+                let r = Ramp {
+                    window,
+                    aggression,
+                    steps: vec![1, 10, 33, 66, 100],
+                };
+                for (at, _) in r.step_times() {
+                    assert!(at <= window, "{window:?} {aggression}: {at:?}");
+                }
+                for elapsed in [Duration::ZERO, window / 2, window, Duration::MAX] {
+                    assert!((1..=100).contains(&r.weight_at(elapsed)));
+                    assert!((1..=100).contains(&r.advertised_at(elapsed)));
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any ramp record (from the registry or the store) and clock: no panic, a wait the
+        /// registrar can add to an `Instant`, and a weight in range.
+        #[test]
+        fn any_record_gives_a_bounded_wait(start: u64, window_secs: u64, now: u64, window in 0u64..=86_400, aggression in 0.01f64..=10.0) {
+            let r = Ramp { window: Duration::from_secs(window), aggression, steps: vec![1, 10, 33, 66, 100] };
+            if let Some((wait, w)) = r.next_step_in(RampRecord { start, window_secs }, now) {
+                proptest::prop_assert!(wait <= Duration::from_secs(window + RampRecord::MAX_START_AHEAD_SECS));
+                proptest::prop_assert!((1..=100).contains(&w));
+            }
+            let elapsed = Duration::from_secs(now.saturating_sub(start));
+            proptest::prop_assert!((1..=100).contains(&r.weight_at(elapsed)));
+        }
     }
 
     #[test]

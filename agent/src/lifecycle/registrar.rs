@@ -297,8 +297,11 @@ impl Registrar {
             }
             self.drain = DrainPhase::Drained;
         }
-        if let (Some((start, window_secs)), None) = (found.ramp, self.ramp) {
-            self.set_ramp(RampRecord { start, window_secs });
+        // A ramp from the registry is data from the network: an implausible one (a start far
+        // in the future, a window over a day) is not adopted, so it cannot reach the store.
+        let found_ramp = found.ramp.map(|(start, window_secs)| RampRecord { start, window_secs });
+        if let (Some(rec), None) = (found_ramp.filter(|r| r.plausible_at(unix_now())), self.ramp) {
+            self.set_ramp(rec);
         }
         self.record_registration(registry.as_ref(), &want);
     }
@@ -373,13 +376,8 @@ impl Registrar {
     }
 
     fn next_ramp_step(&self) -> Option<tokio::time::Instant> {
-        let shape = self.ramp_shape()?;
-        let elapsed = self.ramp_elapsed()?;
-        let (at, _) = shape.next_step(elapsed)?;
-        let start = self.ramp?.start;
-        let wall_due = Duration::from_secs(start) + at;
-        let now = Duration::from_secs(unix_now());
-        Some(tokio::time::Instant::now() + wall_due.saturating_sub(now) + Duration::from_millis(50))
+        let (wait, _) = self.ramp_shape()?.next_step_in(self.ramp?, unix_now())?;
+        Some(tokio::time::Instant::now() + wait + Duration::from_millis(50))
     }
 
     /// The registration the registry should hold now, if any.

@@ -331,6 +331,9 @@ fn respond(
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
     completion.headers_time = completion.start.elapsed();
+    // Only vmesh speaks for vmesh: an upstream's `x-vmesh-error` or `x-vmesh-fallback` would
+    // pass for the proxy's own answer with clients, dashboards and runbooks that act on it.
+    headers::strip_vmesh(resp.headers_mut(), |_| false);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = on_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);

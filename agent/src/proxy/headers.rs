@@ -1,4 +1,5 @@
-//! Header rewriting between hops: hop-by-hop removal, `x-forwarded-for`, `x-request-id`.
+//! Header rewriting between hops: hop-by-hop removal, `x-forwarded-for`, `x-request-id`, and
+//! vmesh's own `x-vmesh-*` namespace (no client or upstream can speak for the proxy).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -92,29 +93,80 @@ pub fn is_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
-/// Appends the client's address to `x-forwarded-for`.
-pub fn append_forwarded_for(h: &mut HeaderMap, client: &HeaderValue) {
-    match h.get(&X_FORWARDED_FOR) {
-        None => {
-            h.insert(X_FORWARDED_FOR.clone(), client.clone());
-        }
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client.len());
-            v.extend_from_slice(prev.as_bytes());
+/// Sets `x-forwarded-for` for the next hop. From a `trusted` client (`[proxy]
+/// trust_forwarded_for`) the chain it sent is kept, every `x-forwarded-for` line of it in order,
+/// and its address appended; from any other client the chain is replaced by its address, so an
+/// app that reads the leftmost entry gets an address vmesh saw, not one a caller wrote.
+pub fn set_forwarded_for(h: &mut HeaderMap, client: &HeaderValue, trusted: bool) {
+    let mut chain = h.get_all(&X_FORWARDED_FOR).iter();
+    let value = match (trusted, chain.next()) {
+        (true, Some(first)) => {
+            let rest: Vec<&HeaderValue> = chain.collect();
+            let len = first.len() + rest.iter().map(|v| v.len() + 2).sum::<usize>() + 2 + client.len();
+            let mut v = Vec::with_capacity(len);
+            v.extend_from_slice(first.as_bytes());
+            for r in rest {
+                v.extend_from_slice(b", ");
+                v.extend_from_slice(r.as_bytes());
+            }
             v.extend_from_slice(b", ");
             v.extend_from_slice(client.as_bytes());
-            if let Ok(v) = HeaderValue::from_bytes(&v) {
-                h.insert(X_FORWARDED_FOR.clone(), v);
-            }
+            // Valid header bytes joined by ", " are valid header bytes; the fallback only keeps
+            // the client's address should that ever change.
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client.clone())
         }
+        _ => client.clone(),
+    };
+    h.insert(X_FORWARDED_FOR.clone(), value);
+}
+
+/// The longest `x-request-id` kept as it came: a UUID is 36 bytes, a W3C trace id 32, an AWS
+/// `X-Amzn-Trace-Id` about 80; anything longer is not an id, and it is copied into every log
+/// line and the colour propagation map.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// Ensures the request carries one usable `x-request-id`: the client's when it sent exactly one
+/// of 1..=[`MAX_REQUEST_ID`] visible ASCII characters (`!`..=`~`: no spaces, controls or
+/// non-ASCII bytes, which would break log lines and the tools that split them), else a fresh
+/// one in its place.
+pub fn ensure_request_id(h: &mut HeaderMap) {
+    let mut ids = h.get_all(&X_REQUEST_ID).iter();
+    let usable = match (ids.next(), ids.next()) {
+        (Some(id), None) => is_usable_request_id(id.as_bytes()),
+        _ => false,
+    };
+    if !usable {
+        h.insert(X_REQUEST_ID.clone(), new_request_id());
     }
 }
 
-/// Ensures the request carries an `x-request-id`.
-pub fn ensure_request_id(h: &mut HeaderMap) {
-    if !h.contains_key(&X_REQUEST_ID) {
-        h.insert(X_REQUEST_ID.clone(), new_request_id());
+fn is_usable_request_id(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID).contains(&id.len()) && id.iter().all(|b| (b'!'..=b'~').contains(b))
+}
+
+/// vmesh's own header namespace: `x-vmesh-error` and `x-vmesh-fallback` on the answers it
+/// makes, the colour header on requests.
+const VMESH_PREFIX: &str = "x-vmesh-";
+
+/// Whether the message has any `x-vmesh-*` header (one scan of the names, no allocation).
+pub fn has_vmesh(h: &HeaderMap) -> bool {
+    h.keys().any(is_vmesh)
+}
+
+/// Removes every `x-vmesh-*` header for which `keep` is false. Upstream responses lose them
+/// all (an app must not pass for the proxy: a fake `x-vmesh-error: CIRCUIT_OPEN` would be
+/// counted and acted on by callers as vmesh's), requests all but the headers vmesh reads.
+pub fn strip_vmesh(h: &mut HeaderMap, keep: impl Fn(&HeaderName) -> bool) {
+    // Collecting nothing allocates nothing: a message without such headers costs a scan.
+    let doomed: Vec<HeaderName> = h.keys().filter(|n| is_vmesh(n) && !keep(n)).cloned().collect();
+    for n in doomed {
+        h.remove(n);
     }
+}
+
+fn is_vmesh(name: &HeaderName) -> bool {
+    // Names in a `HeaderMap` are lower case.
+    name.as_str().starts_with(VMESH_PREFIX)
 }
 
 /// A random version-4 UUID, formatted without allocation before the header value itself.
@@ -139,89 +191,4 @@ fn new_request_id() -> HeaderValue {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("te", HeaderValue::from_static("trailers"));
-        h.insert("proxy-connection", HeaderValue::from_static("close"));
-        h.insert("upgrade", HeaderValue::from_static("h2c"));
-        h.insert("x-keep", HeaderValue::from_static("yes"));
-        assert!(strip_hop_by_hop(&mut h, false));
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert!(h.contains_key("x-keep"));
-    }
-
-    #[test]
-    fn hop_index_knows_every_fixed_name() {
-        for (i, name) in fixed_hop_by_hop().iter().enumerate() {
-            assert_eq!(hop_index(name), Some(i), "{name}");
-        }
-        assert_eq!(hop_index(&header::HOST), None);
-    }
-
-    #[test]
-    fn messages_without_hop_by_hop_headers_are_untouched() {
-        let mut h = HeaderMap::new();
-        h.insert("host", HeaderValue::from_static("svc"));
-        h.append("x-a", HeaderValue::from_static("1"));
-        h.append("x-a", HeaderValue::from_static("2"));
-        let before = h.clone();
-        assert!(!strip_hop_by_hop(&mut h, false));
-        assert_eq!(h, before);
-    }
-
-    #[test]
-    fn connection_tokens_across_several_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.append("connection", HeaderValue::from_static("X-One"));
-        h.append("connection", HeaderValue::from_static("x-two, keep-alive"));
-        h.insert("x-one", HeaderValue::from_static("1"));
-        h.insert("x-two", HeaderValue::from_static("2"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-keep", HeaderValue::from_static("yes"));
-        assert!(!strip_hop_by_hop(&mut h, false));
-        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
-    }
-
-    #[test]
-    fn upgrade_handshake_keeps_upgrade() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("Upgrade"));
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert!(is_upgrade(&h));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h["upgrade"], "websocket");
-        assert_eq!(h["connection"], "upgrade");
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        let ip = HeaderValue::from_static("127.0.0.1");
-        append_forwarded_for(&mut h, &ip);
-        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
-        append_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.2"));
-        assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.2");
-    }
-
-    #[test]
-    fn request_ids_are_kept_or_made() {
-        let mut h = HeaderMap::new();
-        ensure_request_id(&mut h);
-        let id = h[&X_REQUEST_ID].clone();
-        assert_eq!(id.len(), 36);
-        assert_eq!(id.as_bytes()[14], b'4');
-        ensure_request_id(&mut h);
-        assert_eq!(h[&X_REQUEST_ID], id);
-        let mut other = HeaderMap::new();
-        ensure_request_id(&mut other);
-        assert_ne!(other[&X_REQUEST_ID], id);
-    }
-}
+mod tests;

@@ -1,6 +1,7 @@
-//! The prepare stage: the request head rewritten for the next hop (hop-by-hop headers out,
-//! `x-forwarded-for` and `x-request-id` in, `Host`/`:authority` for the upstream protocol),
-//! and the body made replayable when it is small enough to retry.
+//! The prepare stage: the request head rewritten for the next hop (hop-by-hop headers and
+//! `x-vmesh-*` headers vmesh does not read out, `x-forwarded-for` by the client's trust and a
+//! valid `x-request-id` in, `Host`/`:authority` for the upstream protocol), and the body made
+//! replayable when it is small enough to retry.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use super::super::body::RequestBody;
 use super::super::complete::{Completion, Received};
 use super::super::error::ProxyError;
 use super::super::{headers, ConnCtx};
+use crate::governance::colour::DEFAULT_HEADER;
 
 /// A request ready to be routed and sent.
 pub struct Prepared {
@@ -53,10 +55,19 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     parts.headers.remove(header::EXPECT);
+    if headers::has_vmesh(&parts.headers) {
+        strip_vmesh(ctx, &mut parts.headers);
+    }
     // Room for x-forwarded-for and x-request-id in one step: the map hyper parsed is sized
     // for the headers it found, and growing it twice costs two reallocations and rehashes.
     parts.headers.reserve(2);
-    headers::append_forwarded_for(&mut parts.headers, &ctx.client_ip);
+    let trusted = ctx
+        .shared
+        .limits
+        .trust_forwarded_for
+        .iter()
+        .any(|net| net.contains(ctx.client.ip()));
+    headers::set_forwarded_for(&mut parts.headers, &ctx.client_ip, trusted);
     headers::ensure_request_id(&mut parts.headers);
     if let Some(log) = completion.log.as_mut() {
         log.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
@@ -75,6 +86,19 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         on_upgrade,
         close_after,
     })
+}
+
+/// Removes the request's `x-vmesh-*` headers but those vmesh reads: the colour header and the
+/// headers `[colour] propagate` carries (a caller's colour is honoured by design, and is how a
+/// lane crosses hops). The others (`x-vmesh-error`, `x-vmesh-fallback`, any other name) mean
+/// nothing in a request, and an app must not take them for the proxy's word.
+fn strip_vmesh(ctx: &ConnCtx, h: &mut http::HeaderMap) {
+    let table = ctx.shared.routes.load();
+    match table.colouring.as_deref() {
+        // `propagate` starts with the colour header.
+        Some(c) => headers::strip_vmesh(h, |n| c.propagate.contains(n)),
+        None => headers::strip_vmesh(h, |n| *n == DEFAULT_HEADER),
+    }
 }
 
 /// HTTP/2 carries the authority in `:authority`; a `host` header beside it is a duplicate

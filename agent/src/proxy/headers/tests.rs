@@ -1,0 +1,206 @@
+//! Tests of header rewriting.
+
+use super::*;
+
+#[test]
+fn hop_by_hop_headers_are_removed() {
+    let mut h = HeaderMap::new();
+    h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert("x-secret", HeaderValue::from_static("1"));
+    h.insert("te", HeaderValue::from_static("trailers"));
+    h.insert("proxy-connection", HeaderValue::from_static("close"));
+    h.insert("upgrade", HeaderValue::from_static("h2c"));
+    h.insert("x-keep", HeaderValue::from_static("yes"));
+    assert!(strip_hop_by_hop(&mut h, false));
+    assert_eq!(h.len(), 1, "{h:?}");
+    assert!(h.contains_key("x-keep"));
+}
+
+#[test]
+fn hop_index_knows_every_fixed_name() {
+    for (i, name) in fixed_hop_by_hop().iter().enumerate() {
+        assert_eq!(hop_index(name), Some(i), "{name}");
+    }
+    assert_eq!(hop_index(&header::HOST), None);
+}
+
+#[test]
+fn messages_without_hop_by_hop_headers_are_untouched() {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("svc"));
+    h.append("x-a", HeaderValue::from_static("1"));
+    h.append("x-a", HeaderValue::from_static("2"));
+    let before = h.clone();
+    assert!(!strip_hop_by_hop(&mut h, false));
+    assert_eq!(h, before);
+}
+
+#[test]
+fn connection_tokens_across_several_headers_are_removed() {
+    let mut h = HeaderMap::new();
+    h.append("connection", HeaderValue::from_static("X-One"));
+    h.append("connection", HeaderValue::from_static("x-two, keep-alive"));
+    h.insert("x-one", HeaderValue::from_static("1"));
+    h.insert("x-two", HeaderValue::from_static("2"));
+    h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+    h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+    h.insert("x-keep", HeaderValue::from_static("yes"));
+    assert!(!strip_hop_by_hop(&mut h, false));
+    assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+}
+
+#[test]
+fn upgrade_handshake_keeps_upgrade() {
+    let mut h = HeaderMap::new();
+    h.insert("connection", HeaderValue::from_static("Upgrade"));
+    h.insert("upgrade", HeaderValue::from_static("websocket"));
+    assert!(is_upgrade(&h));
+    strip_hop_by_hop(&mut h, true);
+    assert_eq!(h["upgrade"], "websocket");
+    assert_eq!(h["connection"], "upgrade");
+}
+
+#[test]
+fn forwarded_for_appends_to_a_trusted_chain() {
+    let mut h = HeaderMap::new();
+    let ip = HeaderValue::from_static("127.0.0.1");
+    set_forwarded_for(&mut h, &ip, true);
+    assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
+    set_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.2"), true);
+    assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.2");
+}
+
+#[test]
+fn forwarded_for_joins_every_line_of_a_trusted_chain() {
+    let mut h = HeaderMap::new();
+    h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+    h.append(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1, 10.0.0.2"));
+    set_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"), true);
+    let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+    assert_eq!(all, ["203.0.113.7, 198.51.100.1, 10.0.0.2, 127.0.0.1"]);
+}
+
+#[test]
+fn forwarded_for_from_an_untrusted_client_is_its_address_only() {
+    let mut h = HeaderMap::new();
+    h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
+    h.append(&X_FORWARDED_FOR, HeaderValue::from_static("5.6.7.8"));
+    set_forwarded_for(&mut h, &HeaderValue::from_static("10.1.2.3"), false);
+    let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+    assert_eq!(all, ["10.1.2.3"]);
+    let mut none = HeaderMap::new();
+    set_forwarded_for(&mut none, &HeaderValue::from_static("10.1.2.3"), false);
+    assert_eq!(none[&X_FORWARDED_FOR], "10.1.2.3");
+}
+
+#[test]
+fn request_ids_are_kept_or_made() {
+    let mut h = HeaderMap::new();
+    ensure_request_id(&mut h);
+    let id = h[&X_REQUEST_ID].clone();
+    assert_eq!(id.len(), 36);
+    assert_eq!(id.as_bytes()[14], b'4');
+    ensure_request_id(&mut h);
+    assert_eq!(h[&X_REQUEST_ID], id);
+    let mut other = HeaderMap::new();
+    ensure_request_id(&mut other);
+    assert_ne!(other[&X_REQUEST_ID], id);
+}
+
+#[test]
+fn bad_request_ids_are_replaced() {
+    let long = "a".repeat(MAX_REQUEST_ID + 1);
+    // Bytes a `HeaderValue` holds (hyper refuses other controls before vmesh sees them).
+    let cases: [&[u8]; 8] = [
+        b"",
+        b"has space",
+        b" leading",
+        b"tab\there",
+        b"caf\xc3\xa9",
+        b"\x80\xff",
+        long.as_bytes(),
+        &[b'x'; 10 << 10],
+    ];
+    for bad in cases {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_bytes(bad).unwrap());
+        ensure_request_id(&mut h);
+        let ids: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
+        assert_eq!(ids.len(), 1, "{bad:?}");
+        assert_eq!(ids[0].len(), 36, "{bad:?} -> {:?}", ids[0]);
+        assert_ne!(ids[0].as_bytes(), bad);
+    }
+}
+
+#[test]
+fn good_request_ids_are_kept() {
+    let longest = "Z".repeat(MAX_REQUEST_ID);
+    for good in [
+        "1",
+        "test-rid-0042",
+        "Root=1-67891233-abcdef012345678912345678;Parent=53995c3f42cd8ad8;Sampled=1",
+        "!~{}[]\"'",
+        longest.as_str(),
+    ] {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_str(good).unwrap());
+        ensure_request_id(&mut h);
+        assert_eq!(h[&X_REQUEST_ID], good);
+    }
+}
+
+#[test]
+fn two_request_ids_become_one_fresh_one() {
+    let mut h = HeaderMap::new();
+    h.append(&X_REQUEST_ID, HeaderValue::from_static("a"));
+    h.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
+    ensure_request_id(&mut h);
+    let ids: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(ids[0].len(), 36);
+}
+
+#[test]
+fn vmesh_headers_are_stripped_unless_kept() {
+    let mut h = HeaderMap::new();
+    h.insert("x-vmesh-error", HeaderValue::from_static("CIRCUIT_OPEN"));
+    h.insert("x-vmesh-fallback", HeaderValue::from_static("1"));
+    h.append("x-vmesh-colour", HeaderValue::from_static("blue"));
+    h.append("x-vmesh-colour", HeaderValue::from_static("green"));
+    h.insert("x-vmeshy", HeaderValue::from_static("not ours"));
+    h.insert("x-other", HeaderValue::from_static("kept"));
+    assert!(has_vmesh(&h));
+    strip_vmesh(&mut h, |n| n == "x-vmesh-colour");
+    let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["x-other", "x-vmesh-colour", "x-vmeshy"]);
+    assert_eq!(h.get_all("x-vmesh-colour").iter().count(), 2);
+    strip_vmesh(&mut h, |_| false);
+    assert!(!has_vmesh(&h));
+    assert_eq!(h.len(), 2);
+}
+
+proptest::proptest! {
+    /// Whatever a client sends as `x-request-id`, one id goes upstream, and it is usable:
+    /// the client's own when it already was.
+    #[test]
+    fn any_request_id_leaves_one_usable_id(
+        ids in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..3),
+    ) {
+        let mut h = HeaderMap::new();
+        for id in &ids {
+            if let Ok(v) = HeaderValue::from_bytes(id) {
+                h.append(&X_REQUEST_ID, v);
+            }
+        }
+        let sent: Vec<HeaderValue> = h.get_all(&X_REQUEST_ID).iter().cloned().collect();
+        ensure_request_id(&mut h);
+        let out: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
+        proptest::prop_assert_eq!(out.len(), 1);
+        proptest::prop_assert!(is_usable_request_id(out[0].as_bytes()), "{:?}", out[0]);
+        if sent.len() == 1 && is_usable_request_id(sent[0].as_bytes()) {
+            proptest::prop_assert_eq!(out[0], &sent[0]);
+        }
+    }
+}
