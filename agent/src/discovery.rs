@@ -9,6 +9,7 @@
 
 pub mod consul;
 pub mod etcd;
+pub mod governance_kv;
 mod hub;
 pub mod kubernetes;
 pub mod merge;
@@ -221,7 +222,11 @@ impl Discovery {
         if wanted(SourceKind::Kubernetes) {
             sources.kubernetes = Some(kubernetes::KubernetesSource::start(&config.kubernetes)?);
         }
-        let governance = none_governance();
+        let governance = match registry {
+            Some(RegistryClient::Consul(c)) => governance_kv::watch_consul(c.clone(), config.registry.watch_wait.get()),
+            Some(RegistryClient::Etcd(e)) => governance_kv::watch_etcd(e.clone()),
+            None => none_governance(),
+        };
         let d = Arc::new(Self {
             routes: routes.clone(),
             metrics: metrics.clone(),
