@@ -269,7 +269,7 @@ impl Metrics {
         registry.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
         registry.register(
             "access_log_dropped",
-            "Access-log lines dropped because the writer fell behind",
+            "Access-log lines dropped: more waiting for the writer than its bound, or a failed write",
             m.access_log_dropped.clone(),
         );
         registry.register(
