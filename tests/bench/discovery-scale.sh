@@ -2,9 +2,9 @@
 # vmesh discovery at scale: ONE caller agent watching N services x 10 endpoints, from real etcd
 # and from the Consul double (tests/fixtures/consul_double.py).
 #
-# Usage: tests/bench/discovery-scale.sh [--etcd-scales 500,2000,3500,5000] [--consul-scales 500,1000]
-#                                       [--no-etcd] [--no-consul] [--no-emulation] [--idle 30]
-#                                       [--changes 100] [--no-perf]
+# Usage: tests/bench/discovery-scale.sh [--etcd-scales 500,2000,3500,5000] [--consul-scales 100,500,5000]
+#                                       [--no-etcd] [--no-consul] [--idle 30] [--changes 100]
+#                                       [--no-perf]
 #
 # What it does (all on 127.0.0.1, ports picked free at start, everything under one mktemp dir,
 # every process stopped by the EXIT trap):
@@ -16,16 +16,11 @@
 #        [registry] kind = "etcd"; one [[outbound]] per service, sources = ["etcd"], no listen;
 #        [proxy] shared_outbound_listen; [telemetry] access_log = "off"; a fresh data_dir;
 #   3. Consul: starts the double, registers the services through /v1/catalog/register (10
-#      catalog nodes vm-0..vm-9, no checks) and runs the agent the same way with kind = "consul"
-#      and the default max_watches (128) and watch_wait (30s). The double is pure Python and
-#      answers a health query in O(all instances) (~3 ms at 5,000 instances, ~300 ms at 50,000),
-#      so the default Consul scales stop at 1,000 services. Two more rows run the smallest Consul
-#      scale with the settings that give the agent the same query pattern as 5,000 services with
-#      the defaults (--no-emulation skips them):
-#        max_watches = S*128/5000 (13 for 500): wait floored at 1 s and each service asked again
-#                      every S/max_watches s ~= 5000/128 = 39 s: the 5,000-service latency;
-#        watch_wait = S/128 s (3.9s for 500): wait 1 s, 128 queries in flight, 128 answers/s: the
-#                      5,000-service query rate, so the idle CPU of 5,000 services;
+#      catalog nodes vm-0..vm-9; each instance with one passing check, as every instance vmesh
+#      registers has its TTL check) and runs the agent the same way with kind = "consul" and the
+#      default max_watches (128) and watch_wait (30s): up to 128 services one blocking query per
+#      service (the 100-service row), beyond that catalog mode (two blocking queries on
+#      /v1/health/state/any and /v1/catalog/services, docs/registry.md "From Consul");
 #   4. per agent (tests/bench/discovery_scale.py measure):
 #        sync        seconds from the agent's start until every service shows its 10 endpoints in
 #                    GET /clusters?service=svc-NNNN (a sample polled every 50 ms, then all checked)
@@ -36,30 +31,27 @@
 #        changes     --changes changes: adds of an 11th endpoint (127.0.0.2) to distinct random
 #                    services, then their deletes in a random order; each timed from the return of
 #                    the registry write to the moment /clusters?service= shows it (first poll at
-#                    once, then every 10 ms; bound 30 s). etcd: one change at a time; Consul: 20 at
-#                    a time on distinct services (its latencies are seconds); each of the two
+#                    once, then every 10 ms; bound 30 s), one change at a time; each of the two
 #                    phases starts changes for at most 50 s (the row says how many were done)
 #        /metrics    size of one scrape, taken last
 #   5. prints the table and writes it as markdown to target/bench/discovery-scale.md.
 #
 # Timings are informational; the script never fails on a number (an agent that never syncs is a
 # row marked FAILED with its last warning). It exits non-zero only when something could not be
-# started. A full run takes ~13 min on 2 vCPUs (plus the build). KEEP_TMP=1 keeps the temp dir (configs, logs,
-# JSON results) and prints its path.
+# started. A full run takes ~20 min on 2 vCPUs (plus the build). KEEP_TMP=1 keeps the temp dir
+# (configs, logs, JSON results) and prints its path.
 set -euo pipefail
 
 # === arguments ===
 
 ETCD_SCALES=500,2000,3500,5000
-CONSUL_SCALES=500,1000
+CONSUL_SCALES=100,500,5000
 RUN_ETCD=1
 RUN_CONSUL=1
-EMULATION=1
 IDLE=30
 CHANGES=100
 PERF=1
-EMULATE=5000          # the service count the emulation rows stand for
-DEFAULT_MAX_WATCHES=128
+DEFAULT_MAX_WATCHES=128 # the agent's registry.max_watches: beyond it, Consul catalog mode
 
 usage() { sed -n '5,7p' "$0" | sed 's/^# \{0,1\}//'; }
 
@@ -74,7 +66,6 @@ while [[ $# -gt 0 ]]; do
         --consul-scales=*) CONSUL_SCALES=${1#*=}; shift ;;
         --no-etcd) RUN_ETCD=0; shift ;;
         --no-consul) RUN_CONSUL=0; shift ;;
-        --no-emulation) EMULATION=0; shift ;;
         --idle) IDLE=${2:?--idle needs a value}; shift 2 ;;
         --idle=*) IDLE=${1#*=}; shift ;;
         --changes) CHANGES=${2:?--changes needs a value}; shift 2 ;;
@@ -221,7 +212,7 @@ mkdir -p "$OUT_DIR"
 run_agent() {
     local registry=$1 url=$2 services=$3 reg_pid=$4 tag=$5 label=${6:-}
     shift 6
-    local name=vmesh-$tag dir=$TMP/$tag conc=1 budget=100 sync_timeout perf_args=()
+    local name=vmesh-$tag dir=$TMP/$tag budget=100 sync_timeout perf_args=()
     mkdir -p "$dir/data"
     python3 "$HELPER" config --registry "$registry" --address "$url" --services "$services" \
         --admin "127.0.0.1:$ADMIN_PORT" --shared "127.0.0.1:$SHARED_PORT" \
@@ -229,7 +220,6 @@ run_agent() {
     "$TMP/vmesh" check-config --config "$dir/vmesh.toml" >"$dir/check.txt" 2>&1 ||
         { cat "$dir/check.txt" >&2; die "the generated config for $tag is invalid"; }
     if [[ $registry == consul ]]; then
-        conc=20
         # The double answers one health query at a time: allow 4x its measured pace, + 60 s.
         sync_timeout=$(awk -v ms="$PROBE_MS" -v n="$services" 'BEGIN { printf "%d", 60 + 4 * n * ms / 1000 }')
     else
@@ -245,7 +235,7 @@ run_agent() {
     python3 "$HELPER" measure --registry "$registry" --url "$url" --admin "127.0.0.1:$ADMIN_PORT" \
         --pid "${PID_OF[$name]}" --registry-pid "$reg_pid" --started "$started" \
         --services "$services" --label "$label" --sync-timeout "$sync_timeout" --idle "$IDLE" \
-        --changes "$CHANGES" --concurrency "$conc" --change-budget "$budget" \
+        --changes "$CHANGES" --concurrency 1 --change-budget "$budget" \
         --agent-log "$TMP/$name.log" "${perf_args[@]}" --out "$dir/result.json" ||
         fail_with_log "$name" "measuring $tag failed"
     stop_pid "${PID_OF[$name]}"
@@ -300,7 +290,6 @@ if ((RUN_CONSUL)); then
     # Its request log (one line per request) would grow by GBs: keep only the start.
     : >"$TMP/consul.log"
     loaded=0
-    first=1
     for n in "${CONSUL_LIST[@]}"; do
         t0=$(date +%s.%N)
         python3 "$HELPER" consul-load "$CONSUL_URL" "$loaded" "$n" >/dev/null || die "registering in the Consul double failed"
@@ -310,20 +299,9 @@ if ((RUN_CONSUL)); then
         CONSUL_NOTES+=("$n services: $(((n - loaded) * 10)) instances registered in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s ($(awk -v a="$t0" -v b="$t1" -v c="$(((n - loaded) * 10))" 'BEGIN { printf "%.0f", c / (b - a) }')/s), one /v1/health/service answer $PROBE_MS ms")
         loaded=$n
         : >"$TMP/consul.log"
-        run_agent consul "$CONSUL_URL" "$n" "${PID_OF[consul]}" "consul-$n" ""
+        if ((n <= DEFAULT_MAX_WATCHES)); then mode="(one query per service)"; else mode="(catalog mode)"; fi
+        run_agent consul "$CONSUL_URL" "$n" "${PID_OF[consul]}" "consul-$n" "$mode"
         : >"$TMP/consul.log"
-        if ((first && EMULATION && n < EMULATE)); then
-            mw=$(((n * DEFAULT_MAX_WATCHES + EMULATE / 2) / EMULATE))
-            ((mw >= 1)) || mw=1
-            ww_ms=$(((n * 1000 + DEFAULT_MAX_WATCHES / 2) / DEFAULT_MAX_WATCHES))
-            run_agent consul "$CONSUL_URL" "$n" "${PID_OF[consul]}" "consul-$n-mw$mw" \
-                "max_watches=$mw (${EMULATE}-svc latency)" --max-watches "$mw"
-            : >"$TMP/consul.log"
-            run_agent consul "$CONSUL_URL" "$n" "${PID_OF[consul]}" "consul-$n-ww$ww_ms" \
-                "watch_wait=${ww_ms}ms (${EMULATE}-svc query rate)" --watch-wait "${ww_ms}ms"
-            : >"$TMP/consul.log"
-        fi
-        first=0
     done
     stop_pid "${PID_OF[consul]}"
     unset "PID_OF[consul]"

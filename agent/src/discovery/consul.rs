@@ -1,25 +1,38 @@
-//! The Consul source: one blocking health query per watched service (passing instances only
-//! unless `passing_only = false`, optionally one `tag`), at most `registry.max_watches` in flight
-//! at once; and one blocking recurse query on `vmesh/shift/` for every shift policy.
+//! The Consul source. Each watched service (a [`Want`]: name, `passing_only`, `tag`) has one
+//! task that asks `/v1/health/service/<name>`; how it learns that something changed depends
+//! on how many services are watched:
+//!
+//! - up to `registry.max_watches`: each task runs its own blocking query with the full
+//!   `watch_wait` (a change arrives with Consul's answer);
+//! - beyond ("catalog mode", [`catalog`]): two blocking queries detect changes for every
+//!   service at once, and a task asks Consul (non-blocking) only when its service changed or
+//!   a sweep comes by.
 //!
 //! Consul allows 200 concurrent HTTP connections per client address by default
-//! (`limits.http_max_conns_per_client`), and each blocking query holds one for up to `wait`. With
-//! more watched services than `max_watches`, queries queue for a permit and their `wait` shrinks
-//! to `watch_wait * max_watches / services` (at least 1 s) so that every service is asked again
-//! within about `watch_wait`; docs/registry.md has the numbers.
+//! (`limits.http_max_conns_per_client`): at most `max_watches` discovery queries are in
+//! flight at once (a permit each). One more blocking query on `vmesh/shift/` reads every shift
+//! policy. An answer whose body did not change since the last one applied is not parsed again.
 
+mod catalog;
+mod entry;
+
+use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::Value;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 
+use self::catalog::Catalog;
+use self::entry::HealthEntry;
 use super::shift::{self, Policies, Policy, PolicyWatch, PolicyWriter, ShiftError};
 use super::{EndpointSource, Found, RampInfo, View, Want};
-use crate::registry::consul::{next_index, Consul};
-use crate::registry::{backoff, BoxFuture};
+use crate::registry::consul::{next_index, Blocking, Consul};
+use crate::registry::{backoff, BoxFuture, RegistryError};
 use crate::store::unix_now;
 
 /// Where central shift policies live in Consul's KV store.
@@ -35,8 +48,55 @@ struct Inner {
     wait: Duration,
     permits: Arc<Semaphore>,
     max: usize,
-    watches: Mutex<HashMap<Want, watch::Sender<View>>>,
+    watches: Mutex<HashMap<Want, Watched>>,
+    /// `true` while more services are watched than `max`: catalog mode.
+    mode: watch::Sender<bool>,
+    /// The catalog-mode detector task has been started (it idles outside catalog mode).
+    detector: AtomicBool,
+    catalog: Catalog,
+    /// Time origin of [`Slot::sent_ms`].
+    epoch: Instant,
 }
+
+/// One watched service: its view and how the catalog-mode detector reaches its task.
+struct Watched {
+    tx: watch::Sender<View>,
+    slot: Arc<Slot>,
+}
+
+/// What the catalog-mode detector shares with one service task.
+#[derive(Default)]
+struct Slot {
+    /// Catalog mode: ask Consul again now.
+    refresh: Notify,
+    /// When the task last sent a health query (ms since [`Inner::epoch`], 0: never).
+    sent_ms: AtomicU64,
+}
+
+/// The state of one service's task.
+struct Task {
+    want: Want,
+    path: String,
+    slot: Arc<Slot>,
+    tx: watch::Sender<View>,
+    /// The index to block on (blocking mode).
+    index: u64,
+    errors: u32,
+    /// Hash of the last answer applied (its status, ACL flag and body); `None` after an error
+    /// or a refused answer, so that the next answer is applied in full.
+    applied: Option<u64>,
+}
+
+/// Why a mode's loop returned.
+#[derive(PartialEq)]
+enum Next {
+    /// The mode changed.
+    Switch,
+    /// Nobody watches the service any more.
+    End,
+}
+
+// === impl ConsulSource ===
 
 impl ConsulSource {
     pub fn new(consul: Arc<Consul>, wait: Duration, max_watches: usize) -> Arc<Self> {
@@ -47,33 +107,119 @@ impl ConsulSource {
                 permits: Arc::new(Semaphore::new(max_watches)),
                 max: max_watches,
                 watches: Mutex::new(HashMap::new()),
+                mode: watch::Sender::new(false),
+                detector: AtomicBool::new(false),
+                catalog: Catalog::default(),
+                epoch: Instant::now(),
             }),
         })
-    }
-}
-
-impl Inner {
-    fn live_watches(&self) -> usize {
-        self.watches.lock().map(|w| w.len()).unwrap_or(1)
     }
 }
 
 impl EndpointSource for ConsulSource {
     fn subscribe(&self, want: &Want) -> watch::Receiver<View> {
         let mut watches = self.inner.watches.lock().unwrap_or_else(|p| p.into_inner());
-        watches.retain(|_, tx| !tx.is_closed());
-        if let Some(tx) = watches.get(want) {
-            return tx.subscribe();
+        watches.retain(|_, w| !w.tx.is_closed());
+        if let Some(w) = watches.get(want) {
+            return w.tx.subscribe();
         }
         let (tx, rx) = watch::channel(View::default());
-        watches.insert(want.clone(), tx.clone());
-        tokio::spawn(watch_service(self.inner.clone(), want.clone(), tx));
+        let slot = Arc::new(Slot::default());
+        watches.insert(
+            want.clone(),
+            Watched {
+                tx: tx.clone(),
+                slot: slot.clone(),
+            },
+        );
+        let live = watches.len();
+        drop(watches);
+        self.inner.update_mode(live);
+        tokio::spawn(watch_service(self.inner.clone(), want.clone(), slot, tx));
         rx
     }
 }
 
-/// The blocking-query loop of one service; ends when nobody watches it any more.
-async fn watch_service(src: Arc<Inner>, want: Want, tx: watch::Sender<View>) {
+// === impl Inner ===
+
+impl Inner {
+    /// Switches between per-service blocking queries and catalog mode for `live` watches.
+    fn update_mode(self: &Arc<Self>, live: usize) {
+        let catalog = live > self.max;
+        let switched = self.mode.send_if_modified(|m| {
+            let changed = *m != catalog;
+            *m = catalog;
+            changed
+        });
+        if !switched {
+            return;
+        }
+        if catalog {
+            tracing::info!(
+                services = live,
+                max_watches = self.max,
+                "consul discovery: more services than max_watches: catalog mode (two blocking queries detect changes for all)"
+            );
+            if !self.detector.swap(true, Ordering::AcqRel) {
+                tokio::spawn(catalog::run(self.clone()));
+            }
+        } else {
+            tracing::info!(
+                services = live,
+                max_watches = self.max,
+                "consul discovery: one blocking query per service again"
+            );
+        }
+    }
+
+    /// A watch ended: forget it (and every other ended one) and update the mode.
+    fn forget_ended(self: &Arc<Self>) {
+        let live = {
+            let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+            watches.retain(|_, w| !w.tx.is_closed());
+            watches.len()
+        };
+        self.update_mode(live);
+    }
+
+    /// Milliseconds since [`Inner::epoch`], at least 1.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+}
+
+// === impl Task ===
+
+/// The task of one watched service; ends when nobody watches it any more.
+async fn watch_service(src: Arc<Inner>, want: Want, slot: Arc<Slot>, tx: watch::Sender<View>) {
+    let mut task = Task {
+        path: health_path(&want),
+        want,
+        slot,
+        tx,
+        index: 0,
+        errors: 0,
+        applied: None,
+    };
+    let mut mode = src.mode.subscribe();
+    loop {
+        let catalog = *mode.borrow_and_update();
+        let next = if catalog {
+            task.catalog_mode(&src, &mut mode).await
+        } else {
+            task.blocking_mode(&src, &mut mode).await
+        };
+        if next == Next::End {
+            break;
+        }
+    }
+    tracing::debug!(service = %task.want.service, "consul watch ended");
+    src.forget_ended();
+}
+
+fn health_path(want: &Want) -> String {
     let mut path = format!("/v1/health/service/{}", want.service);
     let mut q = Vec::new();
     if want.passing_only {
@@ -85,69 +231,139 @@ async fn watch_service(src: Arc<Inner>, want: Want, tx: watch::Sender<View>) {
     if !q.is_empty() {
         path = format!("{path}?{}", q.join("&"));
     }
-    let mut index = 0u64;
-    let mut errors = 0u32;
-    loop {
-        if tx.is_closed() {
-            break;
-        }
-        let services = src.live_watches();
-        let wait = if services > src.max {
-            src.wait
-                .mul_f64(src.max as f64 / services as f64)
-                .max(Duration::from_secs(1))
-        } else {
-            src.wait
-        };
-        let answer = {
-            let Ok(_permit) = src.permits.acquire().await else {
-                return;
-            };
-            if tx.is_closed() {
-                break;
+    path
+}
+
+impl Task {
+    /// Per-service blocking queries, until the mode changes.
+    async fn blocking_mode(&mut self, src: &Inner, mode: &mut watch::Receiver<bool>) -> Next {
+        loop {
+            if self.tx.is_closed() {
+                return Next::End;
             }
             let sent = Instant::now();
-            tokio::select! {
-                r = src.consul.blocking_get(&path, index, wait) => r.map(|a| (a, sent)),
-                () = tx.closed() => break,
-            }
-        };
-        match answer {
-            Ok((a, sent)) => {
-                errors = 0;
-                let next = next_index(index, a.index);
-                let unchanged = next == index;
-                index = next;
-                apply_answer(&tx, &want.service, &a.body, a.found, a.filtered_by_acls);
-                // Never spin: an answer that came back at once with the same index is a
-                // misbehaving server; pause before asking again.
-                if unchanged && sent.elapsed() < Duration::from_millis(100) {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+            let answer = tokio::select! {
+                r = self.ask(src, self.index) => match r {
+                    Some(r) => r,
+                    None => return Next::End,
+                },
+                _ = mode.changed() => return Next::Switch,
+                () = self.tx.closed() => return Next::End,
+            };
+            match answer {
+                Ok(a) => {
+                    let next = next_index(self.index, a.index);
+                    let unchanged = next == self.index;
+                    self.index = next;
+                    self.apply(src, &a);
+                    // Never spin: an answer that came back at once with the same index is a
+                    // misbehaving server; pause before asking again.
+                    if unchanged && sent.elapsed() < Duration::from_millis(100) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
-            }
-            Err(e) => {
-                errors += 1;
-                let pause = backoff(errors, Duration::from_secs(30));
-                tracing::warn!(service = %want.service, error = %e, ?pause, "consul discovery failed; keeping the last endpoints");
-                tx.send_modify(|v| v.error = Some(e.to_string()));
-                tokio::time::sleep(pause).await;
+                Err(e) => self.failed(e).await,
             }
         }
     }
-    tracing::debug!(service = %want.service, "consul watch ended");
+
+    /// Catalog mode: a non-blocking query now, then one each time the detector or a sweep
+    /// asks, until the mode changes.
+    async fn catalog_mode(&mut self, src: &Inner, mode: &mut watch::Receiver<bool>) -> Next {
+        // A query sent before the detector's first answers could miss a change made between
+        // the two: wait for them (bounded; a query sent meanwhile is asked again after them).
+        let mut ready = src.catalog.ready();
+        tokio::select! {
+            _ = tokio::time::timeout(catalog::BASELINE_WAIT, ready.wait_for(|r| *r)) => {}
+            _ = mode.changed() => return Next::Switch,
+            () = self.tx.closed() => return Next::End,
+        }
+        // Back in blocking mode later, the first query must not block on an old index.
+        self.index = 0;
+        loop {
+            let answer = tokio::select! {
+                r = self.ask(src, 0) => match r {
+                    Some(r) => r,
+                    None => return Next::End,
+                },
+                _ = mode.changed() => return Next::Switch,
+                () = self.tx.closed() => return Next::End,
+            };
+            match answer {
+                Ok(a) => self.apply(src, &a),
+                Err(e) => {
+                    self.failed(e).await;
+                    continue;
+                }
+            }
+            tokio::select! {
+                () = self.slot.refresh.notified() => {}
+                _ = mode.changed() => return Next::Switch,
+                () = self.tx.closed() => return Next::End,
+            }
+        }
+    }
+
+    /// One health query with a permit (`index` 0: answered at once). `None` when the
+    /// permits are gone (never: the semaphore is not closed).
+    async fn ask(&self, src: &Inner, index: u64) -> Option<Result<Blocking, RegistryError>> {
+        let _permit = src.permits.acquire().await.ok()?;
+        self.slot.sent_ms.store(src.now_ms(), Ordering::Relaxed);
+        Some(src.consul.blocking_get(&self.path, index, src.wait).await)
+    }
+
+    /// Applies an answer, unless it is the one applied last (then only `updated` moves).
+    fn apply(&mut self, src: &Inner, a: &Blocking) {
+        self.errors = 0;
+        let digest = {
+            let mut h = DefaultHasher::new();
+            (a.found, a.filtered_by_acls, &a.body).hash(&mut h);
+            h.finish()
+        };
+        if self.applied == Some(digest) {
+            self.tx.send_if_modified(|v| {
+                v.updated = Some(unix_now());
+                false
+            });
+            return;
+        }
+        self.applied = apply_answer(&self.tx, &self.want.service, &a.body, a.found, a.filtered_by_acls).map(|nodes| {
+            src.catalog
+                .note_nodes(&self.want.service, nodes.iter().map(String::as_str));
+            digest
+        });
+    }
+
+    async fn failed(&mut self, e: RegistryError) {
+        self.errors += 1;
+        self.applied = None;
+        let pause = backoff(self.errors, Duration::from_secs(30));
+        tracing::warn!(service = %self.want.service, error = %e, ?pause, "consul discovery failed; keeping the last endpoints");
+        self.tx.send_modify(|v| v.error = Some(e.to_string()));
+        tokio::time::sleep(pause).await;
+    }
 }
+
+// === health answers ===
 
 /// Applies one health answer to the view: malformed entries are skipped (and logged); an
 /// answer that is not a JSON array, or empty because ACLs filtered it, keeps the last set.
-fn apply_answer(tx: &watch::Sender<View>, service: &str, body: &[u8], found: bool, filtered_by_acls: bool) {
-    let entries: Vec<Value> = if found {
+/// Returns the nodes the answer named, or `None` when it was refused.
+fn apply_answer(
+    tx: &watch::Sender<View>,
+    service: &str,
+    body: &[u8],
+    found: bool,
+    filtered_by_acls: bool,
+) -> Option<Vec<String>> {
+    let entries: Vec<HealthEntry> = if found {
         match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => {
                 let error = format!("health answer for {service} is not a JSON array: {e}");
                 tracing::warn!(service, error = %error, "consul answer refused: keeping the last endpoints");
                 tx.send_modify(|v| v.error = Some(error));
-                return;
+                return None;
             }
         }
     } else {
@@ -157,14 +373,19 @@ fn apply_answer(tx: &watch::Sender<View>, service: &str, body: &[u8], found: boo
         let error = "the answer is empty because ACLs filtered it (X-Consul-Results-Filtered-By-ACLs): check the token's service:read".to_owned();
         tracing::warn!(service, "{error}; keeping the last endpoints");
         tx.send_modify(|v| v.error = Some(error));
-        return;
+        return None;
     }
-    let total = entries.len();
-    let mut eps: Vec<Found> = Vec::with_capacity(total);
+    let mut eps: Vec<Found> = Vec::with_capacity(entries.len());
+    let mut nodes: Vec<String> = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         match parse_entry(e) {
             Ok(f) => eps.push(f),
             Err(why) => tracing::warn!(service, entry = i, error = %why, "consul health entry skipped"),
+        }
+        if let Some(n) = e.node.0.as_ref().and_then(|n| n.name.as_str()) {
+            if !nodes.iter().any(|m| m == n) {
+                nodes.push(n.to_owned());
+            }
         }
     }
     eps.sort_by_key(|f| f.address);
@@ -178,27 +399,29 @@ fn apply_answer(tx: &watch::Sender<View>, service: &str, body: &[u8], found: boo
         }
         changed
     });
+    Some(nodes)
 }
 
 /// One `/v1/health/service` entry as an endpoint: the service address, else the node's.
-fn parse_entry(e: &Value) -> Result<Found, String> {
-    let svc = e.get("Service").filter(|s| s.is_object()).ok_or("no Service object")?;
+fn parse_entry(e: &HealthEntry) -> Result<Found, String> {
+    let svc = e.service.0.as_ref().ok_or("no Service object")?;
     let port = svc
-        .get("Port")
-        .and_then(Value::as_u64)
+        .port
+        .as_u64()
         .and_then(|p| u16::try_from(p).ok())
         .filter(|&p| p != 0)
         .ok_or("Service.Port missing or not a port")?;
-    let host = match svc.get("Address").and_then(Value::as_str) {
+    let host = match svc.address.as_str() {
         Some(a) if !a.is_empty() => a,
         _ => e
-            .get("Node")
-            .and_then(|n| n.get("Address"))
-            .and_then(Value::as_str)
+            .node
+            .0
+            .as_ref()
+            .and_then(|n| n.address.as_str())
             .ok_or("no Service.Address nor Node.Address")?,
     };
     let ip: std::net::IpAddr = host.parse().map_err(|_| format!("address {host:?} is not an IP"))?;
-    let meta = |k: &str| -> Option<String> { svc.get("Meta")?.get(k)?.as_str().map(str::to_owned) };
+    let meta = |k: &str| -> Option<String> { svc.meta.0.as_ref()?.get(k).map(str::to_owned) };
     // consul-k8s catalog sync marks the pods it publishes.
     let env = if meta("external-source").as_deref() == Some("kubernetes") {
         "k8s".to_owned()
@@ -208,9 +431,10 @@ fn parse_entry(e: &Value) -> Result<Found, String> {
     // Instances not registered by vmesh (no vmesh-weight meta, e.g. consul-k8s pods) carry
     // Consul's default weight 1: count them at vmesh's full weight instead.
     let weight = if meta("vmesh-weight").is_some() {
-        svc.get("Weights")
-            .and_then(|w| w.get("Passing"))
-            .and_then(Value::as_u64)
+        svc.weights
+            .0
+            .as_ref()
+            .and_then(|w| w.passing.as_u64())
             .map_or(100, |w| u32::try_from(w.clamp(1, 10_000)).unwrap_or(100))
     } else {
         100
@@ -258,7 +482,7 @@ async fn policy_loop(consul: Arc<Consul>, wait: Duration, tx: watch::Sender<Arc<
                         p.error = Some(e);
                     }
                 }
-                tx.send_replace(Arc::new(p));
+                publish(&tx, p);
                 if unchanged && sent.elapsed() < Duration::from_millis(100) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -269,11 +493,24 @@ async fn policy_loop(consul: Arc<Consul>, wait: Duration, tx: watch::Sender<Arc<
                 tracing::warn!(error = %e, ?pause, "shift policy watch failed; keeping the previous policies");
                 let mut p = (**tx.borrow()).clone();
                 p.error = Some(e.to_string());
-                tx.send_replace(Arc::new(p));
+                publish(&tx, p);
                 tokio::time::sleep(pause).await;
             }
         }
     }
+}
+
+/// Publishes `p` when it differs from the policies in force: every service task watches them,
+/// and an answer that changed nothing (a blocking query whose wait ran out, every
+/// `watch_wait`) must not wake thousands of them.
+fn publish(tx: &watch::Sender<Arc<Policies>>, p: Policies) {
+    tx.send_if_modified(|cur| {
+        let same = cur.synced == p.synced && cur.error == p.error && cur.by_service == p.by_service;
+        if !same {
+            *cur = Arc::new(p);
+        }
+        !same
+    });
 }
 
 /// Applies a recurse answer: every key a policy (or its error); keys gone are forgotten.
@@ -325,80 +562,4 @@ impl PolicyWriter for ConsulPolicies {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn health_entries_map_to_labelled_endpoints() {
-        let (tx, rx) = watch::channel(View::default());
-        let body = json!([
-            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "", "Port": 80, "Meta": {"vmesh-weight": "100", "vmesh-zone": "z1", "vmesh-version": "v2", "vmesh-colour": "blue", "vmesh-ramp-start": "100", "vmesh-ramp-window": "60"}, "Weights": {"Passing": 10, "Warning": 1}}},
-            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "127.0.0.6", "Port": 81, "Meta": {"external-source": "kubernetes"}, "Weights": {"Passing": 1}}},
-            {"Node": {"Address": "127.0.0.5"}, "Service": {"Address": "not-an-ip", "Port": 82}},
-            {"Node": {}, "Service": {"Port": 83}},
-            {"Service": "junk"},
-            {"Node": {"Address": "127.0.0.7"}, "Service": {"Port": 70000}},
-            {"Node": {"Address": "127.0.0.8"}, "Service": {"Port": 84, "Meta": {"vmesh-env": "ecs"}}},
-        ])
-        .to_string();
-        apply_answer(&tx, "web", body.as_bytes(), true, false);
-        let v = rx.borrow().clone();
-        let eps = v.endpoints.unwrap();
-        assert_eq!(eps.len(), 3, "malformed entries are skipped: {eps:?}");
-        assert_eq!(eps[0].address.to_string(), "127.0.0.5:80");
-        assert_eq!(
-            (eps[0].weight, &*eps[0].zone, &*eps[0].version, &*eps[0].colour),
-            (10, "z1", "v2", "blue")
-        );
-        assert_eq!(eps[0].ramp.map(|r| (r.start, r.window, r.target)), Some((100, 60, 100)));
-        assert_eq!(
-            (eps[1].address.to_string().as_str(), eps[1].env.as_str(), eps[1].weight),
-            ("127.0.0.6:81", "k8s", 100)
-        );
-        assert_eq!(eps[2].env, "ecs", "mapped to `other` when labelled");
-    }
-
-    #[test]
-    fn bad_answers_keep_the_last_set() {
-        let (tx, rx) = watch::channel(View::default());
-        let good = json!([{"Node": {"Address": "127.0.0.5"}, "Service": {"Port": 80}}]).to_string();
-        apply_answer(&tx, "web", good.as_bytes(), true, false);
-        apply_answer(&tx, "web", b"{\"not\": \"an array\"}", true, false);
-        assert_eq!(rx.borrow().endpoints.as_ref().map(|e| e.len()), Some(1));
-        assert!(rx
-            .borrow()
-            .error
-            .as_deref()
-            .is_some_and(|e| e.contains("not a JSON array")));
-        apply_answer(&tx, "web", b"[]", true, true);
-        assert_eq!(rx.borrow().endpoints.as_ref().map(|e| e.len()), Some(1));
-        assert!(rx.borrow().error.as_deref().is_some_and(|e| e.contains("ACL")));
-        apply_answer(&tx, "web", b"[]", true, false);
-        assert_eq!(
-            rx.borrow().endpoints.as_ref().map(|e| e.len()),
-            Some(0),
-            "a real empty answer empties"
-        );
-        assert_eq!(rx.borrow().error, None);
-    }
-
-    #[test]
-    fn kv_answers_become_policies() {
-        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-        let mut p = Policies::default();
-        let body = json!([
-            {"Key": "vmesh/shift/web", "Value": b64(r#"{"vm": 80, "k8s": 20}"#), "ModifyIndex": 7},
-            {"Key": "vmesh/shift/api", "Value": b64("junk"), "ModifyIndex": 8},
-            {"Key": "vmesh/shift/", "Value": null, "ModifyIndex": 3},
-        ])
-        .to_string();
-        apply_kv(&mut p, body.as_bytes(), true).unwrap();
-        assert_eq!(p.by_service["web"].policy, Some(Policy { vm: 80, k8s: 20 }));
-        assert_eq!(p.by_service["web"].index, 7);
-        assert!(p.by_service["api"].error.is_some());
-        apply_kv(&mut p, b"", false).unwrap();
-        assert!(p.by_service.is_empty(), "a 404 (no keys) forgets every policy");
-        assert!(apply_kv(&mut p, b"<html>", true).is_err());
-    }
-}
+mod tests;

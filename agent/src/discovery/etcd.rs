@@ -1,7 +1,9 @@
 //! The etcd source: one watch stream on `/vmesh/` for every service and every shift policy.
-//! A full read of the prefix happens at start and after a compaction only; events are applied
-//! one by one, and after a broken stream the watch resumes from the last revision seen. The
-//! client's HTTP/2 keep-alive (registry/etcd.rs) makes a silently dead connection fail the stream.
+//! A full read of the prefix happens at start and after a compaction only, in pages of
+//! [`PAGE_KEYS`] keys all read at the revision of the first page (one consistent snapshot);
+//! the watch then starts at the next revision. Events are applied one by one, and after a
+//! broken stream the watch resumes from the last revision seen. The client's HTTP/2 keep-alive
+//! (registry/etcd.rs) makes a silently dead connection fail the stream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -20,6 +22,14 @@ use crate::store::unix_now;
 
 const ROOT: &str = "/vmesh/";
 const SERVICES: &str = "/vmesh/services/";
+/// Keys per page of the full read: ~115 KB of the bench's records, ~250 KB of the ones vmesh
+/// writes (docs/registry.md), so a page stays far below the decoding limit below.
+const PAGE_KEYS: i64 = 1_000;
+/// Largest gRPC message decoded from etcd (tonic's default is 4 MiB). A read page is bounded
+/// by [`PAGE_KEYS`] but its values are not (etcd accepts values up to `--max-request-bytes`,
+/// 1.5 MiB by default), and a watch response that catches up after a disconnection carries
+/// the events of up to 1,000 revisions at once.
+const MAX_MESSAGE: usize = 64 << 20;
 /// Where central shift policies live in etcd.
 pub const SHIFT_PREFIX: &str = "/vmesh/shift/";
 
@@ -107,38 +117,60 @@ enum Resume {
     Compacted,
 }
 
-/// Reads the whole `/vmesh/` prefix; returns its revision.
+/// Reads the whole `/vmesh/` prefix, page by page at one revision; returns that revision.
 async fn read_all(
     etcd: &Etcd,
     state: &Mutex<State>,
     policies: &watch::Sender<Arc<Policies>>,
 ) -> Result<i64, RegistryError> {
-    let mut c = etcd.client().await?;
-    let resp = etcd
-        .with_deadline("get /vmesh/", c.get(ROOT, Some(GetOptions::new().with_prefix())))
-        .await?;
-    let rev = resp.header().map_or(0, |h| h.revision());
+    let c = etcd.client().await?;
+    let mut reader = c.kv_client().max_decoding_message_size(MAX_MESSAGE);
     let mut services: HashMap<String, BTreeMap<String, Found>> = HashMap::new();
     let mut pol = Policies {
         synced: true,
         ..Policies::default()
     };
-    for kv in resp.kvs() {
-        let key = String::from_utf8_lossy(kv.key()).into_owned();
-        if let Some((service, instance)) = instance_key(&key) {
-            if let Some(f) = parse_logged(&key, kv.value()) {
-                services.entry(service).or_default().insert(instance, f);
+    let end = prefix_end(ROOT.as_bytes());
+    let mut from = ROOT.as_bytes().to_vec();
+    // 0 for the first page (the newest revision); then the first page's revision, so that
+    // every page shows the same snapshot and the watch misses nothing after it. A revision
+    // compacted meanwhile fails the page: the caller backs off and reads again from scratch.
+    let mut rev = 0i64;
+    let mut pages = 0u32;
+    loop {
+        let opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE_KEYS)
+            .with_revision(rev);
+        let resp = etcd
+            .with_deadline("get /vmesh/", reader.get(from.clone(), Some(opts)))
+            .await?;
+        pages += 1;
+        if rev == 0 {
+            rev = resp.header().map_or(0, |h| h.revision());
+        }
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some((service, instance)) = instance_key(&key) {
+                if let Some(f) = parse_logged(&key, kv.value()) {
+                    services.entry(service).or_default().insert(instance, f);
+                }
+            } else if let Some(service) = policy_key(&key) {
+                let entry = pol.by_service.entry(service.clone()).or_default();
+                shift::apply_value(
+                    entry,
+                    &service,
+                    kv.value(),
+                    u64::try_from(kv.mod_revision()).unwrap_or(0),
+                );
             }
-        } else if let Some(service) = policy_key(&key) {
-            let entry = pol.by_service.entry(service.clone()).or_default();
-            shift::apply_value(
-                entry,
-                &service,
-                kv.value(),
-                u64::try_from(kv.mod_revision()).unwrap_or(0),
-            );
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => from = key_after(last.key()),
+            _ => break,
         }
     }
+    tracing::debug!(revision = rev, pages, services = services.len(), "etcd prefix read");
     // Keep the last valid policy of a service whose value turned invalid meanwhile.
     let previous = policies.borrow().clone();
     for (s, c) in pol.by_service.iter_mut() {
@@ -156,6 +188,28 @@ async fn read_all(
     Ok(rev)
 }
 
+/// The end of the range of keys that start with `prefix` (etcd's `--prefix`): the prefix with
+/// its last byte below 0xff incremented.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes: every key from the prefix on ("\0" is etcd's "to the end").
+    vec![0]
+}
+
+/// The smallest key after `key`: where the next page starts.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
+}
+
 /// Follows events after `from`; updates `revision` as they come.
 async fn follow(
     etcd: &Etcd,
@@ -164,7 +218,11 @@ async fn follow(
     from: i64,
     revision: &mut Option<i64>,
 ) -> Result<Resume, RegistryError> {
-    let mut c = etcd.client().await?;
+    let mut c = etcd
+        .client()
+        .await?
+        .watch_client()
+        .max_decoding_message_size(MAX_MESSAGE);
     let opts = WatchOptions::new()
         .with_prefix()
         .with_start_revision(from + 1)
@@ -359,5 +417,16 @@ mod tests {
             "x".repeat(1 << 20)
         );
         assert!(parse(huge.as_bytes()).unwrap_err().contains("larger than"));
+    }
+
+    #[test]
+    fn page_bounds() {
+        assert_eq!(prefix_end(b"/vmesh/"), b"/vmesh0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(key_after(b"/vmesh/services/a/1"), b"/vmesh/services/a/1\0".to_vec());
+        // The next page starts strictly after the last key and before any longer key.
+        assert!(key_after(b"k").as_slice() > b"k".as_slice());
+        assert!(key_after(b"k").as_slice() < b"k\x01".as_slice());
     }
 }

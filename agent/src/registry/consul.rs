@@ -1,5 +1,5 @@
 //! Consul's HTTP API on reqwest: agent service register/deregister/maintenance, TTL checks,
-//! and blocking queries on health and KV (see shared/consul-api.md for the contract).
+//! and blocking queries on health, catalog and KV (see shared/consul-api.md for the contract).
 
 use std::time::Duration;
 
@@ -126,6 +126,28 @@ impl Consul {
     /// One blocking GET of `path` (with its query, without `index`/`wait`): returns when the
     /// index moves past `index` or `wait` ends. The body is capped at [`MAX_ANSWER`] bytes.
     pub async fn blocking_get(&self, path: &str, index: u64, wait: Duration) -> Result<Blocking, RegistryError> {
+        let mut body = Vec::new();
+        let a = self.blocking_get_into(path, index, wait, MAX_ANSWER, &mut body).await?;
+        Ok(Blocking {
+            found: a.found,
+            body,
+            index: a.index,
+            filtered_by_acls: a.filtered_by_acls,
+        })
+    }
+
+    /// [`Consul::blocking_get`] into `body`, capped at `max` bytes. `body` is cleared first and
+    /// keeps its capacity: a caller that reads a large answer again and again (the catalog-mode
+    /// checks query, tens of MB) allocates it once.
+    pub async fn blocking_get_into(
+        &self,
+        path: &str,
+        index: u64,
+        wait: Duration,
+        max: usize,
+        body: &mut Vec<u8>,
+    ) -> Result<Answered, RegistryError> {
+        body.clear();
         let sep = if path.contains('?') { '&' } else { '?' };
         let full = format!("{path}{sep}index={index}&wait={}s", wait.as_secs().max(1));
         // Consul adds up to wait/16 of jitter: the HTTP timeout must be above both.
@@ -152,23 +174,24 @@ impl Consul {
             .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| RegistryError::BadResponse(format!("GET {path}: no X-Consul-Index")))?;
         let filtered_by_acls = header("X-Consul-Results-Filtered-By-ACLs").is_some_and(|v| v == "true");
-        let mut body = Vec::new();
+        if let Some(n) = resp.content_length() {
+            body.reserve(usize::try_from(n).unwrap_or(max).min(max));
+        }
         while let Some(chunk) = resp
             .chunk()
             .await
             .map_err(|e| RegistryError::Unreachable(format!("GET {path}: {e}")))?
         {
-            if body.len() + chunk.len() > MAX_ANSWER {
+            if body.len() + chunk.len() > max {
                 return Err(RegistryError::BadResponse(format!(
                     "GET {path}: answer larger than {} MiB",
-                    MAX_ANSWER >> 20
+                    max >> 20
                 )));
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(Blocking {
+        Ok(Answered {
             found: status == 200,
-            body,
             index,
             filtered_by_acls,
         })
@@ -207,6 +230,15 @@ pub struct Blocking {
     pub body: Vec<u8>,
     pub index: u64,
     /// `X-Consul-Results-Filtered-By-ACLs: true`: the token may not see everything.
+    pub filtered_by_acls: bool,
+}
+
+/// What a blocking query answered besides its body ([`Consul::blocking_get_into`]).
+pub struct Answered {
+    /// 200 (`false`: 404).
+    pub found: bool,
+    pub index: u64,
+    /// `X-Consul-Results-Filtered-By-ACLs: true`.
     pub filtered_by_acls: bool,
 }
 
