@@ -191,7 +191,8 @@ fn not_ready(state: &AgentState) -> Option<String> {
             ));
         }
     }
-    if config.registry.kind != crate::config::RegistryKind::None && !s.registered {
+    // A caller-only agent (no [inbound]) registers nothing: a registry is only its discovery.
+    if config.registry.kind != crate::config::RegistryKind::None && config.inbound.is_some() && !s.registered {
         let why = s
             .identity_error
             .or(s.registry_error)

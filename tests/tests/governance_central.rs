@@ -29,6 +29,10 @@ fn policy_state(agent: &Agent) -> serde_json::Value {
 fn check_central_policy(agent: &Agent, put: &dyn Fn(&str), delete: &dyn Fn()) {
     let web = agent.outbound_addr("web");
     assert_eq!(status_of(web), 200, "no policy yet: the local config serves");
+    assert_eventually!(
+        agent.admin_get("/ready").status == 200,
+        "a caller-only agent (no [inbound]) is ready without registering anything"
+    );
 
     put(ABORT_ALL);
     assert_eventually!(status_of(web) == 418, "the central fault rule applies without a reload");
