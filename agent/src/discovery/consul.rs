@@ -460,7 +460,57 @@ pub fn watch_policies(consul: Arc<Consul>, wait: Duration) -> PolicyWatch {
 }
 
 async fn policy_loop(consul: Arc<Consul>, wait: Duration, tx: watch::Sender<Arc<Policies>>) {
-    let path = format!("/v1/kv/{SHIFT_PREFIX}?recurse=true");
+    watch_kv_prefix(consul, wait, SHIFT_PREFIX, "shift policies", tx, apply_kv).await;
+}
+
+/// What a KV-prefix watch keeps: the entries it applied, and the watch's own error.
+pub(crate) trait KvState: Clone + Send + Sync + 'static {
+    /// An answer was applied (`Ok`) or refused (`Err`, the previous entries kept).
+    fn set_result(&mut self, result: Result<(), String>);
+    /// The watch itself failed (the entries in force stay).
+    fn set_watch_error(&mut self, error: String);
+    /// Whether `other` holds the same entries and errors (no need to publish).
+    fn same_as(&self, other: &Self) -> bool;
+}
+
+impl KvState for Policies {
+    fn set_result(&mut self, result: Result<(), String>) {
+        self.synced |= result.is_ok();
+        self.error = result.err();
+    }
+
+    fn set_watch_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn same_as(&self, o: &Self) -> bool {
+        self.synced == o.synced && self.error == o.error && self.by_service == o.by_service
+    }
+}
+
+/// Publishes `p` unless it holds what is published already (nobody is woken for nothing).
+pub(crate) fn publish<T: KvState>(tx: &watch::Sender<Arc<T>>, p: T) {
+    tx.send_if_modified(|cur| {
+        let same = cur.same_as(&p);
+        if !same {
+            *cur = Arc::new(p);
+        }
+        !same
+    });
+}
+
+/// One blocking recurse query on a KV prefix for as long as anyone watches: each answer goes
+/// through `apply`; only real changes are published; errors back off and keep what is in
+/// force. Shared by the shift and governance policy watches.
+pub(crate) async fn watch_kv_prefix<T: KvState>(
+    consul: Arc<Consul>,
+    wait: Duration,
+    prefix: &str,
+    what: &'static str,
+    tx: watch::Sender<Arc<T>>,
+    apply: fn(&mut T, &[u8], bool) -> Result<(), String>,
+) {
+    let path = format!("/v1/kv/{prefix}?recurse=true");
     let mut index = 0u64;
     let mut errors = 0u32;
     loop {
@@ -472,17 +522,13 @@ async fn policy_loop(consul: Arc<Consul>, wait: Duration, tx: watch::Sender<Arc<
                 let unchanged = next == index;
                 index = next;
                 let mut p = (**tx.borrow()).clone();
-                match apply_kv(&mut p, &a.body, a.found) {
-                    Ok(()) => {
-                        p.synced = true;
-                        p.error = None;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "shift policies unreadable: keeping the previous ones");
-                        p.error = Some(e);
-                    }
+                let result = apply(&mut p, &a.body, a.found);
+                if let Err(e) = &result {
+                    tracing::warn!(error = %e, "{what} unreadable: keeping the previous ones");
                 }
+                p.set_result(result);
                 publish(&tx, p);
+                // Never spin on a server that answers at once without moving the index.
                 if unchanged && sent.elapsed() < Duration::from_millis(100) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
@@ -490,27 +536,14 @@ async fn policy_loop(consul: Arc<Consul>, wait: Duration, tx: watch::Sender<Arc<
             Err(e) => {
                 errors += 1;
                 let pause = backoff(errors, Duration::from_secs(30));
-                tracing::warn!(error = %e, ?pause, "shift policy watch failed; keeping the previous policies");
+                tracing::warn!(error = %e, ?pause, "{what}: watch failed; keeping the ones in force");
                 let mut p = (**tx.borrow()).clone();
-                p.error = Some(e.to_string());
+                p.set_watch_error(e.to_string());
                 publish(&tx, p);
                 tokio::time::sleep(pause).await;
             }
         }
     }
-}
-
-/// Publishes `p` when it differs from the policies in force: every service task watches them,
-/// and an answer that changed nothing (a blocking query whose wait ran out, every
-/// `watch_wait`) must not wake thousands of them.
-fn publish(tx: &watch::Sender<Arc<Policies>>, p: Policies) {
-    tx.send_if_modified(|cur| {
-        let same = cur.synced == p.synced && cur.error == p.error && cur.by_service == p.by_service;
-        if !same {
-            *cur = Arc::new(p);
-        }
-        !same
-    });
 }
 
 /// Applies a recurse answer: every key a policy (or its error); keys gone are forgotten.

@@ -5,7 +5,7 @@
 //! says why in [`CentralPolicies::error`].
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use serde_json::Value;
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::governance::central::{CentralPolicies, MAX_POLICY_BYTES};
 use crate::registry::backoff;
-use crate::registry::consul::{next_index, Consul};
+use crate::registry::consul::Consul;
 use crate::registry::etcd::Etcd;
 
 /// Where policies live in Consul's KV store.
@@ -39,56 +39,20 @@ pub fn watch_consul(consul: Arc<Consul>, wait: Duration) -> PolicyRx {
 }
 
 async fn consul_loop(consul: Arc<Consul>, wait: Duration, tx: watch::Sender<Arc<CentralPolicies>>) {
-    let path = format!("/v1/kv/{CONSUL_PREFIX}?recurse=true");
-    let mut index = 0u64;
-    let mut errors = 0u32;
-    loop {
-        let sent = Instant::now();
-        match consul.blocking_get(&path, index, wait).await {
-            Ok(a) => {
-                errors = 0;
-                let next = next_index(index, a.index);
-                let unchanged = next == index && index != 0;
-                index = next;
-                if !unchanged {
-                    let mut p = (**tx.borrow()).clone();
-                    match apply_consul(&mut p, &a.body, a.found) {
-                        Ok(()) => p.error = None,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "central policies unreadable: keeping the previous ones");
-                            p.error = Some(e);
-                        }
-                    }
-                    tx.send_if_modified(|cur| {
-                        let changed = **cur != p;
-                        if changed {
-                            *cur = Arc::new(p);
-                        }
-                        changed
-                    });
-                }
-                // Never spin on a server that answers at once without moving the index.
-                if unchanged && sent.elapsed() < Duration::from_millis(100) {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-            Err(e) => {
-                errors += 1;
-                let pause = backoff(errors, Duration::from_secs(30));
-                tracing::warn!(error = %e, ?pause, "central policy watch failed; keeping the policies in force");
-                tx.send_if_modified(|cur| {
-                    let msg = e.to_string();
-                    if cur.error.as_deref() == Some(msg.as_str()) {
-                        return false;
-                    }
-                    let mut p = (**cur).clone();
-                    p.error = Some(msg);
-                    *cur = Arc::new(p);
-                    true
-                });
-                tokio::time::sleep(pause).await;
-            }
-        }
+    super::consul::watch_kv_prefix(consul, wait, CONSUL_PREFIX, "central policies", tx, apply_consul).await;
+}
+
+impl super::consul::KvState for CentralPolicies {
+    fn set_result(&mut self, result: Result<(), String>) {
+        self.error = result.err();
+    }
+
+    fn set_watch_error(&mut self, error: String) {
+        self.error = Some(error);
+    }
+
+    fn same_as(&self, other: &Self) -> bool {
+        self == other
     }
 }
 
@@ -188,7 +152,7 @@ async fn etcd_session(etcd: &Etcd, tx: &watch::Sender<Arc<CentralPolicies>>) -> 
     }
     p.by_service.retain(|s, _| seen.contains(s));
     p.error = None;
-    publish(tx, p);
+    super::consul::publish(tx, p);
 
     let mut watcher = c.watch_client();
     let opts = WatchOptions::new()
@@ -220,7 +184,7 @@ async fn etcd_session(etcd: &Etcd, tx: &watch::Sender<Arc<CentralPolicies>>) -> 
             }
         }
         p.error = None;
-        publish(tx, p);
+        super::consul::publish(tx, p);
     }
     Err("watch stream ended".to_owned())
 }
@@ -233,16 +197,6 @@ fn apply_etcd_value(p: &mut CentralPolicies, service: &str, value: &[u8], revisi
         value
     };
     p.apply_value(service, value, revision);
-}
-
-fn publish(tx: &watch::Sender<Arc<CentralPolicies>>, p: CentralPolicies) {
-    tx.send_if_modified(|cur| {
-        let changed = **cur != p;
-        if changed {
-            *cur = Arc::new(p);
-        }
-        changed
-    });
 }
 
 #[cfg(test)]

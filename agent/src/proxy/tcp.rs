@@ -29,10 +29,11 @@ pub async fn proxy(
     let Some(cluster) = listener.cluster(&shared.routes.load(), None) else {
         return;
     };
-    // The breaker's `max_connections` bounds TCP connections to the service.
-    let _slot = match &cluster.breaker {
-        Some(b) => match b.connection() {
-            Ok(g) => Some(g),
+    // The breaker's `max_connections` bounds TCP connections to the service; an open breaker
+    // refuses new ones too, and whether an endpoint accepts feeds its error rate.
+    let (_slot, admitted) = match &cluster.breaker {
+        Some(b) => match b.connection().and_then(|slot| Ok((slot, b.admit(Instant::now())?))) {
+            Ok((slot, g)) => (Some(slot), Some(g)),
             Err(r) => {
                 cluster.metrics.proxy_error(r.code());
                 cluster.metrics.no_endpoint.count_status(503);
@@ -40,20 +41,7 @@ pub async fn proxy(
                 return;
             }
         },
-        None => None,
-    };
-    // An open breaker refuses new connections too; the connect result feeds its error rate.
-    let admitted = match &cluster.breaker {
-        Some(b) => match b.admit(Instant::now()) {
-            Ok(g) => Some(g),
-            Err(r) => {
-                cluster.metrics.proxy_error(r.code());
-                cluster.metrics.no_endpoint.count_status(503);
-                tracing::debug!(client = %peer, service = %cluster.service, code = r.code(), "tcp connection refused by the breaker");
-                return;
-            }
-        },
-        None => None,
+        None => (None, None),
     };
     let set = cluster.endpoints.load_full();
     let mut exclude = None;
