@@ -548,34 +548,48 @@ pub(crate) async fn watch_kv_prefix<T: KvState>(
 
 /// Applies a recurse answer: every key a policy (or its error); keys gone are forgotten.
 fn apply_kv(p: &mut Policies, body: &[u8], found: bool) -> Result<(), String> {
+    let mut seen = Vec::new();
+    for_each_kv(body, found, SHIFT_PREFIX, |service, index, value| {
+        let entry = p.by_service.entry(service.to_owned()).or_default();
+        shift::apply_value(entry, service, &value(), index);
+        seen.push(service.to_owned());
+    })?;
+    p.by_service.retain(|s, _| seen.contains(s));
+    Ok(())
+}
+
+/// Calls `f(service, modify_index, value)` for each key `<prefix><service>` (one path segment)
+/// of a KV recurse answer; `found` false (a 404) is an empty prefix. The value is decoded
+/// from base64 only when `f` asks for it (an undecodable one reads as its raw text).
+pub(crate) fn for_each_kv(
+    body: &[u8],
+    found: bool,
+    prefix: &str,
+    mut f: impl FnMut(&str, u64, &mut dyn FnMut() -> Vec<u8>),
+) -> Result<(), String> {
     let entries: Vec<Value> = if found {
         serde_json::from_slice(body).map_err(|e| format!("KV answer is not a JSON array: {e}"))?
     } else {
         Vec::new()
     };
-    let mut seen = Vec::new();
     for e in &entries {
-        let Some(key) = e.get("Key").and_then(Value::as_str) else {
-            continue;
-        };
-        let Some(service) = key
-            .strip_prefix(SHIFT_PREFIX)
+        let Some(service) = e
+            .get("Key")
+            .and_then(Value::as_str)
+            .and_then(|k| k.strip_prefix(prefix))
             .filter(|s| !s.is_empty() && !s.contains('/'))
         else {
             continue;
         };
         let index = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-        let value = match e.get("Value") {
+        let mut value = || match e.get("Value") {
             Some(Value::String(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
                 .unwrap_or_else(|_| b64.as_bytes().to_vec()),
             _ => Vec::new(),
         };
-        let entry = p.by_service.entry(service.to_owned()).or_default();
-        shift::apply_value(entry, service, &value, index);
-        seen.push(service.to_owned());
+        f(service, index, &mut value);
     }
-    p.by_service.retain(|s, _| seen.contains(s));
     Ok(())
 }
 

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
-use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::governance::central::{CentralPolicies, MAX_POLICY_BYTES};
@@ -58,39 +57,18 @@ impl super::consul::KvState for CentralPolicies {
 
 /// Applies a recurse answer: every key a policy (or its refusal); keys gone are forgotten.
 fn apply_consul(p: &mut CentralPolicies, body: &[u8], found: bool) -> Result<(), String> {
-    use base64::Engine as _;
-    let entries: Vec<Value> = if found {
-        serde_json::from_slice(body).map_err(|e| format!("KV answer is not a JSON array: {e}"))?
-    } else {
-        Vec::new()
-    };
     let mut seen = Vec::new();
-    for e in &entries {
-        let Some(service) = e
-            .get("Key")
-            .and_then(Value::as_str)
-            .and_then(|k| service_of(k, CONSUL_PREFIX))
-        else {
-            continue;
-        };
-        let index = e.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
+    super::consul::for_each_kv(body, found, CONSUL_PREFIX, |service, index, value| {
         // An unchanged key is not parsed again.
-        if p.by_service
+        let unchanged = p
+            .by_service
             .get(service)
-            .is_some_and(|x| x.index == index && index != 0)
-        {
-            seen.push(service.to_owned());
-            continue;
+            .is_some_and(|x| x.index == index && index != 0);
+        if !unchanged {
+            p.apply_value(service, &value(), index);
         }
-        let value = match e.get("Value") {
-            Some(Value::String(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .unwrap_or_else(|_| b"(value is not base64)".to_vec()),
-            _ => Vec::new(),
-        };
-        p.apply_value(service, &value, index);
         seen.push(service.to_owned());
-    }
+    })?;
     p.by_service.retain(|s, _| seen.contains(s));
     Ok(())
 }
