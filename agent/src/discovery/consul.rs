@@ -378,9 +378,15 @@ fn apply_answer(
     let mut eps: Vec<Found> = Vec::with_capacity(entries.len());
     let mut nodes: Vec<String> = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        match parse_entry(e) {
-            Ok(f) => eps.push(f),
-            Err(why) => tracing::warn!(service, entry = i, error = %why, "consul health entry skipped"),
+        if e.checks.0 {
+            // With `passing_only = false` Consul answers instances in maintenance too: a
+            // drained instance (or node) gets no traffic whatever its other checks say.
+            tracing::debug!(service, entry = i, "consul instance in maintenance: not an endpoint");
+        } else {
+            match parse_entry(e) {
+                Ok(f) => eps.push(f),
+                Err(why) => tracing::warn!(service, entry = i, error = %why, "consul health entry skipped"),
+            }
         }
         if let Some(n) = e.node.0.as_ref().and_then(|n| n.name.as_str()) {
             if !nodes.iter().any(|m| m == n) {

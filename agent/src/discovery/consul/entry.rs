@@ -21,6 +21,21 @@ pub(super) struct HealthEntry<'a> {
     pub node: Obj<NodePart<'a>>,
     #[serde(rename = "Service", borrow)]
     pub service: Obj<ServicePart<'a>>,
+    #[serde(rename = "Checks")]
+    pub checks: Maintenance,
+}
+
+/// Whether an entry's `Checks` hold a maintenance check: Consul's `_node_maintenance`, or
+/// `_service_maintenance:<id>` (what `vmesh drain` sets). A `Checks` that is not an array of
+/// objects reads as "not in maintenance".
+#[derive(Debug, Default)]
+pub(super) struct Maintenance(pub bool);
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct CheckIdPart<'a> {
+    #[serde(rename = "CheckID", borrow)]
+    id: Leaf<'a>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -194,6 +209,52 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
             }
         }
         d.deserialize_any(V(PhantomData))
+    }
+}
+
+// === impl Maintenance ===
+
+impl<'de> Deserialize<'de> for Maintenance {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Maintenance;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut found = false;
+                while let Some(check) = seq.next_element::<Obj<CheckIdPart<'de>>>()? {
+                    if let Some(id) = check.0.as_ref().and_then(|c| c.id.as_str()) {
+                        found |= id == "_node_maintenance" || id.starts_with("_service_maintenance:");
+                    }
+                }
+                Ok(Maintenance(found))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Maintenance(false))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Maintenance(false))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Maintenance(false))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Maintenance(false))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Maintenance(false))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Maintenance(false))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Maintenance(false))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -34,6 +34,30 @@ fn health_entries_map_to_labelled_endpoints() {
 }
 
 #[test]
+fn instances_in_maintenance_are_not_endpoints_even_with_passing_only_off() {
+    let (tx, rx) = watch::channel(View::default());
+    let body = json!([
+        {"Node": {"Address": "127.0.0.5"}, "Service": {"Port": 80},
+         "Checks": [{"CheckID": "service:web-1", "Status": "critical"}]},
+        {"Node": {"Address": "127.0.0.5"}, "Service": {"Port": 81},
+         "Checks": [{"CheckID": "service:web-2", "Status": "passing"}, {"CheckID": "_service_maintenance:web-2", "Status": "critical"}]},
+        {"Node": {"Address": "127.0.0.6"}, "Service": {"Port": 82},
+         "Checks": [{"CheckID": "_node_maintenance", "Status": "critical"}]},
+        {"Node": {"Address": "127.0.0.7"}, "Service": {"Port": 83}, "Checks": "junk"},
+        {"Node": {"Address": "127.0.0.8"}, "Service": {"Port": 84}, "Checks": [7, {"CheckID": 3}]},
+    ])
+    .to_string();
+    apply_answer(&tx, "web", body.as_bytes(), true, false);
+    let eps = rx.borrow().endpoints.clone().unwrap();
+    let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+    assert_eq!(
+        addrs,
+        ["127.0.0.5:80", "127.0.0.7:83", "127.0.0.8:84"],
+        "a failing check alone keeps the instance (passing_only off); maintenance removes it"
+    );
+}
+
+#[test]
 fn bad_answers_keep_the_last_set() {
     let (tx, rx) = watch::channel(View::default());
     let good = json!([{"Node": {"Address": "127.0.0.5"}, "Service": {"Port": 80}}]).to_string();
