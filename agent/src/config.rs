@@ -14,7 +14,7 @@ use std::fmt;
 pub use load::{load, load_str, Source};
 pub use model::*;
 pub use secret::{read_secret, SecretError};
-pub use units::{ByteSize, Dur};
+pub use units::{ByteSize, Cidr, Dur};
 pub use validate::governance_problems;
 
 /// One problem found in a config: the key it concerns and what is wrong.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
-use crate::config::Dur;
+use crate::config::{Cidr, Dur};
 
 /// The colour header when `[colour]` does not name another.
 pub static DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-vmesh-colour");
@@ -81,7 +81,7 @@ struct Rule {
     header: Option<(HeaderName, String)>,
     cookie: Option<(String, String)>,
     query: Option<(String, String)>,
-    caller: Option<(IpAddr, u8)>,
+    caller: Option<Cidr>,
 }
 
 // === impl ColourConfig ===
@@ -132,7 +132,7 @@ impl ColourConfig {
                 }
             }
             if let Some(c) = &r.caller {
-                if parse_cidr(c).is_none() {
+                if Cidr::parse(c).is_err() {
                     p.push((format!("{k}.caller"), format!("{c:?} is not an IP or CIDR block")));
                 }
             }
@@ -167,7 +167,7 @@ impl Colouring {
                         .and_then(|h| Some((HeaderName::from_bytes(h.name.as_bytes()).ok()?, h.value.clone()))),
                     cookie: r.cookie.as_ref().map(|c| (c.name.clone(), c.value.clone())),
                     query: r.query.as_ref().map(|q| (q.name.clone(), q.value.clone())),
-                    caller: r.caller.as_deref().and_then(parse_cidr),
+                    caller: r.caller.as_deref().and_then(|c| Cidr::parse(c).ok()),
                 })
             })
             .collect();
@@ -233,45 +233,12 @@ impl Rule {
                 return false;
             }
         }
-        if let Some((net, bits)) = self.caller {
-            if !in_cidr(caller, net, bits) {
+        if let Some(net) = &self.caller {
+            if !net.contains(caller) {
                 return false;
             }
         }
         true
-    }
-}
-
-fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (ip, bits) = match s.split_once('/') {
-        Some((ip, b)) => (ip.parse::<IpAddr>().ok()?, b.parse::<u8>().ok()?),
-        None => {
-            let ip = s.parse::<IpAddr>().ok()?;
-            (ip, if ip.is_ipv4() { 32 } else { 128 })
-        }
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (bits <= max).then_some((ip, bits))
-}
-
-fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
-    let mask = |n: u32| {
-        if bits == 0 {
-            0
-        } else {
-            u128::MAX << (n - u32::from(bits))
-        }
-    };
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let m = mask(32);
-            (u128::from(u32::from(a)) & m) == (u128::from(u32::from(b)) & m)
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let m = mask(128);
-            (u128::from(a) & m) == (u128::from(b) & m)
-        }
-        _ => false,
     }
 }
 
