@@ -12,7 +12,8 @@ use vmesh_tests::lifecycle;
 use vmesh_tests::{assert_eventually, Agent, AgentBuilder, Outbound, Upstream};
 
 /// A policy that aborts every request with 418 (FAULT_INJECTED), so its effect is plain.
-const ABORT_ALL: &str = r#"{"routes": [{"name": "central-drill", "fault": {"abort_status": 418, "abort_percent": 100}}]}"#;
+const ABORT_ALL: &str =
+    r#"{"routes": [{"name": "central-drill", "fault": {"abort_status": 418, "abort_percent": 100}}]}"#;
 
 /// A policy that cannot apply: a split that does not sum to 100 and an unknown fallback code.
 const BAD: &str = r#"{"routes": [{"split": [{"version": "v2", "weight": 10}]}], "fallback": {"on": ["NOPE"]}}"#;
@@ -59,7 +60,10 @@ fn check_central_policy(agent: &Agent, put: &dyn Fn(&str), delete: &dyn Fn()) {
     }
 
     delete();
-    assert_eventually!(status_of(web) == 200, "a deleted policy gives the service back to the local config");
+    assert_eventually!(
+        status_of(web) == 200,
+        "a deleted policy gives the service back to the local config"
+    );
     assert!(policy_state(agent).is_null(), "{}", agent.status_json()["governance"]);
 }
 
@@ -70,13 +74,9 @@ fn an_etcd_policy_is_applied_hot_a_bad_one_refused_and_a_deleted_one_forgotten()
     let agent = lifecycle::etcd(AgentBuilder::new().agent_set("node", "caller"), &etcd)
         .outbound(Outbound::new("web").endpoint(app.addr()))
         .start();
-    check_central_policy(
-        &agent,
-        &|doc| etcd.put("/vmesh/policy/web", doc),
-        &|| {
-            etcd.ctl(&["del", "/vmesh/policy/web"]);
-        },
-    );
+    check_central_policy(&agent, &|doc| etcd.put("/vmesh/policy/web", doc), &|| {
+        etcd.ctl(&["del", "/vmesh/policy/web"]);
+    });
 }
 
 #[test]

@@ -6,7 +6,6 @@
 
 use std::time::{Duration, Instant};
 
-
 use http::header::HeaderValue;
 use http::request::Parts;
 use http::Response;
