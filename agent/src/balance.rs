@@ -308,6 +308,16 @@ pub(crate) mod test_support {
         labelled(weights.iter().map(|&w| (w, Labels::env(Env::Vm))))
     }
 
+    /// Ejects `e` for 30 s from now (as five gateway failures would).
+    pub fn eject(e: &Endpoint) {
+        e.stats.eject_at(
+            std::time::Instant::now(),
+            std::time::Duration::from_secs(30),
+            std::time::Duration::from_secs(30),
+            endpoint::EjectionReason::ConsecutiveGateway,
+        );
+    }
+
     /// Endpoints with these weights and labels, on 127.0.0.1:10000 and up.
     pub fn labelled(eps: impl IntoIterator<Item = (u32, Labels)>) -> Vec<Arc<Endpoint>> {
         eps.into_iter()
@@ -345,12 +355,7 @@ mod tests {
             BalancerKind::RingHash,
         ] {
             let set = EndpointSet::new(kind, endpoints(&[100, 100, 100]));
-            set.endpoints()[1].stats.eject_at(
-                Instant::now(),
-                Duration::from_secs(30),
-                Duration::from_secs(30),
-                endpoint::EjectionReason::ConsecutiveGateway,
-            );
+            test_support::eject(&set.endpoints()[1]);
             let counts = histogram(&set, 600, |k| PickCtx {
                 hash: Some(k as u64 * 7919),
                 exclude: None,
@@ -364,12 +369,7 @@ mod tests {
     fn all_ejected_still_picks_panic_mode() {
         let set = EndpointSet::new(BalancerKind::RoundRobin, endpoints(&[1, 1]));
         for e in set.endpoints() {
-            e.stats.eject_at(
-                Instant::now(),
-                Duration::from_secs(30),
-                Duration::from_secs(30),
-                endpoint::EjectionReason::ConsecutiveGateway,
-            );
+            test_support::eject(e);
         }
         assert!(set.pick(PickCtx::default()).is_some());
     }
@@ -390,12 +390,7 @@ mod tests {
         ] {
             let set = EndpointSet::new(kind, endpoints(&[100, 100, 100, 100]));
             for e in &set.endpoints()[..3] {
-                e.stats.eject_at(
-                    Instant::now(),
-                    Duration::from_secs(30),
-                    Duration::from_secs(30),
-                    endpoint::EjectionReason::ConsecutiveGateway,
-                );
+                test_support::eject(e);
             }
             let now = Instant::now();
             // (threshold, in panic): 1 of 4 available is 25%.
@@ -418,12 +413,7 @@ mod tests {
         set.set_panic_threshold(200);
         assert_eq!(set.panic_threshold(), 100);
         for e in &set.endpoints()[..2] {
-            e.stats.eject_at(
-                Instant::now(),
-                Duration::from_secs(30),
-                Duration::from_secs(30),
-                endpoint::EjectionReason::ConsecutiveGateway,
-            );
+            test_support::eject(e);
         }
         for _ in 0..30 {
             let i = set.pick(PickCtx {

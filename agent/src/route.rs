@@ -306,11 +306,11 @@ impl Cluster {
             metrics: metrics.cluster(spec.direction, spec.service),
             retry_buffer,
             routes: spec.routes,
-            breaker: spec.policy.breaker.as_ref().map(|b| match prev {
-                Some(p) if p.policy.breaker.as_ref() == Some(b) && p.breaker.is_some() => {
-                    p.breaker.clone().unwrap_or_else(|| Breaker::new(b))
-                }
-                _ => Breaker::new(b),
+            // An unchanged section keeps its live state (breaker window, limiter samples).
+            breaker: spec.policy.breaker.as_ref().map(|b| {
+                prev.filter(|p| p.policy.breaker.as_ref() == Some(b))
+                    .and_then(|p| p.breaker.clone())
+                    .unwrap_or_else(|| Breaker::new(b))
             }),
             fallback: spec.policy.fallback.as_ref().map(|f| Arc::new(Fallback::new(f))),
             rate_limit: spec
@@ -318,12 +318,10 @@ impl Cluster {
                 .rate_limit
                 .as_ref()
                 .map(|rl| RateLimit::reuse(rl, prev.and_then(|p| p.rate_limit.as_ref()))),
-            adaptive: spec.policy.adaptive.as_ref().map(|a| match prev {
-                Some(p) if p.policy.adaptive.as_ref() == Some(a) && p.adaptive.is_some() => p
-                    .adaptive
-                    .clone()
-                    .unwrap_or_else(|| AdaptiveLimiter::new(a, cpu_gauge(), Instant::now())),
-                _ => AdaptiveLimiter::new(a, cpu_gauge(), Instant::now()),
+            adaptive: spec.policy.adaptive.as_ref().map(|a| {
+                prev.filter(|p| p.policy.adaptive.as_ref() == Some(a))
+                    .and_then(|p| p.adaptive.clone())
+                    .unwrap_or_else(|| AdaptiveLimiter::new(a, cpu_gauge(), Instant::now()))
             }),
             policy: spec.policy,
             last_sweep: std::sync::Mutex::new(Instant::now()),

@@ -97,9 +97,7 @@ impl Lanes {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
 
-    use super::super::endpoint::EjectionReason;
     use super::super::test_support::labelled;
     use super::super::{EndpointSet, Env, Labels, PickCtx};
     use crate::config::BalancerKind;
@@ -136,12 +134,7 @@ mod tests {
     }
 
     fn eject(set: &EndpointSet, i: usize) {
-        set.endpoints()[i].stats.eject_at(
-            Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(30),
-            EjectionReason::ConsecutiveGateway,
-        );
+        super::super::test_support::eject(&set.endpoints()[i]);
     }
 
     #[test]

@@ -63,7 +63,6 @@ impl Local {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::balance::test_support;
@@ -111,22 +110,12 @@ mod tests {
     fn traffic_spills_over_below_the_healthy_threshold() {
         let s = set(&["z1", "z1", "z1", "z2", "z2", "z2"], 70);
         // One of three local endpoints ejected: 66% < 70%, spill over to all six.
-        s.endpoints()[0].stats.eject_at(
-            std::time::Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(30),
-            crate::balance::endpoint::EjectionReason::ConsecutiveGateway,
-        );
+        crate::balance::test_support::eject(&s.endpoints()[0]);
         let local = zone_counts(&s, 600);
         assert!(local < 400, "spilled over: {local} of 600 stayed local");
         // At 60% it stays local.
         let s = set(&["z1", "z1", "z1", "z2"], 60);
-        s.endpoints()[0].stats.eject_at(
-            std::time::Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(30),
-            crate::balance::endpoint::EjectionReason::ConsecutiveGateway,
-        );
+        crate::balance::test_support::eject(&s.endpoints()[0]);
         assert_eq!(zone_counts(&s, 100), 100);
     }
 

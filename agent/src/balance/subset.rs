@@ -140,7 +140,6 @@ fn schedule(weights: &[u32]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::balance::test_support;
@@ -209,12 +208,7 @@ mod tests {
             labelled(&[Env::Vm, Env::K8s]),
             &policy(50, 50, None),
         );
-        set.endpoints()[1].stats.eject_at(
-            std::time::Instant::now(),
-            Duration::from_secs(30),
-            Duration::from_secs(30),
-            crate::balance::endpoint::EjectionReason::ConsecutiveGateway,
-        );
+        crate::balance::test_support::eject(&set.endpoints()[1]);
         assert_eq!(split_of(&set, 100), (100, 0));
     }
 

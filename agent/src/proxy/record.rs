@@ -22,10 +22,9 @@ pub fn try_ended(
     }
     // A try that ran out of time counts against the endpoint (a hanging endpoint is ejected
     // like a refusing one); a TCP connection made is a success.
-    if outcome == TryOutcome::Refused {
+    let Some(outcome) = Outcome::of_try(outcome) else {
         return;
-    }
-    let outcome = Outcome::from(outcome);
+    };
     if let Some(ej) = cluster.outlier.observe(set, endpoint, outcome, now) {
         cluster.metrics.ejected(ej.reason.as_str());
         tracing::warn!(

@@ -237,20 +237,19 @@ impl Outcome {
     }
 }
 
-impl From<TryOutcome> for Outcome {
-    /// The request's overall deadline counts as a timeout of the endpoint too: the try was
-    /// in flight for the whole of the time left.
-    fn from(t: TryOutcome) -> Self {
-        match t {
+impl Outcome {
+    /// How outlier detection sees a try; `None` when the endpoint played no part (the
+    /// breaker refused to dial: nothing was sent). The request's overall deadline counts as a
+    /// timeout of the endpoint too: the try was in flight for the whole of the time left.
+    pub fn of_try(t: TryOutcome) -> Option<Self> {
+        Some(match t {
             TryOutcome::ConnectFailed => Self::ConnectFailed,
             TryOutcome::Reset => Self::Reset,
             TryOutcome::Timeout | TryOutcome::PerTryTimeout => Self::Timeout,
             TryOutcome::Status(s) => Self::Response(s),
             TryOutcome::Connected => Self::Connected,
-            // Nothing was sent (the record stage never passes it on); as a local failure it
-            // would count like a reset.
-            TryOutcome::Refused => Self::Reset,
-        }
+            TryOutcome::Refused => return None,
+        })
     }
 }
 

@@ -159,12 +159,17 @@ fn outcome_classes() {
     for (o, gateway, failure) in cases {
         assert_eq!((o.is_gateway_failure(), o.is_failure()), (gateway, failure), "{o:?}");
     }
-    assert_eq!(Outcome::from(TryOutcome::PerTryTimeout), Outcome::Timeout);
-    assert_eq!(Outcome::from(TryOutcome::Timeout), Outcome::Timeout);
-    assert_eq!(Outcome::from(TryOutcome::Status(503)), Outcome::Response(503));
-    assert_eq!(Outcome::from(TryOutcome::ConnectFailed), Outcome::ConnectFailed);
-    assert_eq!(Outcome::from(TryOutcome::Reset), Outcome::Reset);
-    assert_eq!(Outcome::from(TryOutcome::Connected), Outcome::Connected);
+    assert_eq!(Outcome::of_try(TryOutcome::PerTryTimeout), Some(Outcome::Timeout));
+    assert_eq!(Outcome::of_try(TryOutcome::Timeout), Some(Outcome::Timeout));
+    assert_eq!(Outcome::of_try(TryOutcome::Status(503)), Some(Outcome::Response(503)));
+    assert_eq!(
+        Outcome::of_try(TryOutcome::Refused),
+        None,
+        "a refused dial is not the endpoint's"
+    );
+    assert_eq!(Outcome::of_try(TryOutcome::ConnectFailed), Some(Outcome::ConnectFailed));
+    assert_eq!(Outcome::of_try(TryOutcome::Reset), Some(Outcome::Reset));
+    assert_eq!(Outcome::of_try(TryOutcome::Connected), Some(Outcome::Connected));
 }
 
 // === consecutive modes ===
