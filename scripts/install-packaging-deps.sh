@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Installs what packaging/build.sh and the packaging test (tests/tests/packaging.rs) need on a
-# Debian 12 machine (run as root): rpm (rpm -qp / rpm --root), lintian, dpkg-dev, systemd's
-# systemd-analyze, systemd-nspawn (the test boots a container to run the .deb under systemd),
-# adduser, curl and python3 (inside that container), binutils (strip, readelf), and the cargo
-# subcommands cargo-deb and cargo-generate-rpm (pinned).
+# Installs what packaging/build.sh, the packaging tests (tests/tests/packaging_*.rs) and the
+# fleet test (tests/tests/fleet_rollout.rs, with scripts/install-ansible-deps.sh) need on a
+# Debian 12 machine (run as root): rpm (rpm -qp / rpm --root, and the .rpm's scriptlets in a
+# container), lintian, dpkg-dev, systemd's systemd-analyze, systemd-nspawn (the tests boot
+# containers over this machine's root to run the packages under systemd), nsenter (util-linux:
+# Ansible and the tests reach into those containers), adduser, curl, python3 and python3-apt
+# (inside the containers: the app, and Ansible's apt module), binutils (strip, readelf), and
+# the cargo subcommands cargo-deb and cargo-generate-rpm (pinned).
 # Idempotent: whatever is already there is not installed again. Starts no service.
 set -euo pipefail
 
@@ -32,6 +35,7 @@ declare -A APT_FOR=(
   [readelf]=binutils
   [systemd-nspawn]=systemd-container
   [curl]=curl
+  [nsenter]=util-linux
 )
 
 missing=()
@@ -43,6 +47,8 @@ done
 
 # The container's demo app runs /usr/bin/python3 (not a pyenv or venv shim).
 [ -x /usr/bin/python3 ] || missing+=(python3-minimal)
+# Ansible's apt module, run by the container's /usr/bin/python3 in the fleet test.
+/usr/bin/python3 -c 'import apt' >/dev/null 2>&1 || missing+=(python3-apt)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"
@@ -79,7 +85,7 @@ ensure_crate cargo-deb "$CARGO_DEB_VERSION"
 ensure_crate cargo-generate-rpm "$CARGO_GENERATE_RPM_VERSION"
 
 # --- Final check: fail loudly rather than let the test discover a missing tool ------------------
-for cmd in rpm lintian dpkg-deb dpkg-shlibdeps systemd-analyze systemd-nspawn adduser strip readelf curl cargo-deb cargo-generate-rpm; do
+for cmd in rpm lintian dpkg-deb dpkg-shlibdeps systemd-analyze systemd-nspawn nsenter adduser strip readelf curl cargo-deb cargo-generate-rpm; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || { log "$cmd still missing" >&2; exit 1; }
 done
 log "ok (systemd-analyze: $(systemd-analyze --version | head -n1))"

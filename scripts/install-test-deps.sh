@@ -7,7 +7,10 @@ set -euo pipefail
 PYTHON="${PYTHON:-python3}"
 # Pinned major versions of the Python peers the tests drive (Playwright drives the web console
 # in Debian's Chromium: `playwright install` cannot download its own browsers here, and need not).
-PIP_PACKAGES=("grpcio>=1.60,<2" "websockets>=17,<18" "playwright>=1.40,<2")
+# grpcio-health-checking: grpc.health.v1 in the gRPC fixture server (tests/grpc_health.rs).
+PIP_PACKAGES=("grpcio>=1.60,<2" "grpcio-health-checking>=1.60,<2" "websockets>=17,<18" "playwright>=1.40,<2"
+  # opentelemetry-proto (with protobuf): fixtures/otlp_receiver.py decodes vmesh's OTLP exports.
+  "opentelemetry-proto>=1.20,<2")
 
 log() { printf 'install-test-deps: %s\n' "$*"; }
 # shellcheck source=scripts/apt.sh
@@ -57,7 +60,7 @@ else
 fi
 
 # --- Python packages ---------------------------------------------------------------------------
-if "$PYTHON" -c 'import grpc, websockets, playwright.sync_api, sys; sys.exit(0 if int(websockets.__version__.split(".")[0]) >= 17 else 1)' >/dev/null 2>&1; then
+if "$PYTHON" -c 'import grpc, grpc_health.v1.health, websockets, playwright.sync_api, opentelemetry.proto.collector.trace.v1.trace_service_pb2, sys; sys.exit(0 if int(websockets.__version__.split(".")[0]) >= 17 else 1)' >/dev/null 2>&1; then
   log "Python packages present"
 else
   log "installing ${PIP_PACKAGES[*]} for $("$PYTHON" -c 'import sys; print(sys.executable)')"
@@ -75,5 +78,5 @@ fi
 for cmd in nginx curl nghttp h2load promtool prometheus chromium; do
   command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || { log "$cmd still missing" >&2; exit 1; }
 done
-"$PYTHON" -c 'import grpc, websockets, playwright.sync_api' || { log "grpcio/websockets/playwright still missing" >&2; exit 1; }
+"$PYTHON" -c 'import grpc, grpc_health.v1.health, websockets, playwright.sync_api, opentelemetry.proto.collector.trace.v1.trace_service_pb2' || { log "grpcio/grpcio-health-checking/websockets/playwright/opentelemetry-proto still missing" >&2; exit 1; }
 log "ok"

@@ -17,17 +17,42 @@ use crate::discovery::shift::{Policy, ShiftError, ShiftStatus};
 use crate::lifecycle::AgentState;
 use crate::route::Cluster;
 
+mod doctor;
+mod tap;
+
 /// Serves the admin API until the process exits.
 pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+    let mut backoff = std::time::Duration::from_millis(10);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                // EMFILE and friends: back off (10 ms doubling to 1 s) instead of spinning.
+                tracing::warn!(error = %e, ?backoff, "admin API: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
         };
         let state = state.clone();
+        // A handle on the socket for `/tap`, which bounds its send buffer.
+        let socket = std::os::fd::AsFd::as_fd(&stream)
+            .try_clone_to_owned()
+            .ok()
+            .map(Arc::new);
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req).await) }
+                let (state, socket) = (state.clone(), socket.clone());
+                async move {
+                    // `/tap` streams; every other answer is whole.
+                    if req.uri().path() == "/tap" {
+                        return Ok::<_, Infallible>(tap::serve(&state, &req, socket.as_deref()));
+                    }
+                    Ok(route(&state, req).await.map(http_body_util::Either::Left))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -109,7 +134,7 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
                 *r.status_mut() = StatusCode::ACCEPTED;
                 r
             }
-            Err(e) => owned_text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            Err(e) => lifecycle_error(&e),
         },
         (&Method::POST, "/undrain") => {
             let timeout = query_param(&req, "timeout")
@@ -118,7 +143,7 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
                 .min(std::time::Duration::from_secs(86_400));
             match state.lifecycle.undrain(timeout).await {
                 Ok(()) => json_response(lifecycle_json(state)),
-                Err(e) => owned_text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+                Err(e) => lifecycle_error(&e),
             }
         }
         (_, "/drain" | "/undrain") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n"),
@@ -150,11 +175,27 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
         }
         (&Method::GET, "/shift" | "/shift/") => json_response(shift_all(state)),
         (&Method::GET, "/ui") => ui_page(),
+        (&Method::GET, "/doctor") => json_response(doctor::report()),
+        (_, "/doctor") => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         (_, "/live" | "/ready" | "/status" | "/config" | "/clusters" | "/metrics" | "/shift" | "/ui") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// A failed drain or undrain: `<CODE>: <message>` and the code in `x-vmesh-error`, 500 when
+/// nothing could change (the store), 503 otherwise (the app, the registry, a stopping agent).
+fn lifecycle_error(e: &crate::lifecycle::LifecycleError) -> Response<Full<Bytes>> {
+    use crate::lifecycle::LifecycleError;
+    let status = match e {
+        LifecycleError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut r = owned_text(status, format!("{}: {e}\n", e.code()));
+    r.headers_mut()
+        .insert("x-vmesh-error", header::HeaderValue::from_static(e.code()));
+    r
 }
 
 /// `GET /ui`: the web console, one self-contained page (`admin/ui.html`) that calls this API.
@@ -180,6 +221,9 @@ fn not_ready(state: &AgentState) -> Option<String> {
     }
     let s = state.lifecycle.status();
     let config = state.config.load();
+    if let Some(e) = &s.store_error {
+        return Some(format!("the state store cannot be read: {e}"));
+    }
     if s.drain != crate::lifecycle::registrar::DrainPhase::Serving {
         return Some(format!("{:?}", s.drain).to_lowercase());
     }
@@ -220,7 +264,7 @@ fn authorize(state: &AgentState, req: &Request<Incoming>) -> Result<(), Box<Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    if got == Some(want.as_str()) && !want.is_empty() {
+    if got.is_some_and(|g| constant_time_eq(g.as_bytes(), want.as_bytes())) && !want.is_empty() {
         Ok(())
     } else {
         Err(Box::new(text(
@@ -228,6 +272,16 @@ fn authorize(state: &AgentState, req: &Request<Incoming>) -> Result<(), Box<Resp
             "ADMIN_UNAUTHORIZED: send Authorization: Bearer <admin token>\n",
         )))
     }
+}
+
+/// Compares a presented token with the admin token in time that does not depend on where they
+/// differ (only on the presented length), so the token cannot be guessed byte by byte.
+fn constant_time_eq(got: &[u8], want: &[u8]) -> bool {
+    let mut diff = u8::from(got.len() != want.len());
+    for (i, g) in got.iter().enumerate() {
+        diff |= g ^ want.get(i).copied().unwrap_or(0);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
@@ -336,6 +390,7 @@ fn config(state: &AgentState) -> Value {
         "reloads": reload.reloads,
         "last_reload_error": reload.last_reload_error,
         "last_reload_at": reload.last_reload_at,
+        "pending_restart": reload.pending_restart,
     })
 }
 
@@ -579,6 +634,20 @@ async fn shift(state: &AgentState, req: Request<Incoming>, service: &str) -> Res
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn token_comparison_is_exact() {
+        for (got, want, same) in [
+            ("s3cret", "s3cret", true),
+            ("s3cres", "s3cret", false),
+            ("s3cre", "s3cret", false),
+            ("s3crett", "s3cret", false),
+            ("", "s3cret", false),
+            ("S3cret", "s3cret", false),
+        ] {
+            assert_eq!(super::constant_time_eq(got.as_bytes(), want.as_bytes()), same, "{got} vs {want}");
+        }
+    }
+
     use super::*;
 
     #[test]

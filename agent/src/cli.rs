@@ -1,14 +1,24 @@
-//! The command line: `vmesh run | demo | check-config | status | clusters | shift | drain | undrain | identity`. Commands other
-//! than `run` and `demo` talk to the local admin API.
+//! The command line: `vmesh run | demo | check-config | status | clusters | shift | drain |
+//! undrain | tap | doctor | identity | init`. `main.rs` runs the agent (`run`, `demo`); each client
+//! command lives in `cli/<command>.rs`, and those that talk to the local admin API share one
+//! client (`cli/admin.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+
+pub mod admin;
+pub mod check;
+pub mod doctor;
+pub mod drain;
+pub mod identity;
+pub mod init;
+pub mod shift;
+pub mod status;
+pub mod tap;
+
+pub use admin::{AdminClient, Answer};
 
 /// vmesh: the service-mesh agent for virtual machines.
 #[derive(Debug, Parser)]
@@ -52,6 +62,10 @@ pub enum Command {
         /// Longest wait for the application to pass its health check.
         #[arg(long, default_value = "60s", value_parser = parse_timeout)]
         timeout: std::time::Duration,
+        /// Then show the slow start until the full weight (at most the ramp window + 10 s;
+        /// exit 1 `RAMP_TIMEOUT` past it).
+        #[arg(long)]
+        wait_ramp: bool,
     },
     /// Show or set the traffic shift of an outbound service between environments:
     /// `vmesh shift orders` shows it, `vmesh shift orders vm=80 k8s=20` writes the central policy
@@ -72,6 +86,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream the requests passing through the agent, live, one line each (`--json`: the JSON
+    /// lines of `GET /tap`). Exit 0 at `--limit`, 2 refused, 3 unreachable or the stream broke.
+    Tap(tap::TapArgs),
+    /// Onboard this VM: write the config from a few flags, check the CMDB's custom fields and
+    /// this VM's identity, print the Ansible host vars. Exit 0 done, 2 invalid or refused, 4 CMDB.
+    Init(Box<init::InitArgs>),
+    /// Is it the sidecar? The last minute's proxy overhead and upstream time, host CPU pressure
+    /// and a verdict: `host`, `upstream`, `sidecar` or `healthy`. Exit 0 whatever the verdict,
+    /// 3 unreachable.
+    Doctor(AdminArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -99,69 +123,26 @@ impl AdminArgs {
     }
 }
 
+/// Exit codes of the client commands, for scripts and CD hooks (docs/cli.md).
+pub mod exit {
+    /// `drain`, `undrain`: timed out.
+    pub const TIMEOUT: u8 = 1;
+    pub const FAILED: u8 = 2;
+    pub const ADMIN_UNREACHABLE: u8 = 3;
+    pub const CMDB_ERROR: u8 = 4;
+    /// `vmesh shift`: the policy changed since it was read.
+    pub const CONFLICT: u8 = 1;
+}
+
+/// The admin address and token for a client command (an error: exit [`exit::FAILED`]).
+pub fn admin_target(args: &AdminArgs) -> anyhow::Result<(SocketAddr, Option<String>)> {
+    Ok((args.admin_addr()?, admin_token(&args.config)))
+}
+
 /// The admin token from the config's `agent.admin_token_file`, if one is set and readable.
 pub fn admin_token(config: &std::path::Path) -> Option<String> {
     let c = crate::config::load(&crate::config::Source::file(config)).ok()?;
     crate::config::read_secret("agent.admin_token_file", &c.agent.admin_token_file?).ok()
-}
-
-/// POSTs to `path` on the admin API (with the admin token when given); returns status and body.
-pub async fn admin_post(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    wait: std::time::Duration,
-) -> anyhow::Result<(u16, String)> {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req = http::Request::post(format!("http://{addr}{path}"));
-    if let Some(t) = token {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let req = req.body(Empty::new())?;
-    let resp = tokio::time::timeout(wait, client.request(req))
-        .await
-        .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in {wait:?}"))?
-        .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// PUTs `body` to `path` on the admin API (with the admin token when given).
-pub async fn admin_put(
-    addr: SocketAddr,
-    path: &str,
-    token: Option<&str>,
-    body: String,
-) -> anyhow::Result<(u16, String)> {
-    let client: Client<_, http_body_util::Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut req =
-        http::Request::put(format!("http://{addr}{path}")).header(http::header::CONTENT_TYPE, "application/json");
-    if let Some(t) = token {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
-    }
-    let req = req.body(http_body_util::Full::new(Bytes::from(body)))?;
-    let wait = std::time::Duration::from_secs(15);
-    let resp = tokio::time::timeout(wait, client.request(req))
-        .await
-        .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in {wait:?}"))?
-        .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
-}
-
-/// GETs `path` from the admin API; returns status and body.
-pub async fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let uri: http::Uri = format!("http://{addr}{path}").parse()?;
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
-        .await
-        .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in 10s"))?
-        .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// A command's `--timeout`: a human duration of at most one day (no deadline arithmetic can

@@ -5,6 +5,7 @@
 mod load;
 mod locate;
 mod model;
+pub mod reload;
 mod secret;
 mod units;
 mod validate;

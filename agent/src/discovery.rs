@@ -1,9 +1,9 @@
 //! Discovery: where every outbound service's endpoints come from. Each source (one file here:
-//! `static`, Consul, etcd, Kubernetes) publishes what it knows of a service as a [`View`]; one
-//! task per outbound service ([`service`]) is the only writer of that service's endpoint set: it
-//! merges its sources ([`merge`]), interpolates slow starts, applies the shift policy
-//! ([`shift`]) and locality, keeps the last known set in the state store ([`snapshot`]) and
-//! swaps the set into the cluster.
+//! `static`, Consul, etcd, Kubernetes, the in-process `memory` registry) publishes what it knows
+//! of a service as a [`View`]; one task per outbound service ([`service`]) is the only writer of
+//! that service's endpoint set: it merges its sources ([`merge`]), interpolates slow starts,
+//! applies the shift policy ([`shift`]) and locality, keeps the last known set in the state store
+//! ([`snapshot`]) and swaps the set into the cluster.
 //!
 //! Architecture invariant: the request path never waits for discovery; it reads the last set.
 
@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod governance_kv;
 mod hub;
 pub mod kubernetes;
+pub mod memory;
 pub mod merge;
 pub mod service;
 pub mod shift;
@@ -133,6 +134,7 @@ pub struct Sources {
     pub consul: Option<Arc<consul::ConsulSource>>,
     pub etcd: Option<Arc<etcd::EtcdSource>>,
     pub kubernetes: Option<Arc<kubernetes::KubernetesSource>>,
+    pub memory: Option<Arc<memory::MemorySource>>,
 }
 
 /// What the admin API shows of one service's discovery.
@@ -185,7 +187,7 @@ fn none_governance() -> tokio::sync::watch::Receiver<Arc<crate::governance::cent
 pub const TICK: Duration = Duration::from_secs(1);
 
 impl Discovery {
-    /// Builds the sources the config needs and starts a task per outbound service.
+    /// Builds the sources the config needs; `reconcile` then starts a task per outbound service.
     pub fn start(
         config: &Config,
         registry: Option<&RegistryClient>,
@@ -217,6 +219,11 @@ impl Discovery {
                 sources.etcd = Some(src);
                 policies
             }
+            // The in-process table holds instances only: no central policies.
+            Some(RegistryClient::Memory(m)) => {
+                sources.memory = Some(Arc::new(memory::MemorySource::new(m.clone())));
+                shift::PolicyWatch::none()
+            }
             None => shift::PolicyWatch::none(),
         };
         if wanted(SourceKind::Kubernetes) {
@@ -225,7 +232,7 @@ impl Discovery {
         let governance = match registry {
             Some(RegistryClient::Consul(c)) => governance_kv::watch_consul(c.clone(), config.registry.watch_wait.get()),
             Some(RegistryClient::Etcd(e)) => governance_kv::watch_etcd(e.clone()),
-            None => none_governance(),
+            Some(RegistryClient::Memory(_)) | None => none_governance(),
         };
         let d = Arc::new(Self {
             routes: routes.clone(),
@@ -237,7 +244,8 @@ impl Discovery {
             zone,
             tasks: Mutex::new(HashMap::new()),
         });
-        d.reconcile(config);
+        // The service tasks start with the first `reconcile`, which start-up and reload both
+        // call once the config is settled (lifecycle/agent.rs `Runtime::commit`).
         Ok(d)
     }
 

@@ -3,6 +3,7 @@
 //! registry KV key may set centrally. Everything here is compiled once per config (or policy)
 //! generation; the request path only reads the compiled form.
 
+pub mod authz;
 pub mod central;
 pub mod colour;
 pub mod fault;

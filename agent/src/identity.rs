@@ -1,4 +1,9 @@
-//! This VM's service identity: the CMDB backend the config names, and the VM name to ask for.
+//! This VM's service identity: the CMDB backend the config names, the VM name to ask for, and
+//! the identity kept across CMDB outages ([`IdentityKeeper`]).
+
+mod keeper;
+
+pub use keeper::IdentityKeeper;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -13,12 +18,9 @@ use crate::config::{CmdbKind, Config};
 pub fn cmdb(config: &Config, env: &HashMap<String, String>) -> Result<Option<Box<dyn Cmdb>>, CmdbError> {
     let c = &config.cmdb;
     let token = match &c.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| CmdbError::Config(format!("cmdb.token_file {}: {e}", p.display())))?
-                .trim()
-                .to_owned(),
-        ),
+        Some(p) => {
+            Some(crate::config::read_secret("cmdb.token_file", p).map_err(|e| CmdbError::Config(e.to_string()))?)
+        }
         None => None,
     };
     let url = || {

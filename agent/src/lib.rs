@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod balance;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
@@ -11,8 +12,10 @@ pub mod governance;
 pub mod identity;
 pub mod lifecycle;
 pub mod proxy;
+pub mod ramp;
 pub mod registry;
 pub mod resilience;
 pub mod route;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

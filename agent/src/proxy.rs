@@ -7,7 +7,7 @@ pub mod activation;
 pub mod body;
 pub mod client;
 mod complete;
-mod drain;
+mod shutdown;
 pub mod error;
 mod forward;
 pub mod headers;
@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use drain::{Drain, DrainWatch};
+pub use shutdown::{Drain, DrainWatch};
 pub use http::server_builder as http_builder;
 pub use listener::{ListenerKind, ListenerSpec};
 
@@ -101,6 +101,8 @@ pub struct ConnCtx {
     /// The client's IP as a header value, built once per connection for `x-forwarded-for`.
     pub client_ip: ::http::HeaderValue,
     pub activity: Arc<ConnActivity>,
+    /// The caller's verified identity (mutual TLS on the inbound listener), else `None`.
+    pub peer: Option<Arc<crate::tls::PeerIdentity>>,
 }
 
 impl ListenerCtx {

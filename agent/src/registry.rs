@@ -1,8 +1,10 @@
-//! Service registries behind one [`Registry`] trait: Consul (HTTP API on reqwest) and etcd
-//! (leases). The agent registers the local app on its behalf, pointing at the inbound port.
+//! Service registries behind one [`Registry`] trait: Consul (HTTP API on reqwest), etcd
+//! (leases) and the in-process table of the demo (`memory`). The agent registers the local app
+//! on its behalf, pointing at the inbound port.
 
 pub mod consul;
 pub mod etcd;
+pub mod memory;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -108,6 +110,8 @@ pub struct Recovered {
 pub enum RegistryClient {
     Consul(Arc<consul::Consul>),
     Etcd(Arc<etcd::Etcd>),
+    /// `kind = "memory"`: the in-process table (demo, single host).
+    Memory(Arc<memory::Memory>),
 }
 
 impl RegistryClient {
@@ -117,15 +121,27 @@ impl RegistryClient {
             Some(p) => Some(read_secret("registry.token_file", p).map_err(|e| e.to_string())?),
             None => None,
         };
+        let ca = match &config.registry.ca_file {
+            Some(p) => {
+                Some(std::fs::read(p).map_err(|e| format!("registry.ca_file: cannot read {}: {e}", p.display()))?)
+            }
+            None => None,
+        };
         Ok(match config.registry.kind {
             RegistryKind::None => None,
             RegistryKind::Consul => Some(Self::Consul(Arc::new(
-                consul::Consul::new(&config.registry.address, token).map_err(|e| e.to_string())?,
+                consul::Consul::new(&config.registry.address, token, ca.as_deref()).map_err(|e| e.to_string())?,
             ))),
-            RegistryKind::Etcd => Some(Self::Etcd(Arc::new(etcd::Etcd::new(
-                &config.registry.address,
-                config.registry.lease_ttl.get(),
-            )))),
+            RegistryKind::Etcd => {
+                let auth = config.registry.username.clone().zip(token);
+                Some(Self::Etcd(Arc::new(etcd::Etcd::new(
+                    &config.registry.address,
+                    config.registry.lease_ttl.get(),
+                    auth,
+                    ca,
+                ))))
+            }
+            RegistryKind::Memory => Some(Self::Memory(Arc::new(memory::Memory::new()))),
         })
     }
 
@@ -133,6 +149,7 @@ impl RegistryClient {
         match self {
             Self::Consul(c) => c.clone(),
             Self::Etcd(e) => e.clone(),
+            Self::Memory(m) => m.clone(),
         }
     }
 }

@@ -49,6 +49,11 @@ pub struct Cluster {
     pub rate_limit: Option<Arc<RateLimit>>,
     /// The adaptive concurrency limit (inbound).
     pub adaptive: Option<Arc<AdaptiveLimiter>>,
+    /// Outbound `mode = "strict"`: connections are mutual TLS and the endpoints' certificates
+    /// must name this service (the `Arc` the connectors check against).
+    pub mtls: Option<Arc<str>>,
+    /// Inbound authorization rules (`[[inbound.authz]]`); `None`: every caller allowed.
+    pub authz: Option<Arc<crate::governance::authz::Authz>>,
     /// The settings the governance parts were built from.
     pub policy: ClusterPolicy,
     /// When outlier detection last ran its statistical sweep.
@@ -139,6 +144,8 @@ struct Spec<'a> {
     endpoints: Vec<(std::net::SocketAddr, u32, Labels)>,
     routes: Arc<[Arc<Route>]>,
     policy: ClusterPolicy,
+    mtls: bool,
+    authz: Option<crate::governance::authz::Authz>,
 }
 
 /// The governance settings of one cluster, kept to tell whether a reload changed them (an
@@ -191,6 +198,9 @@ impl Cluster {
                     adaptive: c.adaptive.clone(),
                     ..ClusterPolicy::default()
                 },
+                // The inbound side of TLS is the listener's (proxy/listener.rs); the app is local.
+                mtls: false,
+                authz: crate::governance::authz::Authz::compile(&c.authz),
             },
             prev,
             metrics,
@@ -239,6 +249,8 @@ impl Cluster {
                     rate_limit: c.rate_limit.clone(),
                     adaptive: None,
                 },
+                mtls: c.mode == crate::config::TlsMode::Strict,
+                authz: None,
             },
             prev,
             metrics,
@@ -276,9 +288,16 @@ impl Cluster {
                 "no endpoints yet: requests get 503 NO_HEALTHY_ENDPOINT until some are discovered"
             );
         }
+        let mtls: Option<Arc<str>> = spec.mtls.then(|| spec.service.into());
         let client = match prev {
-            Some(p) if p.protocol == spec.protocol && p.connect_timeout == spec.connect_timeout => p.client.clone(),
-            _ => client::build(spec.protocol, spec.connect_timeout),
+            Some(p)
+                if p.protocol == spec.protocol
+                    && p.connect_timeout == spec.connect_timeout
+                    && p.mtls.is_some() == spec.mtls =>
+            {
+                p.client.clone()
+            }
+            _ => client::build(spec.protocol, spec.connect_timeout, mtls.clone()),
         };
         Self {
             service: spec.service.into(),
@@ -324,6 +343,8 @@ impl Cluster {
                     .unwrap_or_else(|| AdaptiveLimiter::new(a, cpu_gauge(), Instant::now()))
             }),
             policy: spec.policy,
+            mtls,
+            authz: spec.authz.map(Arc::new),
             last_sweep: std::sync::Mutex::new(Instant::now()),
         }
     }

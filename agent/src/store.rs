@@ -4,7 +4,6 @@
 //! moved aside and rebuilt from the registry and the CMDB.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -33,6 +32,31 @@ pub enum StoreError {
     Decode { key: String, source: serde_json::Error },
     #[error("state store {path}: {problem}")]
     Io { path: String, problem: String },
+    #[error("state store {path}: schema version {found} is not {SCHEMA_VERSION}")]
+    Schema { path: String, found: String },
+}
+
+impl StoreError {
+    /// The stable code of the failure, for logs, metrics and the admin API's answers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Sled { .. } | Self::Io { .. } => "STORE_ERROR",
+            Self::Decode { .. } | Self::Schema { .. } => "STORE_CORRUPT",
+        }
+    }
+
+    /// The store's content cannot be used (as opposed to the disk under it failing): what
+    /// `open_or_rebuild` moves aside.
+    pub fn is_corruption(&self) -> bool {
+        match self {
+            Self::Sled { source, .. } => matches!(
+                source,
+                sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_)
+            ),
+            Self::Decode { .. } | Self::Schema { .. } => true,
+            Self::Io { .. } => false,
+        }
+    }
 }
 
 /// What a restarted agent needs to know.
@@ -101,8 +125,11 @@ pub struct SledStore {
 // === impl SledStore ===
 
 impl SledStore {
-    /// Opens `dir/state`; a store that fails to open or has an unknown schema is moved aside
-    /// (`state.corrupt-<unix time>`) with an error log line, and a fresh one is created.
+    /// Opens `dir/state`. Only a store that is corrupt (sled reports corruption, or an
+    /// unsupported format) or has an unknown schema is moved aside (`state.corrupt-<unix
+    /// time>`) with an error log line, and a fresh one created; a plain I/O failure (a full,
+    /// read-only or failing disk, a permission) and a store held by another process are errors
+    /// that leave the files as they are.
     pub fn open_or_rebuild(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("state");
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
@@ -116,6 +143,7 @@ impl SledStore {
                 path: path.display().to_string(),
                 problem: format!("in use by another process (is another vmesh running with this data_dir?): {e}"),
             }),
+            Err(e) if !e.is_corruption() => Err(e),
             Err(e) => {
                 let aside = dir.join(format!("state.corrupt-{}", unix_now()));
                 tracing::error!(error = %e, moved_to = %aside.display(), code = "STORE_CORRUPT",
@@ -153,9 +181,9 @@ impl SledStore {
         match self.get_raw(keys::SCHEMA)? {
             None => self.put_raw(keys::SCHEMA, SCHEMA_VERSION.to_string().as_bytes()),
             Some(v) if v == SCHEMA_VERSION.to_string().as_bytes() => Ok(()),
-            Some(v) => Err(StoreError::Io {
+            Some(v) => Err(StoreError::Schema {
                 path: self.path.display().to_string(),
-                problem: format!("schema version {} is not {SCHEMA_VERSION}", String::from_utf8_lossy(&v)),
+                found: String::from_utf8_lossy(&v).into_owned(),
             }),
         }
     }
@@ -185,6 +213,107 @@ impl Store for SledStore {
 
     fn put_raw_lazy(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         self.db.insert(key, value).map(|_| ()).map_err(|e| self.err(e))
+    }
+}
+
+// === impl Reopening ===
+
+/// The store as the agent uses it: opened when it can be, and opened again after a failure,
+/// so a disk that was full, read-only or failing does not need a restart once it recovers.
+/// While no store is open every call fails with `STORE_ERROR` (the registrar then keeps the
+/// instance drained and unregistered; the proxy does not use the store on its request path).
+pub struct Reopening {
+    dir: PathBuf,
+    db: std::sync::Mutex<Option<std::sync::Arc<SledStore>>>,
+    /// When the next open may be tried (opening is not retried on every call).
+    next_try: std::sync::Mutex<std::time::Instant>,
+}
+
+impl Reopening {
+    /// How often an unusable store is opened again.
+    pub const RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Opens the store in `dir`; a store held by another process is an error (two agents on
+    /// one data_dir), any other failure is logged and retried on use.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let s = Self {
+            dir: dir.to_owned(),
+            db: std::sync::Mutex::new(None),
+            next_try: std::sync::Mutex::new(std::time::Instant::now()),
+        };
+        match SledStore::open_or_rebuild(dir) {
+            Ok(db) => *s.lock_db() = Some(std::sync::Arc::new(db)),
+            Err(e) if e.to_string().contains("in use by another process") => return Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, code = e.code(),
+                    "state store unusable: serving traffic, but not registering until it opens (retried every 2 s)");
+                *s.next_try.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now() + Self::RETRY;
+            }
+        }
+        Ok(s)
+    }
+
+    fn lock_db(&self) -> std::sync::MutexGuard<'_, Option<std::sync::Arc<SledStore>>> {
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with<T>(&self, op: impl FnOnce(&SledStore) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let db = self.current()?;
+        let result = op(&db);
+        if let Err(e) = &result {
+            if !e.is_corruption() && !matches!(e, StoreError::Decode { .. }) {
+                // sled keeps failing after an I/O error until it is opened again.
+                tracing::warn!(error = %e, "state store write failed: reopening it");
+                drop(db);
+                *self.lock_db() = None;
+            }
+        }
+        result
+    }
+
+    fn current(&self) -> Result<std::sync::Arc<SledStore>, StoreError> {
+        let mut db = self.lock_db();
+        if let Some(d) = db.as_ref() {
+            return Ok(d.clone());
+        }
+        let unavailable = |problem: String| StoreError::Io {
+            path: self.dir.join("state").display().to_string(),
+            problem,
+        };
+        {
+            let mut next = self.next_try.lock().unwrap_or_else(|p| p.into_inner());
+            if std::time::Instant::now() < *next {
+                return Err(unavailable("unavailable (retrying)".into()));
+            }
+            *next = std::time::Instant::now() + Self::RETRY;
+        }
+        match SledStore::open_or_rebuild(&self.dir) {
+            Ok(d) => {
+                tracing::info!(dir = %self.dir.display(), "state store opened");
+                let d = std::sync::Arc::new(d);
+                *db = Some(d.clone());
+                Ok(d)
+            }
+            Err(e) => Err(unavailable(format!("unavailable: {e}"))),
+        }
+    }
+}
+
+impl Store for Reopening {
+    fn get_raw(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|d| d.get_raw(key))
+    }
+
+    fn put_raw(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.with(|d| d.put_raw(key, value))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.with(|d| d.delete(key))
+    }
+
+    fn put_raw_lazy(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.with(|d| d.put_raw_lazy(key, value))
     }
 }
 
@@ -285,11 +414,7 @@ impl State {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+pub use crate::clock::unix_now;
 
 #[cfg(test)]
 mod tests {
@@ -373,6 +498,32 @@ mod tests {
             .filter_map(|e| e.ok())
             .any(|e| e.file_name().to_string_lossy().starts_with("state.corrupt-"));
         assert!(moved, "the corrupt store was moved aside");
+    }
+
+    #[test]
+    fn an_unusable_store_is_left_in_place_and_reopened_when_it_can() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // A file where the directory should be: an I/O failure, not corruption.
+        std::fs::write(&data, b"not a directory").unwrap();
+        let s = Reopening::open(&data).unwrap();
+        let e = s.get_raw(keys::DRAIN).unwrap_err();
+        assert_eq!(e.code(), "STORE_ERROR");
+        assert!(!e.is_corruption());
+        assert_eq!(std::fs::read(&data).unwrap(), b"not a directory", "left in place");
+        std::fs::remove_file(&data).unwrap();
+        // Not retried before its time, then opened.
+        assert!(s.get_raw(keys::DRAIN).is_err());
+        *s.next_try.lock().unwrap() = std::time::Instant::now();
+        let state = State::new(std::sync::Arc::new(s));
+        assert!(!state.drained().unwrap());
+        state.set_drained(true).unwrap();
+        assert!(state.drained().unwrap());
+        assert!(!std::fs::read_dir(&data).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("state.corrupt-")));
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! Telemetry: Prometheus metrics on atomics, the JSON access log, and log set-up.
+//! Telemetry: Prometheus metrics on atomics, the JSON access log, the live request tap, and log set-up.
 
 pub mod access_log;
 pub mod histogram;
+pub mod host;
 pub mod metrics;
+pub mod tap;
+pub mod trace;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub use metrics::{Metrics, RequestMetrics};

@@ -30,6 +30,8 @@ impl HttpJsonCmdb {
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            // Requests carry the token: a redirect could hand it to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| CmdbError::Config(e.to_string()))?;
         Ok(Self {

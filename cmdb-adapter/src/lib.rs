@@ -5,17 +5,19 @@
 
 mod env;
 mod error;
+mod fields;
 mod file;
 mod http_json;
 mod identity;
 mod mapping;
-mod rest;
+pub mod rest;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use env::EnvCmdb;
 pub use error::CmdbError;
+pub use fields::{CustomFields, FieldState, FieldType, WantedField, VM_TYPE};
 pub use file::FileCmdb;
 pub use http_json::HttpJsonCmdb;
 pub use identity::ServiceIdentity;

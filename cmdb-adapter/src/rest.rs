@@ -38,19 +38,44 @@ pub struct RestCmdb {
 /// Pages followed at most (a name filter matches one record; this only bounds a bad server).
 const MAX_PAGES: usize = 20;
 
-impl RestCmdb {
-    pub fn new(flavor: Flavor, opts: RestOptions) -> Result<Self, CmdbError> {
-        let mut b = reqwest::Client::builder()
-            .timeout(opts.timeout)
-            .connect_timeout(opts.timeout.min(Duration::from_secs(5)))
-            .user_agent(concat!("vmesh/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &opts.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| CmdbError::Config(format!("ca_file {}: {e}", ca.display())))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| CmdbError::Config(format!("ca_file {}: {e}", ca.display())))?;
+/// The `next` link of a page, followed only to the origin (scheme, host, port) of the page that
+/// gave it: the request carries the API token, and a link elsewhere would hand it over.
+pub fn same_origin(page: &reqwest::Url, next: &str) -> Result<reqwest::Url, CmdbError> {
+    let url = page
+        .join(next)
+        .map_err(|e| CmdbError::BadResponse(format!("next {next:?}: {e}")))?;
+    if url.origin() != page.origin() {
+        return Err(CmdbError::BadResponse(format!(
+            "next {next:?} leaves the CMDB's origin {}: not followed (it would carry the API token)",
+            page.origin().ascii_serialization()
+        )));
+    }
+    Ok(url)
+}
+
+/// The HTTP client for a Nautobot/NetBox API (identity reads and `vmesh init`'s custom fields):
+/// `opts.timeout`, the CA of `opts.ca_file` besides the system's, and no redirects (requests
+/// carry the API token: a redirect could hand it to another host).
+pub fn client(opts: &RestOptions) -> Result<reqwest::Client, CmdbError> {
+    let mut b = reqwest::Client::builder()
+        .timeout(opts.timeout)
+        .connect_timeout(opts.timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("vmesh/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(ca) = &opts.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| CmdbError::Config(format!("ca_file {}: {e}", ca.display())))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| CmdbError::Config(format!("ca_file {}: {e}", ca.display())))?
+        {
             b = b.add_root_certificate(cert);
         }
-        let client = b.build().map_err(|e| CmdbError::Config(e.to_string()))?;
+    }
+    b.build().map_err(|e| CmdbError::Config(e.to_string()))
+}
+
+impl RestCmdb {
+    pub fn new(flavor: Flavor, opts: RestOptions) -> Result<Self, CmdbError> {
+        let client = client(&opts)?;
         Ok(Self { flavor, opts, client })
     }
 
@@ -95,7 +120,7 @@ impl RestCmdb {
         let mut url = self.first_page(vm)?;
         let mut matches = Vec::new();
         for _ in 0..MAX_PAGES {
-            let page = self.get(url).await?;
+            let page = self.get(url.clone()).await?;
             let results = page
                 .get("results")
                 .and_then(Value::as_array)
@@ -107,10 +132,7 @@ impl RestCmdb {
                     .cloned(),
             );
             match page.get("next").and_then(Value::as_str) {
-                Some(next) => {
-                    url =
-                        reqwest::Url::parse(next).map_err(|e| CmdbError::BadResponse(format!("next {next:?}: {e}")))?
-                }
+                Some(next) => url = same_origin(&url, next)?,
                 None => break,
             }
         }
@@ -250,5 +272,26 @@ mod tests {
         let down = RestCmdb::new(Flavor::Netbox, opts("http://127.0.0.1:9".into(), "secret")).unwrap();
         let e = down.identity("web-01").await.unwrap_err();
         assert_eq!(e.code(), "CMDB_UNREACHABLE", "{e}");
+    }
+
+    #[test]
+    fn next_links_are_followed_only_on_the_same_origin() {
+        let page = reqwest::Url::parse("https://cmdb.example:8443/api/virtualization/virtual-machines/?name=vm")
+            .unwrap_or_else(|e| panic!("{e}"));
+        for ok in [
+            "https://cmdb.example:8443/api/virtualization/virtual-machines/?name=vm&offset=50",
+            "/api/virtualization/virtual-machines/?offset=100",
+        ] {
+            assert!(same_origin(&page, ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "https://evil.example:8443/api/?offset=50",
+            "http://cmdb.example:8443/api/?offset=50",
+            "https://cmdb.example:9443/api/?offset=50",
+            "file:///etc/passwd",
+        ] {
+            let e = same_origin(&page, bad).map(|u| u.to_string()).unwrap_err().to_string();
+            assert!(e.contains("leaves the CMDB's origin"), "{bad}: {e}");
+        }
     }
 }

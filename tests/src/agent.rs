@@ -54,6 +54,8 @@ pub struct AgentBuilder {
     colour: Option<Table>,
     /// `agent.data_dir` chosen by the test (default: `<agent temp dir>/data`).
     data_dir: Option<PathBuf>,
+    /// The `[tls]` section (written only when set).
+    tls: Option<Table>,
 }
 
 /// A running `vmesh run`, killed on drop (its logs are printed if the test is failing).
@@ -266,7 +268,14 @@ impl AgentBuilder {
             routes: Vec::new(),
             colour: None,
             data_dir: None,
+            tls: None,
         }
+    }
+
+    /// Sets the `[tls]` section (certificate files, trust domain).
+    pub fn tls(mut self, tls: Table) -> AgentBuilder {
+        self.tls = Some(tls);
+        self
     }
 
     /// Sets a key of `[agent]`.
@@ -387,6 +396,9 @@ impl AgentBuilder {
         }
         if let Some(colour) = &self.colour {
             root.insert("colour".into(), Value::Table(colour.clone()));
+        }
+        if let Some(tls) = &self.tls {
+            root.insert("tls".into(), Value::Table(tls.clone()));
         }
         toml::to_string(&root).expect("a toml::Table always serializes")
     }

@@ -68,8 +68,12 @@ pub struct H2loadSummary {
     pub succeeded: u64,
     /// Requests that failed.
     pub failed: u64,
+    /// Requests that ended with a response, whatever its status (h2load's `done`).
+    pub done: u64,
     /// Responses with a 2xx status.
     pub status_2xx: u64,
+    /// Responses with a 5xx status (h2load counts them as `failed`).
+    pub status_5xx: u64,
     /// h2load's whole output.
     pub output: String,
 }
@@ -95,8 +99,10 @@ pub fn h2load(url: &str, args: &[&str]) -> H2loadSummary {
         if let Some(rest) = line.strip_prefix("requests:") {
             summary.succeeded = count_before(rest, "succeeded");
             summary.failed = count_before(rest, "failed");
+            summary.done = count_before(rest, "done");
         } else if let Some(rest) = line.strip_prefix("status codes:") {
             summary.status_2xx = count_before(rest, "2xx");
+            summary.status_5xx = count_before(rest, "5xx");
         }
     }
     summary

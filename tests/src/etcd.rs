@@ -31,7 +31,19 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Etcd {
     client: SocketAddr,
     process: Process,
+    /// Client TLS: the server's certificate and the CA that `etcdctl` trusts.
+    tls: Option<EtcdTls>,
+    /// `user:password` for `etcdctl` once authentication is on.
+    user: Option<String>,
     _dir: TempDir,
+}
+
+/// TLS on etcd's client port.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub ca: std::path::PathBuf,
 }
 
 /// One key as `etcdctl get -w json` reports it.
@@ -50,13 +62,23 @@ pub struct EtcdKey {
 impl Etcd {
     /// Starts etcd on fresh loopback ports and waits (bounded) until it reports healthy.
     pub fn spawn() -> Etcd {
+        Etcd::spawn_with(None)
+    }
+
+    /// [`Etcd::spawn`] with TLS on the client port (`https://`).
+    pub fn spawn_tls(tls: EtcdTls) -> Etcd {
+        Etcd::spawn_with(Some(tls))
+    }
+
+    fn spawn_with(tls: Option<EtcdTls>) -> Etcd {
         let client = free_addr();
         let peer = free_addr();
         let dir = tempfile::Builder::new()
             .prefix("vmesh-etcd-")
             .tempdir()
             .expect("create etcd temp dir");
-        let client_url = format!("http://{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://{client}");
         let peer_url = format!("http://{peer}");
         let mut cmd = tools::command("etcd");
         cmd.arg("--name")
@@ -75,6 +97,9 @@ impl Etcd {
             .arg(format!("default={peer_url}"))
             .arg("--log-level")
             .arg("warn");
+        if let Some(t) = &tls {
+            cmd.arg("--cert-file").arg(&t.cert).arg("--key-file").arg(&t.key);
+        }
         // Debian's etcd reads ETCD_* variables as flags: a developer's shell must not change the test.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("ETCD") {
@@ -89,24 +114,60 @@ impl Etcd {
                     process.stderr_tail(40)
                 );
             }
-            let r = http::get(client, "/health")?;
-            let body = r.text();
-            if r.status == 200 && body.contains("\"health\":\"true\"") {
+            let (status, body) = match &tls {
+                None => {
+                    let r = http::get(client, "/health")?;
+                    (r.status, r.text())
+                }
+                Some(t) => {
+                    let out = Command::new("curl")
+                        .args(["-s", "--max-time", "2", "--cacert"])
+                        .arg(&t.ca)
+                        .arg(format!("https://{client}/health"))
+                        .output()
+                        .map_err(|e| e.to_string())?;
+                    (200, String::from_utf8_lossy(&out.stdout).into_owned())
+                }
+            };
+            if status == 200 && body.contains("\"health\":\"true\"") {
                 Ok(())
             } else {
-                Err(format!("status {} body {body}", r.status))
+                Err(format!("status {status} body {body}"))
             }
         });
         Etcd {
             client,
             process,
+            tls,
+            user: None,
             _dir: dir,
         }
     }
 
-    /// `http://127.0.0.1:<client port>`, for `[registry] address`.
+    /// `http(s)://127.0.0.1:<client port>`, for `[registry] address`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
+    }
+
+    /// Turns on etcd's authentication: a `root` user (password `root-pw`, used by this
+    /// helper's `etcdctl` from then on) and the user `name` with `password`, allowed to read
+    /// and write everything under `/vmesh/`.
+    pub fn enable_auth(&mut self, name: &str, password: &str) {
+        self.ctl(&["user", "add", "root:root-pw"]);
+        self.ctl(&["role", "add", "vmesh-agent"]);
+        self.ctl(&[
+            "role",
+            "grant-permission",
+            "vmesh-agent",
+            "--prefix=true",
+            "readwrite",
+            "/vmesh/",
+        ]);
+        self.ctl(&["user", "add", &format!("{name}:{password}")]);
+        self.ctl(&["user", "grant-role", name, "vmesh-agent"]);
+        self.ctl(&["auth", "enable"]);
+        self.user = Some("root:root-pw".into());
     }
 
     /// An `etcdctl` (API v3) command aimed at this server.
@@ -124,6 +185,12 @@ impl Etcd {
             .arg("3s")
             .arg("--command-timeout")
             .arg("5s");
+        if let Some(t) = &self.tls {
+            cmd.arg("--cacert").arg(&t.ca);
+        }
+        if let Some(u) = &self.user {
+            cmd.arg("--user").arg(u);
+        }
         cmd
     }
 

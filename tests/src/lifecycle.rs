@@ -249,6 +249,46 @@ impl std::fmt::Display for CliRun {
     }
 }
 
+/// The current unix time in seconds, with the fraction.
+pub fn unix_now_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Checks weights sampled from the registry during a linear slow start against its schedule:
+/// each `(unix time the sample was read, weight)` must not be ahead of the curve, i.e. weight w
+/// is only seen once `w / 100 * window` has passed since `ramp_start` (the advertised unix
+/// second, which is at or before the real start, so the check needs no slack but 0.5 s for the
+/// clock); and 100 must have been reached within `window + late` of the start. Early steps
+/// prove the weights follow time; `late` is the margin a loaded machine needs for the writes.
+pub fn assert_ramp_on_schedule(
+    samples: &[(f64, u64)],
+    ramp_start: u64,
+    window: std::time::Duration,
+    late: std::time::Duration,
+) {
+    let window = window.as_secs_f64();
+    for &(at, weight) in samples {
+        let elapsed = at - ramp_start as f64;
+        let due = weight as f64 / 100.0 * window;
+        assert!(
+            elapsed + 0.5 >= due,
+            "weight {weight} seen {elapsed:.1} s into a {window} s ramp: ahead of the curve ({due:.1} s); samples {samples:?}"
+        );
+    }
+    let full = samples
+        .iter()
+        .find(|s| s.1 == 100)
+        .unwrap_or_else(|| panic!("the weight never reached 100: {samples:?}"));
+    let took = full.0 - ramp_start as f64;
+    assert!(
+        took <= window + late.as_secs_f64(),
+        "100 reached {took:.1} s into a {window} s ramp (allowed {:?} late): {samples:?}",
+        late
+    );
+}
+
 /// The current unix time in seconds.
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -428,6 +468,8 @@ impl PassingWatcher {
                 }
                 let r = curl.run();
                 if r.status != 200 {
+                    // Paces the retry of a failed query (a fault the test injected); waits for
+                    // no state.
                     std::thread::sleep(std::time::Duration::from_millis(50));
                     continue;
                 }

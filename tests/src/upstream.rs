@@ -20,8 +20,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Which server an [`Upstream`] runs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamKind {
-    /// `tests/fixtures/upstream.py`: echo JSON, `/slow`, `/status/N`, `/echo`, `/stream`, `/call`,
-    /// `/__stats`, `/__control`; optionally failing, hanging, slow or of bounded capacity.
+    /// `tests/fixtures/upstream.py`: echo JSON, `/slow`, `/gate`, `/status/N`, `/echo`, `/stream`,
+    /// `/call`, `/__stats`, `/__control`; optionally failing, hanging, slow or of bounded capacity.
     Python,
     /// nginx answering every path with `body`; `h2c` = HTTP/2 prior knowledge only.
     Nginx {
@@ -131,6 +131,14 @@ impl Upstream {
         self
     }
 
+    /// gRPC upstream only: also serve `grpc.health.v1.Health` (grpcio-health-checking), SERVING
+    /// for `""` and `echo.Echo` until [`RunningUpstream::set_grpc_health`] says otherwise.
+    pub fn grpc_health(mut self) -> Upstream {
+        assert_eq!(self.kind, UpstreamKind::Grpc, "grpc_health needs the gRPC upstream");
+        self.extra_args.push("--health".to_string());
+        self
+    }
+
     /// Listens on `addr` instead of a fresh port (e.g. to bring a killed upstream back).
     pub fn on(mut self, addr: SocketAddr) -> Upstream {
         self.addr = Some(addr);
@@ -147,6 +155,9 @@ impl Upstream {
         let port = addr.port().to_string();
         let mut cmd = match &self.kind {
             UpstreamKind::Python => python_script(&[], "upstream.py", &port, &self.name),
+            UpstreamKind::Grpc if self.extra_args.iter().any(|a| a == "--health") => {
+                python_script(&["grpc", "grpc_health.v1.health"], "grpc_server.py", &port, &self.name)
+            }
             UpstreamKind::Grpc => python_script(&["grpc"], "grpc_server.py", &port, &self.name),
             UpstreamKind::WebSocket => python_script(&["websockets"], "ws_echo.py", &port, &self.name),
             UpstreamKind::Nginx { h2c, body } => {
@@ -265,7 +276,7 @@ impl RunningUpstream {
         );
     }
 
-    /// The Python upstream's counters: `{"requests": n, "in_flight": n}`.
+    /// The Python upstream's counters: `{"requests": n, "in_flight": n, "by_path": {path: n}}`.
     pub fn stats(&self) -> serde_json::Value {
         assert_eq!(self.kind, UpstreamKind::Python, "stats() needs the Python upstream");
         http::get(self.addr, "/__stats")
@@ -276,6 +287,12 @@ impl RunningUpstream {
     /// Requests the Python upstream has seen (excluding `/__stats`).
     pub fn requests_seen(&self) -> u64 {
         self.stats()["requests"].as_u64().unwrap_or(0)
+    }
+
+    /// Requests the Python upstream has seen for `path` (without query), e.g. a load's path
+    /// apart from the agent's health checks.
+    pub fn requests_to(&self, path: &str) -> u64 {
+        self.stats()["by_path"][path].as_u64().unwrap_or(0)
     }
 
     /// Requests the Python upstream is serving right now.
@@ -292,6 +309,20 @@ impl RunningUpstream {
         let response = http::get(self.addr, &path).unwrap_or_else(|e| panic!("GET {path} on {}: {e}", self.name));
         assert_eq!(response.status, 200, "GET {path} on {}: {}", self.name, response.text());
         response.json()
+    }
+
+    /// gRPC upstream with [`Upstream::grpc_health`] only: what `grpc.health.v1` answers for
+    /// `service` (`""`: the whole server) from now on, e.g. `"NOT_SERVING"`.
+    pub fn set_grpc_health(&self, service: &str, status: &str) {
+        assert_eq!(self.kind, UpstreamKind::Grpc, "set_grpc_health needs the gRPC upstream");
+        let health = format!("{service}={status}");
+        let run = crate::grpc_client(self.addr, &["--call", "set-health", "--health", &health]);
+        assert!(run.success, "SetHealth {health} on {}: {}", self.name, run.output);
+    }
+
+    /// Python upstream only: lets every request held at `/gate` answer now.
+    pub fn release_gates(&self) {
+        self.control(&[("release", 1)]);
     }
 
     /// The server's stderr (its request log).

@@ -21,8 +21,13 @@ use vmesh_tests::lifecycle::{self, agent_service, meta, passing_ids, CliRun};
 use vmesh_tests::nautobot::Nautobot;
 use vmesh_tests::{eventually, AgentBuilder, Inbound, Signal, Upstream, DEFAULT_WAIT};
 
-/// The `[cmdb] refresh` of the agents below.
+/// The `[cmdb] refresh` and `timeout` of the agents below.
 const REFRESH: Duration = Duration::from_secs(2);
+const CMDB_TIMEOUT: Duration = Duration::from_secs(5);
+/// "Within one refresh": the next refresh starts within REFRESH, its request may take up to
+/// CMDB_TIMEOUT (a loaded Nautobot is slow), then the registry write follows (a few seconds
+/// more on a loaded 2-core machine).
+const ONE_REFRESH: Duration = Duration::from_secs(2 + 5 + 5);
 
 /// `[cmdb] kind = "nautobot"` for VM `vm` (token in a file under `dir`), refreshed every 2 s.
 fn nautobot_cmdb(builder: AgentBuilder, nb: &Nautobot, dir: &Path, vm: &str) -> AgentBuilder {
@@ -31,8 +36,8 @@ fn nautobot_cmdb(builder: AgentBuilder, nb: &Nautobot, dir: &Path, vm: &str) -> 
         .cmdb_set("url", nb.url())
         .cmdb_set("token_file", nb.token_file(dir).display().to_string())
         .cmdb_set("vm_name", vm)
-        .cmdb_set("refresh", "2s")
-        .cmdb_set("timeout", "5s")
+        .cmdb_set("refresh", format!("{}s", REFRESH.as_secs()))
+        .cmdb_set("timeout", format!("{}s", CMDB_TIMEOUT.as_secs()))
 }
 
 /// An instance on node `node` whose identity is Nautobot's VM `vm`, registering in `consul`.
@@ -244,7 +249,7 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
     let guard = nb.set_field_guarded("web-01", "vmesh_env", "staging", "prod");
     let changed = Instant::now();
     eventually(
-        REFRESH + Duration::from_secs(3),
+        ONE_REFRESH,
         "the registration to show environment staging within one refresh",
         || {
             let svc = agent_service(&consul, "orders-web-01").ok_or("not registered")?;
@@ -280,7 +285,7 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
 
     // And back.
     guard.restore();
-    eventually(REFRESH + Duration::from_secs(3), "environment back to prod", || {
+    eventually(ONE_REFRESH, "environment back to prod", || {
         let svc = agent_service(&consul, "orders-web-01").ok_or("not registered")?;
         match svc["Meta"]["vmesh-environment"].as_str() {
             Some("prod") => Ok(()),
@@ -465,7 +470,7 @@ fn a_vm_decommissioned_while_its_agent_runs_is_withdrawn_and_returns_when_active
     // Nautobot answers "Decommissioning": an explicit no, not an outage.
     let guard = nb.set_status_guarded("web-01", "Decommissioning", "Active");
     eventually(
-        REFRESH + Duration::from_secs(3),
+        ONE_REFRESH,
         "the registration to be withdrawn within one refresh",
         || match agent_service(&consul, "orders-web-01") {
             None => Ok(()),
@@ -492,15 +497,11 @@ fn a_vm_decommissioned_while_its_agent_runs_is_withdrawn_and_returns_when_active
     // Back to Active: registered again within one refresh (the agent asks every `refresh`
     // while it has no identity, as it is shorter than 5 s), under the same instance ID.
     guard.restore();
-    eventually(
-        REFRESH + Duration::from_secs(3),
-        "the instance to be registered again",
-        || {
-            agent_service(&consul, "orders-web-01")
-                .map(|_| ())
-                .ok_or_else(|| "not registered".to_owned())
-        },
-    );
+    eventually(ONE_REFRESH, "the instance to be registered again", || {
+        agent_service(&consul, "orders-web-01")
+            .map(|_| ())
+            .ok_or_else(|| "not registered".to_owned())
+    });
     assert_eq!(passing_ids(&consul, "orders"), ["orders-web-01"], "no duplicate");
     assert_eq!(agent.lifecycle()["identity_source"], "cmdb");
 }

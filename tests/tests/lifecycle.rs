@@ -55,6 +55,9 @@ fn sighup_applies_a_changed_valid_config() {
         shown.contains("billing"),
         "/config does not show the reloaded config: {shown}"
     );
+    agent.send_signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "SIGTERM after a reload: {status}");
 }
 
 #[test]
@@ -114,6 +117,10 @@ fn sighup_with_an_invalid_config_keeps_serving_the_old_one() {
         "a good reload to clear last_reload_error"
     );
     Curl::get(url).run().expect_status(200);
+    // Two refused reloads leave nothing behind that spoils the stop.
+    agent.send_signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "SIGTERM after refused reloads: {status}");
 }
 
 #[test]
@@ -225,10 +232,82 @@ fn drain_timeout_bounds_the_shutdown() {
     assert_eventually!(up.in_flight() == 1, "the slow request to reach the upstream");
     let started = Instant::now();
     agent.send_signal(Signal::SIGTERM);
-    agent.wait_exit(Duration::from_secs(6));
+    let status = agent.wait_exit(Duration::from_secs(6));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "drain_timeout 1s, but exit took {:?}",
         started.elapsed()
+    );
+    // A drain cut short by its timeout is still an orderly stop (docs/config.md: exits 0).
+    assert_eq!(status.code(), Some(0), "exit after the drain timeout: {status}");
+}
+
+/// Starts `vmesh run --config <config>` and returns its exit status (bounded wait) and stderr.
+fn run_until_exit(config: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vmesh.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut cmd = vmesh_tests::agent::vmesh_command();
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut process = vmesh_tests::Process::spawn("vmesh", cmd, dir.path());
+    let status = process.wait_exit(Duration::from_secs(15));
+    (status, process.stderr())
+}
+
+#[test]
+fn run_exits_2_on_an_invalid_config_and_1_when_a_port_is_taken() {
+    // An invalid config: the check-config report, exit 2, nothing started.
+    let bad = Agent::builder().agent_set("colour_of_sky", "blue").to_toml();
+    let (status, stderr) = run_until_exit(&bad);
+    assert_eq!(status.code(), Some(2), "invalid config: {status}\n{stderr}");
+    assert!(stderr.contains("colour_of_sky"), "the report names the key: {stderr}");
+
+    // A valid config whose outbound port is already bound: a start-up failure, exit 1.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("local addr");
+    let config = Agent::builder()
+        .outbound(
+            Outbound::new("orders")
+                .set("listen", port.to_string())
+                .endpoint(vmesh_tests::free_addr()),
+        )
+        .to_toml();
+    let (status, stderr) = run_until_exit(&config);
+    assert_eq!(status.code(), Some(1), "port in use: {status}\n{stderr}");
+    assert!(
+        stderr.contains(&port.to_string()),
+        "the error names the address: {stderr}"
+    );
+}
+
+#[test]
+fn a_port_in_use_fails_the_start_before_anything_is_registered() {
+    use vmesh_tests::consul::ConsulDouble;
+    use vmesh_tests::lifecycle::{self, all_instances, Identity};
+    let consul = ConsulDouble::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let app = Upstream::python("app").spawn();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("local addr");
+    let config = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "0s"), &consul)
+        .outbound(
+            Outbound::new("orders")
+                .set("listen", port.to_string())
+                .endpoint(vmesh_tests::free_addr()),
+        )
+        .to_toml();
+    let (status, stderr) = run_until_exit(&config);
+    assert_eq!(status.code(), Some(1), "port in use: {status}\n{stderr}");
+    assert!(
+        all_instances(&consul).is_empty(),
+        "registered before failing: {:?}",
+        all_instances(&consul)
+    );
+    assert_eq!(
+        consul.writes()["register"].as_u64().unwrap_or(0),
+        0,
+        "{}",
+        consul.writes()
     );
 }

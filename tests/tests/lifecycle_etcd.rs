@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vmesh_tests::drain_load::{self, Client, Registry};
 use vmesh_tests::etcd::Etcd;
-use vmesh_tests::lifecycle::{self, etcd_key, summary, CliRun, Identity, Load};
-use vmesh_tests::{eventually, Agent, Signal, Upstream, DEFAULT_WAIT};
+use vmesh_tests::lifecycle::{self, etcd_key, Identity};
+use vmesh_tests::{eventually, Upstream, DEFAULT_WAIT};
 
 const STEPS: [u64; 5] = [1, 10, 33, 66, 100];
 
@@ -26,17 +27,14 @@ fn wait_no_key(etcd: &Etcd, key: &str, within: Duration) {
     });
 }
 
-/// Checks `holds` every 100 ms for `period`; panics the first time it is false.
+/// Checks `holds` every 100 ms for `period` (an observation window over which a state must
+/// hold, not a wait for one); panics the first time it is false.
 fn stays(period: Duration, what: &str, mut holds: impl FnMut() -> bool) {
     let begin = Instant::now();
     while begin.elapsed() < period {
         assert!(holds(), "expected {what}, broken after {:?}", begin.elapsed());
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-fn cli(agent: &Agent, args: &[&str]) -> CliRun {
-    agent.run_cli(args).into()
 }
 
 #[test]
@@ -49,14 +47,15 @@ fn the_instance_key_is_leased_and_its_weight_steps_up_to_100() {
     let agent = lifecycle::etcd(lifecycle::instance("web-01", &identity, app.addr(), "10s"), &etcd).start();
     let key = etcd_key("orders", "orders-web-01");
 
-    // Sample the value every 200 ms until the weight is 100 (bounded: 20 s).
+    // Sample the value until the weight is 100 (bounded: 25 s). The 200 ms pause paces the
+    // sampling (a weight lasts seconds); it waits for no state.
     let begin = Instant::now();
-    let mut samples: Vec<(Duration, u64)> = Vec::new();
+    let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut first_value = None;
-    while begin.elapsed() < Duration::from_secs(20) {
+    while begin.elapsed() < Duration::from_secs(25) {
         if let Some(v) = etcd.json(&key) {
             let w = v["weight"].as_u64().unwrap_or(0);
-            samples.push((begin.elapsed(), w));
+            samples.push((lifecycle::unix_now_f64(), w));
             first_value.get_or_insert(v);
             if w == 100 {
                 break;
@@ -65,10 +64,10 @@ fn the_instance_key_is_leased_and_its_weight_steps_up_to_100() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let weights: Vec<u64> = samples.iter().map(|s| s.1).collect();
-    let (first_at, first) = *samples.first().unwrap_or_else(|| panic!("the key never appeared"));
-    let (last_at, last) = *samples.last().expect("samples");
+    let first = samples.first().unwrap_or_else(|| panic!("the key never appeared")).1;
+    let last = samples.last().expect("samples").1;
     assert!(first <= 10, "the ramp must start low: {samples:?}");
-    assert_eq!(last, 100, "the weight must reach 100 within 20 s: {samples:?}");
+    assert_eq!(last, 100, "the weight must reach 100 within 25 s: {samples:?}");
     assert!(
         weights.windows(2).all(|w| w[0] <= w[1]),
         "the weight went down during the ramp: {samples:?}"
@@ -77,11 +76,6 @@ fn the_instance_key_is_leased_and_its_weight_steps_up_to_100() {
     for step in [33, 66] {
         assert!(weights.contains(&step), "step {step} never written: {samples:?}");
     }
-    let took = last_at - first_at;
-    assert!(
-        took >= Duration::from_secs(7) && took <= Duration::from_secs(13),
-        "a 10 s window took {took:?}: {samples:?}"
-    );
 
     // The value follows design.md §4: address, port (the inbound port), weight, meta.
     let v = first_value.expect("a value was sampled");
@@ -99,6 +93,8 @@ fn the_instance_key_is_leased_and_its_weight_steps_up_to_100() {
         start >= t0 && start <= lifecycle::unix_now(),
         "ramp_start {start}, test began {t0}"
     );
+    // Each step no sooner than the 10 s curve reaches it, and 100 at most 8 s late.
+    lifecycle::assert_ramp_on_schedule(&samples, start, Duration::from_secs(10), Duration::from_secs(8));
 
     // On a lease of lease_ttl (3 s), kept alive; a handful of writes for the whole ramp.
     let kv = etcd.get(&key).expect("key present");
@@ -130,18 +126,18 @@ fn the_instance_key_is_leased_and_its_weight_steps_up_to_100() {
 }
 
 #[test]
-fn health_drain_and_undrain_move_the_key_and_the_caller_follows() {
+fn health_moves_the_key_and_the_caller_follows() {
     let etcd = Etcd::spawn();
     let dir = tempfile::tempdir().expect("tempdir");
     let identity = Identity::orders().write_in(dir.path());
     let mut app_a = Upstream::python("app-a").spawn();
     let app_a_addr = app_a.addr();
     let app_b = Upstream::python("app-b").spawn();
-    let mut a = lifecycle::etcd(lifecycle::instance("node-a", &identity, app_a_addr, "0s"), &etcd).start();
+    let a = lifecycle::etcd(lifecycle::instance("node-a", &identity, app_a_addr, "0s"), &etcd).start();
     let b = lifecycle::etcd(lifecycle::instance("node-b", &identity, app_b.addr(), "0s"), &etcd).start();
     let key_a = etcd_key("orders", "orders-node-a");
     let key_b = etcd_key("orders", "orders-node-b");
-    let first = wait_key(&etcd, &key_a);
+    wait_key(&etcd, &key_a);
     wait_key(&etcd, &key_b);
 
     // The caller watches /vmesh/services/orders/ (it is itself an instance of "frontend").
@@ -153,93 +149,24 @@ fn health_drain_and_undrain_move_the_key_and_the_caller_follows() {
     wait_no_key(&etcd, &key_a, DEFAULT_WAIT);
     assert!(etcd.value(&key_b).is_some(), "B's key must stay");
     lifecycle::wait_discovered(&caller, "orders", &[b.inbound_addr()]);
+    assert_eq!(a.lifecycle()["app"]["healthy"], false);
     // ...and comes back.
     let _app_a = Upstream::python("app-a").on(app_a_addr).spawn();
     wait_key(&etcd, &key_a);
     lifecycle::wait_discovered(&caller, "orders", &[a.inbound_addr(), b.inbound_addr()]);
+}
 
-    // Steady load through the caller while A is drained.
-    let load = Load::start(
-        caller.outbound_addr("orders"),
-        "/slow?ms=30",
-        4,
-        Duration::from_secs(40),
-        20_000,
-    );
-    let t_load = Instant::now();
-    eventually(DEFAULT_WAIT, "both instances to serve the load", || {
-        let (na, nb) = (
-            load.answered_by_since("app-a", t_load),
-            load.answered_by_since("app-b", t_load),
-        );
-        if na >= 10 && nb >= 10 {
-            Ok(())
-        } else {
-            Err(format!("app-a {na}, app-b {nb}"))
-        }
-    });
-    let drained = cli(&a, &["drain", "--timeout", "30s"]);
-    let t_drained = Instant::now();
-    assert_eq!(drained.code, 0, "{drained}");
-    assert!(etcd.value(&key_a).is_none(), "a drained instance's key must be deleted");
-    assert!(etcd.value(&key_b).is_some());
-    assert_eq!(a.lifecycle()["drain"], "drained");
-    assert_eq!(a.admin_get("/ready").status, 503);
-    eventually(DEFAULT_WAIT, "the load to go on after the drain", || {
-        let n = load.finished_since(t_drained);
-        if n >= 100 {
-            Ok(())
-        } else {
-            Err(format!("{n} requests since the drain"))
-        }
-    });
-    assert_eq!(
-        load.answered_by_since("app-a", t_drained),
-        0,
-        "the caller kept sending to the drained instance: {:?}",
-        summary(&load.records())
-    );
-    assert_eq!(lifecycle::discovered(&caller, "orders"), [b.inbound_addr().to_string()]);
-    // Anti-entropy (every 2 s) must not put a drained instance back.
-    stays(Duration::from_millis(2500), "the drained key to stay deleted", || {
-        etcd.value(&key_a).is_none()
-    });
-
-    let undrained = cli(&a, &["undrain", "--timeout", "30s"]);
-    let t_undrained = Instant::now();
-    assert_eq!(undrained.code, 0, "{undrained}");
-    let back = wait_key(&etcd, &key_a);
-    let (before, after) = (
-        first["meta"]["ramp_start"].as_u64().expect("ramp_start"),
-        back["meta"]["ramp_start"].as_u64().expect("ramp_start"),
-    );
-    assert!(after > before, "undrain must start a new ramp: {before} -> {after}");
-    eventually(DEFAULT_WAIT, "the caller to send to A again", || {
-        let n = load.answered_by_since("app-a", t_undrained);
-        if n >= 10 {
-            Ok(())
-        } else {
-            Err(format!("{n} requests reached app-a since the undrain"))
-        }
-    });
-    let records = load.stop();
-    eprintln!("load through the caller: {:?}", summary(&records));
-    let failed: Vec<_> = records.iter().filter(|r| r.outcome.is_err()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed during drain/undrain: first {:?}; all {:?}",
-        failed.len(),
-        records.len(),
-        failed.first(),
-        summary(&records)
-    );
-
-    // SIGTERM: the key is deleted at once (not left to the lease).
-    a.send_signal(Signal::SIGTERM);
-    let status = a.wait_exit(Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0), "{status}");
-    assert!(etcd.value(&key_a).is_none(), "SIGTERM must delete the key");
-    assert_eq!(etcd.keys("/vmesh/services/orders/"), [key_b]);
+#[test]
+fn drain_undrain_and_sigterm_under_load_lose_no_request() {
+    // The scenario shared with the Consul double (tests/src/drain_load.rs): the key deleted on
+    // drain and kept deleted by anti-entropy, back with a new ramp_start on undrain, deleted at
+    // once on SIGTERM (not left to the lease), the caller following, no request failing.
+    let etcd = Etcd::spawn();
+    drain_load::run(&Registry::Etcd(&etcd), Client::ConnectionPerRequest);
+    assert!(etcd
+        .keys("/vmesh/services/orders/")
+        .iter()
+        .all(|k| !k.ends_with("orders-node-a")));
 }
 
 #[test]

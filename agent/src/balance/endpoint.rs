@@ -47,6 +47,8 @@ pub enum Source {
     Consul,
     Etcd,
     Kubernetes,
+    /// The agent's in-process registry (`[registry] kind = "memory"`).
+    Memory,
     /// The last known set kept in the state store (the registry has not answered yet).
     Store,
 }
@@ -168,6 +170,7 @@ impl Source {
             Self::Consul => "consul",
             Self::Etcd => "etcd",
             Self::Kubernetes => "kubernetes",
+            Self::Memory => "memory",
             Self::Store => "store",
         }
     }

@@ -13,6 +13,9 @@ pub use crate::resilience::adaptive::AdaptiveConfig;
 pub use crate::resilience::breaker::BreakerConfig;
 pub use crate::resilience::outlier::OutlierConfig;
 pub use crate::resilience::rate_limit::RateLimitConfig;
+pub use crate::telemetry::trace::TracingConfig;
+pub use crate::governance::authz::AuthzRule;
+pub use crate::tls::{TlsConfig, TlsMode};
 
 /// The whole agent configuration (`/etc/vmesh/vmesh.toml`).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -36,6 +39,9 @@ pub struct Config {
     /// Access log and metrics settings.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Distributed tracing: spans, sampling, OTLP export (docs/tracing.md).
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// Upstream services the local application calls.
     #[serde(default)]
     pub outbound: Vec<OutboundConfig>,
@@ -48,6 +54,9 @@ pub struct Config {
     /// Colouring (染色) rules and the headers carried from inbound to outbound requests.
     #[serde(default)]
     pub colour: Option<ColourConfig>,
+    /// This workload's certificate for mutual TLS between sidecars (docs/security.md).
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 /// `[agent]`
@@ -116,12 +125,17 @@ pub enum CmdbKind {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
-    /// `none`, `consul` or `etcd`.
+    /// `none`, `consul`, `etcd` or `memory` (in-process: the demo, a single host).
     pub kind: RegistryKind,
     /// The registry's address, e.g. `http://127.0.0.1:8500`.
     pub address: String,
-    /// File holding the registry's ACL token.
+    /// File holding the registry's ACL token (Consul), or the password of `username` (etcd).
     pub token_file: Option<PathBuf>,
+    /// etcd: the user the agent authenticates as (etcd's auth), its password in `token_file`.
+    pub username: Option<String>,
+    /// A PEM file of CA certificates trusted for an `https://` registry address, besides the
+    /// system's trust store.
+    pub ca_file: Option<PathBuf>,
     /// Address registered for this instance; default: the inbound listen address, or (when
     /// that is a wildcard) none for Consul (the node's address applies) and 127.0.0.1 for etcd.
     pub advertise_address: Option<std::net::IpAddr>,
@@ -166,6 +180,8 @@ pub enum RegistryKind {
     None,
     Consul,
     Etcd,
+    /// An in-process table: the demo's registry, seen only by this agent's own discovery.
+    Memory,
 }
 
 /// `[inbound]`
@@ -197,6 +213,12 @@ pub struct InboundConfig {
     /// The adaptive concurrency limit protecting the local application (latency and CPU).
     #[serde(default)]
     pub adaptive: Option<AdaptiveConfig>,
+    /// TLS from callers: `plaintext` (default), `permissive` (mTLS and plaintext) or `strict`.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// Authorization rules by caller identity, first match wins (none: every caller allowed).
+    #[serde(default)]
+    pub authz: Vec<AuthzRule>,
 }
 
 /// `[inbound.health]`
@@ -327,6 +349,10 @@ pub struct OutboundConfig {
     /// A token bucket on requests to this service (per caller with `by`).
     #[serde(default)]
     pub rate_limit: Option<RateLimitConfig>,
+    /// TLS to the endpoints: `plaintext` (default: services outside the mesh) or `strict`
+    /// (mutual TLS; the endpoint's certificate must name this service).
+    #[serde(default)]
+    pub mode: TlsMode,
 }
 
 /// Where an outbound service's endpoints come from.
@@ -337,6 +363,8 @@ pub enum SourceKind {
     Consul,
     Etcd,
     Kubernetes,
+    /// The in-process table of `[registry] kind = "memory"`.
+    Memory,
 }
 
 /// `[outbound.shift]`: percent of requests per environment, integers summing to 100.
@@ -492,6 +520,8 @@ impl Default for RegistryConfig {
             kind: RegistryKind::None,
             address: "http://127.0.0.1:8500".to_owned(),
             token_file: None,
+            username: None,
+            ca_file: None,
             advertise_address: None,
             check_ttl: Dur::secs(15),
             deregister_critical_after: Dur::secs(600),
@@ -627,6 +657,7 @@ impl OutboundConfig {
         match registry {
             RegistryKind::Consul => vec![SourceKind::Consul],
             RegistryKind::Etcd => vec![SourceKind::Etcd],
+            RegistryKind::Memory => vec![SourceKind::Memory],
             RegistryKind::None => vec![],
         }
     }

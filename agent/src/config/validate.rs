@@ -79,7 +79,31 @@ pub fn validate(config: &Config) -> Problems {
     if config.registry.anti_entropy.get().is_zero() {
         p.push(("registry.anti_entropy".into(), "must be greater than 0".into()));
     }
-    if config.registry.kind != RegistryKind::None && !is_http_url(&config.registry.address) {
+    match (
+        config.registry.kind,
+        &config.registry.username,
+        &config.registry.token_file,
+    ) {
+        (RegistryKind::Etcd, None, Some(_)) => p.push((
+            "registry.token_file".into(),
+            "etcd authenticates a user: set registry.username (the token file holds its password)".into(),
+        )),
+        (RegistryKind::Etcd, Some(u), None) if !u.is_empty() => p.push((
+            "registry.username".into(),
+            "needs registry.token_file (the file holding the user's password)".into(),
+        )),
+        (RegistryKind::Etcd, Some(u), _) if u.is_empty() => {
+            p.push(("registry.username".into(), "must not be empty".into()))
+        }
+        (kind, Some(_), _) if kind != RegistryKind::Etcd => {
+            p.push(("registry.username".into(), "only etcd authenticates a user".into()))
+        }
+        _ => {}
+    }
+    // `memory` has no address: the table is in the agent's own memory.
+    if !matches!(config.registry.kind, RegistryKind::None | RegistryKind::Memory)
+        && !is_http_url(&config.registry.address)
+    {
         p.push((
             "registry.address".into(),
             format!("{:?} is not an http:// or https:// URL", config.registry.address),
@@ -253,6 +277,7 @@ pub fn validate(config: &Config) -> Problems {
     }
     let names: Vec<&str> = config.outbound.iter().map(|o| o.service.as_str()).collect();
     p.extend(crate::governance::routing::validate(&config.route, Some(&names)));
+    p.extend(config.tracing.validate("tracing"));
     if let Some(c) = &config.colour {
         p.extend(c.validate("colour"));
     }
@@ -264,6 +289,7 @@ pub fn validate(config: &Config) -> Problems {
             p.extend(crate::governance::keyed(a.validate("inbound.adaptive")));
         }
     }
+    p.extend(tls_problems(config));
     if !matches!(config.registry.advertise_env.as_str(), "vm" | "k8s") {
         p.push((
             "registry.advertise_env".into(),
@@ -282,6 +308,44 @@ pub fn validate(config: &Config) -> Problems {
         }
     }
     p
+}
+
+/// Problems of `[tls]`, the modes and `[[inbound.authz]]` (docs/security.md).
+fn tls_problems(config: &Config) -> Problems {
+    use super::{Protocol, TlsMode};
+    let mut lines = Vec::new();
+    let mut needed_by = None;
+    if let Some(inb) = &config.inbound {
+        if inb.mode != TlsMode::Plaintext {
+            needed_by = Some("inbound.mode".to_owned());
+            if inb.protocol == Protocol::Tcp {
+                lines.push(
+                    "inbound.mode: TLS modes need protocol http, http2 or grpc (tcp listeners are plaintext)"
+                        .to_owned(),
+                );
+            }
+        }
+        if !inb.authz.is_empty() && inb.mode == TlsMode::Plaintext {
+            lines.push("inbound.authz: callers are identified by their certificates: needs inbound.mode \"strict\" or \"permissive\"".to_owned());
+        }
+        crate::governance::authz::validate("inbound.authz", &inb.authz, &mut lines);
+    }
+    for (i, out) in config.outbound.iter().enumerate() {
+        match out.mode {
+            TlsMode::Plaintext => {}
+            TlsMode::Permissive => lines.push(format!(
+                "outbound[{i}].mode: \"permissive\" is for listeners; an upstream is \"strict\" (mutual TLS) or \"plaintext\""
+            )),
+            TlsMode::Strict => {
+                needed_by.get_or_insert_with(|| format!("outbound[{i}].mode"));
+                if out.protocol == Protocol::Tcp {
+                    lines.push(format!("outbound[{i}].mode: TLS modes need protocol http, http2 or grpc"));
+                }
+            }
+        }
+    }
+    config.tls.validate(needed_by.as_deref(), &mut lines);
+    crate::governance::keyed(lines)
 }
 
 /// Problems of a service's governance sections; `prefix` ends with `.` (`outbound[0].`) or
@@ -326,6 +390,7 @@ fn validate_sources(config: &Config, out: &OutboundConfig, key: &dyn Fn(&str) ->
             }
             SourceKind::Consul => RegistryKind::Consul,
             SourceKind::Etcd => RegistryKind::Etcd,
+            SourceKind::Memory => RegistryKind::Memory,
             SourceKind::Static | SourceKind::Kubernetes => continue,
         };
         if config.registry.kind != wanted {

@@ -477,6 +477,14 @@ fn subscribe(spec: &Spec, sources: &Sources) -> Vec<Subscription> {
                         "kubernetes",
                     ),
                 ),
+                SourceKind::Memory => (
+                    Source::Memory,
+                    source_or_missing(
+                        sources.memory.as_deref().map(|s| s as &dyn super::EndpointSource),
+                        spec,
+                        "memory",
+                    ),
+                ),
             };
             Subscription { source, rx }
         })
@@ -526,8 +534,8 @@ pub fn effective_weight(f: &Found, now_unix: u64) -> u32 {
     match f.ramp {
         Some(r) if now_unix < r.start.saturating_add(r.window) => {
             let elapsed = Duration::from_secs(now_unix.saturating_sub(r.start));
-            let w = crate::lifecycle::ramp::weight_at(Duration::from_secs(r.window), r.aggression, elapsed);
-            crate::lifecycle::ramp::scale(w, r.target).max(1)
+            let w = crate::ramp::weight_at(Duration::from_secs(r.window), r.aggression, elapsed);
+            crate::ramp::scale(w, r.target).max(1)
         }
         _ => f.weight,
     }

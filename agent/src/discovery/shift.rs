@@ -27,7 +27,7 @@ pub enum ShiftError {
     UnknownService(String),
     #[error("SHIFT_CONFLICT: the policy changed since index {0}; read it again and retry")]
     Conflict(u64),
-    #[error("SHIFT_NO_REGISTRY: no registry holds central policies ([registry] kind = \"none\")")]
+    #[error("SHIFT_NO_REGISTRY: no registry holds central policies ([registry] kind = \"none\" or \"memory\")")]
     NoRegistry,
     #[error("REGISTRY_UNREACHABLE: {0}")]
     Unreachable(String),

@@ -21,7 +21,7 @@ use crate::proxy::listener::{take_or_bind, Running};
 use crate::proxy::{Drain, DrainWatch, ListenerSpec, Shared};
 use crate::registry::RegistryClient;
 use crate::route::RouteTable;
-use crate::store::{SledStore, State};
+use crate::store::{Reopening, State};
 use crate::telemetry::{AccessLog, Metrics};
 
 /// What the admin API reads and the lifecycle writes.
@@ -61,6 +61,9 @@ pub struct ReloadStatus {
     pub reloads: u64,
     pub last_reload_error: Option<String>,
     pub last_reload_at: Option<String>,
+    /// Start-up-only keys the running config file changed: their running values stay until a
+    /// restart (config/reload.rs).
+    pub pending_restart: Vec<String>,
 }
 
 struct Runtime {
@@ -76,12 +79,21 @@ struct Runtime {
 /// Runs the agent until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> anyhow::Result<()> {
     let metrics = Metrics::new();
+    // Host pressure for the access log, /metrics and /doctor, once a second.
+    crate::telemetry::host::spawn_sampler(metrics.clone());
     let access_log = AccessLog::start(
         &config.telemetry.access_log,
         config.telemetry.access_log_buffer,
         metrics.access_log_dropped.clone(),
     )
     .with_context(|| format!("telemetry.access_log: cannot open {:?}", config.telemetry.access_log))?;
+    // Certificates before listeners: a TLS listener must not accept without them.
+    // One statement each: a family's guard lives to the end of its statement, and a second
+    // `get_or_create` in the same one would wait for it forever.
+    let ok = metrics.tls_reloads.get_or_create(&result_label("ok")).clone();
+    let failed = metrics.tls_reloads.get_or_create(&result_label("failed")).clone();
+    crate::tls::start(&config.tls, crate::tls::ReloadCounters { ok, failed })
+        .with_context(|| format!("{}: [tls] cannot be used", crate::tls::TLS_MATERIAL_INVALID))?;
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&config, None, &metrics)));
     let (drain, drain_watch) = Drain::new();
     let shared = Arc::new(Shared {
@@ -96,18 +108,22 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
     // Bind everything first: a port in use fails the start, before anything is registered.
     let admin_listener = take_or_bind(&mut inherited, config.agent.admin_listen)
         .with_context(|| format!("agent.admin_listen: cannot bind {}", config.agent.admin_listen))?;
-    let mut bound = Vec::new();
-    for spec in ListenerSpec::from_config(&config) {
-        let l = take_or_bind(&mut inherited, spec.addr)
-            .with_context(|| format!("{}: cannot bind {}", spec.name(), spec.addr))?;
-        bound.push((spec, l));
-    }
+    let prepared = prepare(config.clone(), None, &[], &mut inherited).map_err(anyhow::Error::msg)?;
+    inherited.release_unclaimed_stored();
     if !inherited.is_empty() {
         tracing::warn!(unclaimed = ?inherited.unclaimed(), "systemd passed sockets that no listener of the config uses (kept for a reload)");
     }
 
     let registry = RegistryClient::from_config(&config).map_err(anyhow::Error::msg)?;
     let lifecycle = start_lifecycle(&config, &source.env, registry.as_ref(), &routes, &metrics)?;
+    let service_of = lifecycle.handle.status.clone();
+    let service: crate::telemetry::trace::ServiceFn = Arc::new(move || {
+        service_of
+            .lock()
+            .ok()
+            .and_then(|s| s.identity.as_ref().map(|i| i.service.clone()))
+    });
+    crate::telemetry::trace::start(&config.tracing, &config.node_name(), &metrics, service)?;
     let zone_of = lifecycle.handle.status.clone();
     let zone: discovery::ZoneFn = Arc::new(move || {
         zone_of
@@ -147,10 +163,7 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         drain_watch,
         inherited,
     };
-    for (spec, l) in bound {
-        rt.start(spec, l);
-    }
-    rt.publish_listeners();
+    rt.commit(prepared);
     let mut events = signals::spawn().context("cannot install signal handlers")?;
     tokio::spawn(admin::serve(admin_listener, state.clone()));
     // READY=1 once the first registration was attempted (systemd Type=notify).
@@ -161,7 +174,10 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
 
     while let Some(ev) = events.recv().await {
         match ev {
-            Event::Reload => rt.reload(),
+            Event::Reload => {
+                crate::tls::reload_now();
+                rt.reload();
+            }
             Event::Shutdown => break,
         }
     }
@@ -206,7 +222,7 @@ fn start_lifecycle(
     routes: &Arc<ArcSwap<RouteTable>>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<Lifecycle> {
-    let store = SledStore::open_or_rebuild(&config.agent.data_dir).with_context(|| {
+    let store = Reopening::open(&config.agent.data_dir).with_context(|| {
         format!(
             "agent.data_dir: cannot open the state store in {}",
             config.agent.data_dir.display()
@@ -343,8 +359,9 @@ impl Runtime {
         }
     }
 
-    /// Reloads the config: the new one is validated in full and its new listeners bound
-    /// before anything changes; any failure keeps the running config and records why.
+    /// Reloads the config through the start-up path (`prepare`, then `commit`): the new one is
+    /// validated in full and its new listeners bound before anything changes; any failure keeps
+    /// the running config and records why.
     fn reload(&mut self) {
         let result = self.try_reload();
         let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
@@ -376,30 +393,24 @@ impl Runtime {
     fn try_reload(&mut self) -> Result<(), String> {
         let new = config::load(&self.state.source).map_err(|e| e.to_string())?;
         let old = self.state.config.load_full();
-        if old.registry.kind != crate::config::RegistryKind::None
-            && old.inbound.as_ref().map(|i| i.listen) != new.inbound.as_ref().map(|i| i.listen)
-        {
-            return Err(
-                "inbound.listen: the registered port cannot change on reload; restart the agent \
-                 (it deregisters and registers the new port)"
-                    .into(),
-            );
-        }
-        warn_restart_only(&old, &new);
-        let specs = ListenerSpec::from_config(&new);
-        let mut fresh = Vec::new();
-        for spec in &specs {
-            if !self.listeners.iter().any(|r| r.spec.addr == spec.addr) {
-                let l = take_or_bind(&mut self.inherited, spec.addr)
-                    .map_err(|e| format!("{}: cannot bind {}: {e}", spec.name(), spec.addr))?;
-                fresh.push((spec.clone(), l));
-            }
-        }
-        // Everything is validated and bound: swap.
-        let new = Arc::new(new);
-        self.state.config.store(new.clone());
+        let prepared = prepare(new, Some(&old), &self.listeners, &mut self.inherited)?;
+        self.commit(prepared);
+        Ok(())
+    }
+
+    /// Phase two of start-up and reload: puts a prepared config in force. Nothing here can
+    /// fail: the routes are rebuilt (keeping the state of unchanged parts), discovery follows
+    /// the outbound services, listeners are kept, retargeted, stopped or started.
+    fn commit(&mut self, p: Prepared) {
+        let Prepared {
+            config,
+            fresh,
+            pending_restart,
+        } = p;
+        self.state.config.store(config.clone());
         self.state.rebuild_routes();
-        self.state.discovery.reconcile(&new);
+        self.state.discovery.reconcile(&config);
+        let specs = ListenerSpec::from_config(&config);
         let mut kept = Vec::new();
         for mut running in std::mem::take(&mut self.listeners) {
             match specs.iter().find(|s| s.addr == running.spec.addr) {
@@ -408,7 +419,7 @@ impl Runtime {
                     running.retarget(s.clone());
                     kept.push(running);
                 }
-                None => running.stop(),
+                None => running.remove(),
             }
         }
         self.listeners = kept;
@@ -416,44 +427,54 @@ impl Runtime {
             self.start(spec, l);
         }
         self.publish_listeners();
-        Ok(())
+        if !pending_restart.is_empty() {
+            tracing::warn!(
+                keys = ?pending_restart,
+                "changed settings are read at start-up only: the running values stay until the next restart"
+            );
+        }
+        let mut status = self.state.reload.lock().unwrap_or_else(|p| p.into_inner());
+        status.pending_restart = pending_restart.iter().map(|k| (*k).to_owned()).collect();
     }
+}
+
+/// A config ready to be put in force: settled against the running one (start-up-only keys
+/// keep their running values) and with every listener it adds already bound.
+struct Prepared {
+    config: Arc<Config>,
+    fresh: Vec<(ListenerSpec, tokio::net::TcpListener)>,
+    /// Start-up-only keys the new config changed, kept at their running values.
+    pending_restart: Vec<&'static str>,
+}
+
+/// Phase one of start-up (`previous = None`) and reload: everything that can fail happens
+/// here, before anything changes. A refused reload, a port that cannot be bound, leave the
+/// running config untouched; at start-up they stop the agent before it registers.
+fn prepare(
+    new: Config,
+    previous: Option<&Config>,
+    running: &[Running],
+    inherited: &mut Inherited,
+) -> Result<Prepared, String> {
+    if let Some(why) = previous.and_then(|old| config::reload::refusal(old, &new)) {
+        return Err(why);
+    }
+    let (config, pending_restart) = config::reload::settle(previous, new);
+    let mut fresh = Vec::new();
+    for spec in ListenerSpec::from_config(&config) {
+        if !running.iter().any(|r| r.spec.addr == spec.addr) {
+            let l = take_or_bind(inherited, spec.addr)
+                .map_err(|e| format!("{}: cannot bind {}: {e}", spec.name(), spec.addr))?;
+            fresh.push((spec, l));
+        }
+    }
+    Ok(Prepared {
+        config: Arc::new(config),
+        fresh,
+        pending_restart,
+    })
 }
 
 fn result_label(result: &'static str) -> crate::telemetry::metrics::ResultLabels {
     crate::telemetry::metrics::ResultLabels { result }
-}
-
-/// Settings read once at start-up: a reload that changes them says they wait for a restart.
-fn warn_restart_only(old: &Config, new: &Config) {
-    for (key, changed) in [
-        (
-            "agent",
-            old.agent.admin_listen != new.agent.admin_listen
-                || old.agent.worker_threads != new.agent.worker_threads
-                || old.agent.data_dir != new.agent.data_dir
-                || old.agent.log_level != new.agent.log_level,
-        ),
-        (
-            "cmdb, registry, inbound health and ramp",
-            old.cmdb != new.cmdb
-                || old.registry != new.registry
-                || old.inbound.as_ref().map(|i| (&i.health, &i.ramp))
-                    != new.inbound.as_ref().map(|i| (&i.health, &i.ramp)),
-        ),
-        (
-            "proxy limits",
-            old.proxy.max_connections != new.proxy.max_connections
-                || old.proxy.max_header_bytes != new.proxy.max_header_bytes
-                || old.proxy.header_read_timeout != new.proxy.header_read_timeout
-                || old.proxy.h2_max_concurrent_streams != new.proxy.h2_max_concurrent_streams
-                || old.proxy.trust_forwarded_for != new.proxy.trust_forwarded_for,
-        ),
-        ("telemetry", old.telemetry != new.telemetry),
-        ("kubernetes", old.kubernetes != new.kubernetes),
-    ] {
-        if changed {
-            tracing::warn!(section = key, "changed settings take effect at the next restart");
-        }
-    }
 }

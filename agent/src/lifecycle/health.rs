@@ -77,6 +77,15 @@ impl Check {
     }
 }
 
+/// A protobuf base-128 varint (a length-delimited field's length).
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 /// `grpc.health.v1.Health/Check` by hand: the request and response are one-field protobuf
 /// messages, too small to be worth generated code.
 async fn grpc_check(app: SocketAddr, service: &str) -> Result<(), String> {
@@ -85,7 +94,7 @@ async fn grpc_check(app: SocketAddr, service: &str) -> Result<(), String> {
     let mut msg = Vec::new();
     if !service.is_empty() {
         msg.push(0x0a);
-        msg.push(u8::try_from(service.len()).map_err(|_| "grpc_service name too long".to_owned())?);
+        put_varint(&mut msg, service.len() as u64);
         msg.extend_from_slice(service.as_bytes());
     }
     let mut frame = vec![0u8];
@@ -164,4 +173,21 @@ pub fn spawn(check: Check, interval: Duration, timeout: Duration, threshold: u32
         }
     });
     rx
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn varints_encode_lengths_past_one_byte() {
+        for (n, want) in [
+            (0u64, vec![0u8]),
+            (127, vec![0x7f]),
+            (128, vec![0x80, 0x01]),
+            (300, vec![0xac, 0x02]),
+        ] {
+            let mut out = Vec::new();
+            super::put_varint(&mut out, n);
+            assert_eq!(out, want, "{n}");
+        }
+    }
 }

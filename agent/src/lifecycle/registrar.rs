@@ -1,11 +1,14 @@
-//! Registration on the app's behalf: identity (CMDB, or the cached one during an outage),
-//! registry writes that follow the app's health, the slow-start ramp, drain and undrain,
-//! anti-entropy, and the state kept in the store across restarts.
+//! The registrar: one task keeps the registry in line with what this instance should advertise
+//! (the identity from `identity::IdentityKeeper`, the app's health, the ramp from
+//! `ramp::RampBook`, the drain state from `drain::DrainState`), with the smallest write
+//! `plan::write` finds; it steps the ramp, runs anti-entropy, and keeps the state in the store
+//! across restarts. The admin API and signals talk to it through [`Handle`].
 //!
-//! One task owns all of it; the admin API and signals talk to it through [`Handle`].
+//! Nothing here waits long inside the task: every registry call has a deadline
+//! ([`CALL_DEADLINE`]), Consul's TTL passes run on their own task, and `undrain`'s wait for a
+//! fresh health check runs in the caller's task ([`Handle::undrain`]).
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,23 +17,18 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use vmesh_cmdb::{Cmdb, ServiceIdentity};
 
+pub use super::drain::DrainPhase;
+use super::drain::DrainState;
+use super::error::LifecycleError;
 use super::health::Health;
-use super::ramp::{self, Ramp};
+use super::plan::{self, Write};
 use crate::config::{Config, RegistryKind};
+use crate::identity::IdentityKeeper;
+use crate::ramp::RampBook;
 use crate::registry::{Registration, Registry, RegistryError};
 use crate::route::RouteTable;
 use crate::store::{unix_now, RampRecord, RegistrationRecord, State};
 use crate::telemetry::Metrics;
-
-/// Where the instance is in its drain cycle.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DrainPhase {
-    #[default]
-    Serving,
-    Draining,
-    Drained,
-}
 
 /// What `/status` shows of the lifecycle.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -52,11 +50,14 @@ pub struct LifecycleStatus {
     pub app: Option<Health>,
     /// Inbound requests in flight.
     pub in_flight: u64,
+    /// Why the state store cannot be read (`STORE_ERROR: ...`): the instance counts as drained
+    /// and is not registered until it can; `None` when it is fine.
+    pub store_error: Option<String>,
 }
 
-pub enum Command {
-    Drain(oneshot::Sender<Result<(), String>>),
-    Undrain(Duration, oneshot::Sender<Result<(), String>>),
+enum Command {
+    Drain(oneshot::Sender<Result<(), LifecycleError>>),
+    Undrain(oneshot::Sender<Result<(), LifecycleError>>),
     /// SIGTERM: mark down, wait for callers and in-flight requests, deregister.
     Shutdown(Duration, oneshot::Sender<()>),
 }
@@ -66,6 +67,7 @@ pub enum Command {
 pub struct Handle {
     tx: mpsc::Sender<Command>,
     pub status: Arc<Mutex<LifecycleStatus>>,
+    health: Option<watch::Receiver<Health>>,
 }
 
 impl Handle {
@@ -73,21 +75,44 @@ impl Handle {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    async fn call(&self, make: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Command) -> Result<(), String> {
+    async fn call(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), LifecycleError>>) -> Command,
+    ) -> Result<(), LifecycleError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(make(tx))
             .await
-            .map_err(|_| "the registrar has stopped".to_owned())?;
-        rx.await.map_err(|_| "the registrar has stopped".to_owned())?
+            .map_err(|_| LifecycleError::Stopped("registrar"))?;
+        rx.await.map_err(|_| LifecycleError::Stopped("registrar"))?
     }
 
-    pub async fn drain(&self) -> Result<(), String> {
+    /// `vmesh drain`: the drain flag is stored and the registry told before this returns.
+    pub async fn drain(&self) -> Result<(), LifecycleError> {
         self.call(Command::Drain).await
     }
 
-    pub async fn undrain(&self, timeout: Duration) -> Result<(), String> {
-        self.call(|tx| Command::Undrain(timeout, tx)).await
+    /// `vmesh undrain`: waits (here, not in the registrar's task) for a health check that ran
+    /// after the request and passed, at most `timeout`, then serves again with a new ramp.
+    /// An instance serving already keeps its ramp.
+    pub async fn undrain(&self, timeout: Duration) -> Result<(), LifecycleError> {
+        if self.status().drain == DrainPhase::Serving {
+            return Ok(());
+        }
+        if let Some(h) = &self.health {
+            let mut h = h.clone();
+            // The last verdict may be stale: an app killed a moment ago still counts as
+            // healthy until the threshold.
+            let asked_at = h.borrow().checks;
+            tokio::time::timeout(
+                timeout,
+                h.wait_for(|h| h.checks > asked_at && h.healthy && h.last_error.is_none()),
+            )
+            .await
+            .map_err(|_| LifecycleError::AppUnhealthy(timeout))?
+            .map_err(|_| LifecycleError::Stopped("health checker"))?;
+        }
+        self.call(Command::Undrain).await
     }
 
     pub async fn shutdown(&self, timeout: Duration) {
@@ -98,31 +123,38 @@ impl Handle {
     }
 }
 
+/// The longest any one registry call (or the calls of one write) may take before the registrar
+/// gives up on it and retries later: a hung registry cannot stop ramp steps, drains or shutdown.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Retry period of failed registry writes and of a CMDB that has not answered yet.
+const RETRY: Duration = Duration::from_secs(2);
+
 pub struct Registrar {
     config: Arc<Config>,
-    cmdb: Option<Box<dyn Cmdb>>,
+    identity: IdentityKeeper,
     registry: Option<Arc<dyn Registry>>,
     store: State,
     routes: Arc<ArcSwap<RouteTable>>,
     metrics: Arc<Metrics>,
     health: Option<watch::Receiver<Health>>,
     status: Arc<Mutex<LifecycleStatus>>,
-    identity: Option<ServiceIdentity>,
-    /// What the registry holds now, as far as we know.
-    written: Option<Registration>,
+    /// What the registry holds now, as far as we know (shared with the TTL task).
+    written: watch::Sender<Option<Registration>>,
     /// The registry must be brought in line with `desired()` (a write failed or is due).
     dirty: bool,
-    ramp: Option<RampRecord>,
-    drain: DrainPhase,
-    draining_since: Option<Instant>,
+    /// Set by the TTL task when a pass failed: the registry may have lost the instance.
+    ttl_failed: Arc<AtomicBool>,
+    ramp: RampBook,
+    drain: DrainState,
     /// Registry writes wait until start-up has read the store and the first health check.
     started: bool,
     /// The app's health at the last check (None before the first).
     last_healthy: Option<bool>,
+    /// The drain flag could not be read: counted as drained, nothing registered, the store
+    /// asked again every [`RETRY`] until it answers.
+    store_blocked: Option<String>,
 }
-
-/// Retry period of failed registry writes and of a CMDB that has not answered yet.
-const RETRY: Duration = Duration::from_secs(2);
 
 impl Registrar {
     #[allow(clippy::too_many_arguments)]
@@ -142,42 +174,46 @@ impl Registrar {
             registry: registry.as_ref().map_or_else(|| "none".to_owned(), |r| r.describe()),
             ..LifecycleStatus::default()
         }));
+        let (written, _) = watch::channel(None);
         let r = Self {
+            identity: IdentityKeeper::new(cmdb, crate::identity::vm_name(&config)),
+            ramp: RampBook::new(config.inbound.as_ref(), None),
             config,
-            cmdb,
             registry,
             store,
             routes,
             metrics,
-            health,
+            health: health.clone(),
             status: status.clone(),
-            identity: None,
-            written: None,
+            written,
             dirty: true,
-            ramp: None,
-            drain: DrainPhase::Serving,
-            draining_since: None,
+            ttl_failed: Arc::new(AtomicBool::new(false)),
+            drain: DrainState::default(),
             started: false,
             last_healthy: None,
+            store_blocked: None,
         };
         tokio::spawn(r.run(rx, ready));
-        Handle { tx, status }
+        Handle { tx, status, health }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Command>, ready: oneshot::Sender<()>) {
         self.start().await;
         let _ = ready.send(());
+        self.spawn_ttl_passes();
         let mut refresh = tokio::time::interval_at(
             tokio::time::Instant::now() + self.refresh_period(),
             self.config.cmdb.refresh.get(),
         );
         let mut anti_entropy = tokio::time::interval(self.config.registry.anti_entropy.get());
-        let ttl_every = (self.config.registry.check_ttl.get() / 3).max(Duration::from_millis(500));
-        let mut ttl = tokio::time::interval(ttl_every);
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut retry_at = tokio::time::Instant::now() + RETRY;
+        let mut store_retry_at = tokio::time::Instant::now() + RETRY;
         loop {
-            let next_step = self.next_ramp_step();
+            let next_step = self
+                .ramp
+                .next_step_in(unix_now())
+                .map(|wait| tokio::time::Instant::now() + wait + Duration::from_millis(50));
             let health_changed = async {
                 match self.health.as_mut() {
                     Some(h) => h.changed().await.is_ok(),
@@ -187,7 +223,7 @@ impl Registrar {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Drain(reply)) => { let _ = reply.send(self.drain().await); }
-                    Some(Command::Undrain(timeout, reply)) => { let _ = reply.send(self.undrain(timeout).await); }
+                    Some(Command::Undrain(reply)) => { let _ = reply.send(self.undrain().await); }
                     Some(Command::Shutdown(timeout, reply)) => { self.shutdown(timeout).await; let _ = reply.send(()); return; }
                     None => return,
                 },
@@ -197,20 +233,26 @@ impl Registrar {
                     }
                 }
                 () = sleep_until(next_step) => {
-                    tracing::info!(weight = self.advertised_weight(), "slow start: next weight step");
+                    tracing::info!(weight = self.ramp.advertised(unix_now()), "slow start: next weight step");
                     self.dirty = true;
                     self.sync("ramp").await;
                 }
                 _ = refresh.tick() => {
                     self.refresh_identity().await;
-                    if self.identity.is_none() {
+                    if self.identity.current().is_none() {
                         refresh.reset_after(self.refresh_period());
                     }
                 }
                 _ = anti_entropy.tick() => self.anti_entropy().await,
-                _ = ttl.tick() => self.keep_ttl().await,
                 _ = tick.tick() => {
+                    if self.store_blocked.is_some() && tokio::time::Instant::now() >= store_retry_at {
+                        self.read_store().await;
+                        store_retry_at = tokio::time::Instant::now() + RETRY;
+                    }
                     self.drain_progress();
+                    if self.ttl_failed.swap(false, Ordering::Relaxed) {
+                        self.dirty = true;
+                    }
                     if self.dirty && tokio::time::Instant::now() >= retry_at {
                         self.sync("retry").await;
                         retry_at = tokio::time::Instant::now() + RETRY;
@@ -224,27 +266,57 @@ impl Registrar {
     /// The CMDB is asked every `cmdb.refresh`; without an identity at least every 5 s.
     fn refresh_period(&self) -> Duration {
         let refresh = self.config.cmdb.refresh.get();
-        if self.identity.is_some() {
+        if self.identity.current().is_some() {
             refresh
         } else {
             refresh.min(Duration::from_secs(5))
         }
     }
 
+    /// Reads the drain flag and the ramp record. An unreadable drain flag counts as drained
+    /// (and blocks registration) until the store answers: a drained instance must never be
+    /// registered as serving because its flag could not be read.
+    fn read_drain_state(&mut self) -> bool {
+        match self.store.drained() {
+            Ok(drained) => {
+                if drained {
+                    tracing::info!("drain flag set in the store: staying drained (run `vmesh undrain` to serve)");
+                }
+                self.drain = DrainState::from_flag(drained);
+                if self.store_blocked.take().is_some() {
+                    tracing::info!(drained, "state store readable again");
+                }
+            }
+            Err(e) => {
+                if self.store_blocked.is_none() {
+                    tracing::error!(error = %e, code = e.code(),
+                        "cannot read the drain flag: counting the instance as drained and not registering until the store answers");
+                }
+                self.drain = DrainState::from_flag(true);
+                self.store_blocked = Some(format!("{}: {e}", e.code()));
+                return false;
+            }
+        }
+        match self.store.ramp() {
+            Ok(Some(rec)) => self.ramp.set(rec),
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, code = e.code(), "cannot read the ramp record"),
+        }
+        true
+    }
+
+    /// The store answered again after failing at start: take its state and register.
+    async fn read_store(&mut self) {
+        if self.read_drain_state() {
+            self.dirty = true;
+            self.on_health().await;
+        }
+        self.publish();
+    }
+
     /// Start-up: identity, stored state, then the first registration.
     async fn start(&mut self) {
-        match self.store.drained() {
-            Ok(true) => {
-                tracing::info!("drain flag set in the store: staying drained (run `vmesh undrain` to serve)");
-                self.drain = DrainPhase::Drained;
-            }
-            Ok(false) => {}
-            Err(e) => tracing::error!(error = %e, "cannot read the drain flag"),
-        }
-        self.ramp = self.store.ramp().unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read the ramp record");
-            None
-        });
+        self.read_drain_state();
         self.refresh_identity().await;
         if matches!(self.store.registration(), Ok(None)) {
             self.recover_from_registry().await;
@@ -278,7 +350,7 @@ impl Registrar {
         let (Some(registry), Some(want)) = (self.registry.clone(), self.desired()) else {
             return;
         };
-        let found = match registry.recover(&want.id).await {
+        let found = match bounded(registry.recover(&want.id)).await {
             Ok(Some(found)) => found,
             Ok(None) => return,
             Err(e) => {
@@ -288,19 +360,19 @@ impl Registrar {
         };
         tracing::warn!(id = %want.id, maintenance = found.maintenance, ramp = ?found.ramp,
             "the store has no registration record but the registry has this instance: taking its state from the registry");
-        if found.maintenance && self.drain == DrainPhase::Serving {
+        if found.maintenance && self.drain.phase() == DrainPhase::Serving {
             tracing::warn!(
                 "the registry shows the instance in maintenance: staying drained (run `vmesh undrain` to serve)"
             );
             if let Err(e) = self.store.set_drained(true) {
-                tracing::error!(error = %e, "cannot store the drain flag");
+                tracing::error!(error = %e, code = e.code(), "cannot store the drain flag");
             }
-            self.drain = DrainPhase::Drained;
+            self.drain.adopt_drained();
         }
         // A ramp from the registry is data from the network: an implausible one (a start far
         // in the future, a window over a day) is not adopted, so it cannot reach the store.
         let found_ramp = found.ramp.map(|(start, window_secs)| RampRecord { start, window_secs });
-        if let (Some(rec), None) = (found_ramp.filter(|r| r.plausible_at(unix_now())), self.ramp) {
+        if let (Some(rec), None) = (found_ramp.filter(|r| r.plausible_at(unix_now())), self.ramp.record()) {
             self.set_ramp(rec);
         }
         self.record_registration(registry.as_ref(), &want);
@@ -314,7 +386,7 @@ impl Registrar {
             service: want.service.clone(),
         };
         if let Err(e) = self.store.set_registration(Some(&record)) {
-            tracing::error!(error = %e, "cannot store the registration record");
+            tracing::error!(error = %e, code = e.code(), "cannot store the registration record");
         }
     }
 
@@ -326,7 +398,10 @@ impl Registrar {
         let healthy = self.app_healthy();
         let recovered = healthy && self.last_healthy == Some(false);
         // A new ramp for a new instance, and for an app that comes back cold after a failure.
-        if healthy && (self.ramp.is_none() || recovered) && self.drain == DrainPhase::Serving && self.identity.is_some()
+        if healthy
+            && (self.ramp.record().is_none() || recovered)
+            && !self.drain.out_of_traffic()
+            && self.identity.current().is_some()
         {
             self.start_ramp();
         }
@@ -336,99 +411,40 @@ impl Registrar {
         self.sync("health").await;
     }
 
-    fn ramp_shape(&self) -> Option<Ramp> {
-        let r = &self.config.inbound.as_ref()?.ramp;
-        Some(Ramp {
-            window: r.window.get(),
-            aggression: r.aggression,
-            steps: r.steps.clone(),
-        })
-    }
-
     fn start_ramp(&mut self) {
-        let Some(shape) = self.ramp_shape() else { return };
-        tracing::info!(window = ?shape.window, "slow start: ramp begins at weight 1");
-        self.set_ramp(RampRecord {
-            start: unix_now(),
-            window_secs: shape.window.as_secs(),
-        });
+        if let Some(rec) = self.ramp.begin(unix_now()) {
+            tracing::info!(window_secs = rec.window_secs, "slow start: ramp begins at weight 1");
+            self.store_ramp(rec);
+        }
     }
 
     fn set_ramp(&mut self, rec: RampRecord) {
+        self.ramp.set(rec);
+        self.store_ramp(rec);
+    }
+
+    fn store_ramp(&self, rec: RampRecord) {
         if let Err(e) = self.store.set_ramp(Some(rec)) {
-            tracing::error!(error = %e, "cannot store the ramp start");
+            tracing::error!(error = %e, code = e.code(), "cannot store the ramp start");
         }
-        self.ramp = Some(rec);
-    }
-
-    fn ramp_elapsed(&self) -> Option<Duration> {
-        let r = self.ramp?;
-        Some(Duration::from_secs(unix_now().saturating_sub(r.start)))
-    }
-
-    /// The step weight (1..=100) to advertise now.
-    fn advertised_weight(&self) -> u32 {
-        match (self.ramp_shape(), self.ramp_elapsed()) {
-            (Some(shape), Some(elapsed)) => shape.advertised_at(elapsed),
-            (Some(shape), None) if !shape.window.is_zero() => 1,
-            _ => 100,
-        }
-    }
-
-    fn next_ramp_step(&self) -> Option<tokio::time::Instant> {
-        let (wait, _) = self.ramp_shape()?.next_step_in(self.ramp?, unix_now())?;
-        Some(tokio::time::Instant::now() + wait + Duration::from_millis(50))
     }
 
     /// The registration the registry should hold now, if any.
     fn desired(&self) -> Option<Registration> {
-        let id = self.identity.as_ref()?;
-        let inbound = self.config.inbound.as_ref()?;
         self.registry.as_ref()?;
-        let node = self.config.node_name();
-        let address = match (self.config.registry.advertise_address, inbound.listen.ip()) {
-            (Some(a), _) => a.to_string(),
-            (None, ip) if !ip.is_unspecified() => ip.to_string(),
-            (None, _) if self.config.registry.kind == RegistryKind::Etcd => IpAddr::from([127, 0, 0, 1]).to_string(),
-            (None, _) => String::new(),
-        };
-        let mut tags: Vec<String> = [&id.environment, &id.zone, &id.version, &id.colour]
-            .into_iter()
-            .filter(|t| !t.is_empty())
-            .cloned()
-            .chain(id.tags.iter().cloned())
-            .collect();
-        tags.dedup();
-        let mut meta = BTreeMap::from([
-            ("vmesh-env".to_owned(), self.config.registry.advertise_env.clone()),
-            ("vmesh-environment".to_owned(), id.environment.clone()),
-            ("vmesh-zone".to_owned(), id.zone.clone()),
-            ("vmesh-version".to_owned(), id.version.clone()),
-            ("vmesh-colour".to_owned(), id.colour.clone()),
-            ("vmesh-owner".to_owned(), id.owner.clone()),
-            ("vmesh-weight".to_owned(), id.weight.to_string()),
-            ("vmesh-node".to_owned(), node.clone()),
-        ]);
-        if let (Some(r), Some(shape)) = (self.ramp, self.ramp_shape()) {
-            meta.insert("vmesh-ramp-start".into(), r.start.to_string());
-            meta.insert("vmesh-ramp-window".into(), r.window_secs.to_string());
-            if (shape.aggression - 1.0).abs() > f64::EPSILON {
-                meta.insert("vmesh-ramp-aggression".into(), shape.aggression.to_string());
-            }
+        if self.store_blocked.is_some() {
+            return None;
         }
-        Some(Registration {
-            id: format!("{}-{node}", id.service),
-            service: id.service.clone(),
-            address,
-            port: inbound.listen.port(),
-            tags,
-            meta,
-            weight: ramp::scale(self.advertised_weight(), id.weight),
+        let now = plan::Now {
+            unix: unix_now(),
             healthy: self.app_healthy(),
-            maintenance: self.drain != DrainPhase::Serving,
-            check_ttl: self.config.registry.check_ttl.get(),
-            deregister_critical_after: self.config.registry.deregister_critical_after.get(),
-        })
+            maintenance: self.drain.out_of_traffic(),
+        };
+        plan::desired(&self.config, self.identity.current()?, &self.ramp, now)
+    }
+
+    fn written(&self) -> Option<Registration> {
+        self.written.borrow().clone()
     }
 
     /// Brings the registry in line with `desired()`, with the smallest write that does it.
@@ -445,31 +461,14 @@ impl Registrar {
             self.withdraw(registry.as_ref()).await;
             return;
         };
-        let op = match &self.written {
-            Some(have) if *have == want && !self.dirty => return,
-            Some(have) if *have == want => "register",
-            Some(have)
-                if Registration {
-                    healthy: want.healthy,
-                    ..have.clone()
-                } == want =>
-            {
-                "health"
-            }
-            Some(have)
-                if Registration {
-                    maintenance: want.maintenance,
-                    ..have.clone()
-                } == want =>
-            {
-                "maintenance"
-            }
-            _ => "register",
+        let have = self.written();
+        let Some(op) = plan::write(have.as_ref(), &want, self.dirty) else {
+            return;
         };
-        if let Some(have) = &self.written {
+        if let Some(have) = &have {
             if have.id != want.id {
                 tracing::info!(old = %have.id, new = %want.id, "identity changed: replacing the registration");
-                if registry.deregister(&have.service, &have.id).await.is_ok() {
+                if bounded(registry.deregister(&have.service, &have.id)).await.is_ok() {
                     self.count_write("deregister");
                 }
             }
@@ -477,16 +476,16 @@ impl Registrar {
         // Recorded before the write: a crash right after it must still know what to clean up.
         self.record_registration(registry.as_ref(), &want);
         let result = match op {
-            "health" => registry.set_health(&want).await,
-            "maintenance" => registry.set_maintenance(&want).await,
-            _ => self.register(registry.as_ref(), &want).await,
+            Write::Health => bounded(registry.set_health(&want)).await,
+            Write::Maintenance => bounded(registry.set_maintenance(&want)).await,
+            Write::Register => bounded(self.register(registry.as_ref(), &want)).await,
         };
         match result {
             Ok(()) => {
-                self.count_write(op);
-                tracing::info!(id = %want.id, why, op, weight = want.weight, healthy = want.healthy,
+                self.count_write(op.label());
+                tracing::info!(id = %want.id, why, op = op.label(), weight = want.weight, healthy = want.healthy,
                     maintenance = want.maintenance, "registry updated");
-                self.written = Some(want);
+                self.written.send_replace(Some(want));
                 self.dirty = false;
                 self.set_status(|s| s.registry_error = None);
             }
@@ -503,21 +502,17 @@ impl Registrar {
     /// A full registration, then what a registration does not carry over: Consul keeps an
     /// existing check's status and maintenance across a re-register, so both are set
     /// explicitly when they changed (or are unknown, on the first registration of this run).
-    async fn register(
-        &self,
-        registry: &dyn Registry,
-        want: &Registration,
-    ) -> Result<(), crate::registry::RegistryError> {
-        let have = self.written.as_ref();
+    async fn register(&self, registry: &dyn Registry, want: &Registration) -> Result<(), RegistryError> {
+        let have = self.written();
         registry.register(want).await?;
         if registry.register_sets_state() {
             return Ok(());
         }
-        if have.is_none_or(|h| h.maintenance != want.maintenance) {
+        if have.as_ref().is_none_or(|h| h.maintenance != want.maintenance) {
             registry.set_maintenance(want).await?;
             self.count_write("maintenance");
         }
-        if have.is_none_or(|h| h.healthy != want.healthy) {
+        if have.as_ref().is_none_or(|h| h.healthy != want.healthy) {
             registry.set_health(want).await?;
             self.count_write("health");
         }
@@ -528,25 +523,40 @@ impl Registrar {
         self.metrics.registry_writes.get_or_create(&op_label(op)).inc();
     }
 
-    async fn keep_ttl(&mut self) {
-        // Consul's TTL check needs a pass within every TTL; etcd's lease has its own keep-alive.
+    /// Consul's TTL check needs a pass within every TTL (etcd's lease has its own keep-alive):
+    /// on a task of its own, so a slow registry write or a long command never lets the check
+    /// go critical. It passes what the registrar last wrote; a failed pass makes the registrar
+    /// write the registration again.
+    fn spawn_ttl_passes(&self) {
+        let Some(registry) = self.registry.clone() else { return };
         if self.config.registry.kind != RegistryKind::Consul {
             return;
         }
-        let (Some(registry), Some(have)) = (self.registry.clone(), self.written.clone()) else {
-            return;
-        };
-        if let Err(e) = registry.set_health(&have).await {
-            tracing::debug!(error = %e, "ttl check update failed");
-            self.dirty = true;
-        }
+        let every = (self.config.registry.check_ttl.get() / 3).max(Duration::from_millis(500));
+        let written = self.written.subscribe();
+        let failed = self.ttl_failed.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if written.has_changed().is_err() {
+                    return; // the registrar has stopped
+                }
+                let Some(have) = written.borrow().clone() else { continue };
+                if let Err(e) = bounded(registry.set_health(&have)).await {
+                    tracing::debug!(error = %e, "ttl check update failed");
+                    failed.store(true, Ordering::Relaxed);
+                }
+            }
+        });
     }
 
     async fn anti_entropy(&mut self) {
-        let (Some(registry), Some(have)) = (self.registry.clone(), self.written.clone()) else {
+        let (Some(registry), Some(have)) = (self.registry.clone(), self.written()) else {
             return;
         };
-        match registry.is_registered(&have).await {
+        match bounded(registry.is_registered(&have)).await {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(id = %have.id, "registration missing from the registry (agent restarted?): registering again");
@@ -554,7 +564,7 @@ impl Registrar {
                     .registry_writes
                     .get_or_create(&op_label("anti-entropy"))
                     .inc();
-                self.written = None;
+                self.written.send_replace(None);
                 self.dirty = true;
                 self.sync("anti-entropy").await;
             }
@@ -563,70 +573,10 @@ impl Registrar {
     }
 
     async fn refresh_identity(&mut self) {
-        let Some(cmdb) = &self.cmdb else { return };
-        let vm = crate::identity::vm_name(&self.config);
-        match cmdb.identity(&vm).await {
-            Ok(id) => {
-                if let Some(old) = &self.identity {
-                    let diff = old.diff(&id);
-                    if !diff.is_empty() {
-                        tracing::info!(vm = %vm, changes = %diff.join("; "), "identity changed in the CMDB: re-registering");
-                    }
-                }
-                if let Err(e) = self.store.set_identity(&id) {
-                    tracing::error!(error = %e, "cannot cache the identity");
-                }
-                self.metrics.identity_from_cache.set(0);
-                self.identity = Some(id);
-                self.set_status(|s| {
-                    s.identity_source = "cmdb";
-                    s.identity_error = None;
-                });
-            }
-            Err(e) => {
-                self.metrics.cmdb_errors.get_or_create(&code_label(e.code())).inc();
-                if matches!(e, vmesh_cmdb::CmdbError::Decommissioned { .. }) {
-                    // An explicit answer, not an outage: nothing is advertised (the sync below
-                    // withdraws a registration) and the cache may not bring it back. The proxy
-                    // keeps serving: callers that still hold the address do not fail.
-                    if self.identity.take().is_some() {
-                        tracing::error!(error = %e, code = e.code(),
-                            "the CMDB marks this VM decommissioned: withdrawing the registration");
-                    } else {
-                        tracing::error!(error = %e, code = e.code(),
-                            "the CMDB marks this VM decommissioned: refusing to register (the cached identity is not used)");
-                    }
-                    if let Err(e) = self.store.clear_identity() {
-                        tracing::error!(error = %e, "cannot forget the cached identity");
-                    }
-                    self.metrics.identity_from_cache.set(0);
-                    self.set_status(|s| s.identity_source = "none");
-                } else if self.identity.is_none() && !e.keeps_cache() {
-                    tracing::error!(error = %e, code = e.code(),
-                        "the CMDB says this VM must not serve: refusing to register (the cached identity is not used)");
-                } else if self.identity.is_none() {
-                    match self.store.identity() {
-                        Ok(Some(cached)) => {
-                            tracing::warn!(error = %e, code = e.code(), "CMDB failed at start: using the cached identity");
-                            self.identity = Some(cached.identity);
-                            self.metrics.identity_from_cache.set(1);
-                            self.set_status(|s| s.identity_source = "cache");
-                        }
-                        _ => tracing::error!(error = %e, code = e.code(),
-                            "CMDB failed and no identity is cached: refusing to register"),
-                    }
-                } else {
-                    tracing::warn!(error = %e, code = e.code(), "CMDB refresh failed: keeping the current identity");
-                }
-                let why = if self.identity.is_none() {
-                    format!("{}: {e}; no cached identity: not registering", e.code())
-                } else {
-                    format!("{}: {e}", e.code())
-                };
-                self.set_status(|s| s.identity_error = Some(why));
-            }
+        if self.identity.refresh(&self.store, &self.metrics).await {
+            self.publish();
+            self.sync("identity").await;
         }
-        self.sync("identity").await;
     }
 
     fn in_flight(&self) -> u64 {
@@ -636,11 +586,11 @@ impl Registrar {
         })
     }
 
-    async fn drain(&mut self) -> Result<(), String> {
-        if self.drain == DrainPhase::Serving {
-            self.store.set_drained(true).map_err(|e| format!("STORE_ERROR: {e}"))?;
-            self.drain = DrainPhase::Draining;
-            self.draining_since = Some(Instant::now());
+    async fn drain(&mut self) -> Result<(), LifecycleError> {
+        if self.drain.phase() == DrainPhase::Serving {
+            // Stored first: a crash after this point restarts drained.
+            self.store.set_drained(true)?;
+            self.drain.drain(Instant::now());
             tracing::info!("drain requested: marking the instance down");
             self.sync("drain").await;
         }
@@ -649,68 +599,54 @@ impl Registrar {
     }
 
     fn drain_progress(&mut self) {
-        if self.drain != DrainPhase::Draining {
+        if self.drain.phase() != DrainPhase::Draining {
             return;
         }
         let grace = self.config.agent.drain_grace.get();
-        let since = *self.draining_since.get_or_insert_with(Instant::now);
         // Not drained while the registry may still send callers here (the write failed).
-        if since.elapsed() >= grace && self.in_flight() == 0 && !self.dirty {
+        if self.drain.progress(Instant::now(), grace, self.in_flight(), self.dirty) {
             tracing::info!("drained: no request in flight");
-            self.drain = DrainPhase::Drained;
         }
     }
 
-    async fn undrain(&mut self, timeout: Duration) -> Result<(), String> {
-        if self.drain == DrainPhase::Serving {
+    /// Serves again once [`Handle::undrain`] saw the app healthy: clears the stored flag, starts
+    /// a new ramp and registers.
+    async fn undrain(&mut self) -> Result<(), LifecycleError> {
+        if self.drain.phase() == DrainPhase::Serving {
             // Already serving (a re-run CD hook): keep the ramp where it is.
             return Ok(());
         }
-        if let Some(h) = &self.health {
-            let mut h = h.clone();
-            // A check that ran after this request and passed itself: the last verdict may be
-            // stale (an app killed a moment ago still counts as healthy until the threshold).
-            let asked_at = h.borrow().checks;
-            tokio::time::timeout(
-                timeout,
-                h.wait_for(|h| h.checks > asked_at && h.healthy && h.last_error.is_none()),
-            )
-            .await
-            .map_err(|_| format!("APP_UNHEALTHY: the application did not pass its health check within {timeout:?}"))?
-            .map_err(|_| "the health checker stopped".to_owned())?;
-        }
-        self.store.set_drained(false).map_err(|e| format!("STORE_ERROR: {e}"))?;
-        self.drain = DrainPhase::Serving;
-        self.draining_since = None;
+        self.store.set_drained(false)?;
+        self.drain.undrain();
         self.start_ramp();
         tracing::info!("undrain: serving again, slow start begins");
         self.dirty = true;
         self.sync("undrain").await;
-        if self.registry.is_some() && self.identity.is_none() {
-            let why = self.status().identity_error.unwrap_or_else(|| "no identity".into());
-            return Err(format!("NOT_REGISTERED: no service identity: {why}"));
+        self.publish();
+        if self.registry.is_some() && self.identity.current().is_none() {
+            let why = self.identity.error().unwrap_or("no identity").to_owned();
+            return Err(LifecycleError::NotRegistered(why));
         }
         if self.dirty {
             let why = self
                 .status()
                 .registry_error
                 .unwrap_or_else(|| "registration failed".into());
-            return Err(format!("REGISTRY_WRITE_FAILED: {why} (the agent keeps retrying)"));
+            return Err(LifecycleError::RegistryWriteFailed(why));
         }
-        self.publish();
         Ok(())
     }
 
     /// Deregisters what this agent registered (no identity to advertise any more). A failure
     /// keeps the record and is retried by the next sync (every identity retry, at most 5 s).
     async fn withdraw(&mut self, registry: &dyn Registry) {
-        let Some(have) = self.written.clone() else {
+        let Some(have) = self.written() else {
             self.dirty = false;
             return;
         };
         match self.deregister(registry, &have.service, &have.id).await {
             Ok(()) => {
-                self.written = None;
+                self.written.send_replace(None);
                 self.dirty = false;
                 tracing::info!(id = %have.id, "deregistered: no identity to advertise");
                 self.set_status(|s| s.registry_error = None);
@@ -723,12 +659,13 @@ impl Registrar {
         self.publish();
     }
 
+    /// SIGTERM: marks the instance down, gives callers the grace to notice, waits for
+    /// in-flight requests, deregisters; all within `timeout`, the deregistration included.
     async fn shutdown(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let Some(registry) = self.registry.clone() else { return };
-        let Some(have) = self.written.clone() else { return };
-        if self.drain == DrainPhase::Serving {
-            self.drain = DrainPhase::Draining;
+        let Some(have) = self.written() else { return };
+        if self.drain.shutdown(Instant::now()) {
             self.sync("shutdown").await;
             let grace = self.config.agent.drain_grace.get().min(timeout / 2);
             tracing::info!(?grace, "shutdown: instance marked down; waiting for callers to notice");
@@ -737,18 +674,24 @@ impl Registrar {
         while self.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        match self.deregister(registry.as_ref(), &have.service, &have.id).await {
-            Ok(()) => tracing::info!(id = %have.id, "deregistered"),
-            Err(e) => tracing::warn!(error = %e, "deregistration failed at shutdown"),
+        // At least a second for the deregistration, even when the wait used up the timeout.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        let deregister = self.deregister(registry.as_ref(), &have.service, &have.id);
+        match tokio::time::timeout(left, deregister).await {
+            Ok(Ok(())) => tracing::info!(id = %have.id, "deregistered"),
+            Ok(Err(e)) => tracing::warn!(error = %e, code = e.code(), "deregistration failed at shutdown"),
+            Err(_) => tracing::warn!(?left, "deregistration at shutdown got no answer in time"),
         }
     }
 
     /// Removes instance `id` and the store's record of it.
     async fn deregister(&self, registry: &dyn Registry, service: &str, id: &str) -> Result<(), RegistryError> {
-        registry.deregister(service, id).await?;
+        bounded(registry.deregister(service, id)).await?;
         self.count_write("deregister");
         if let Err(e) = self.store.set_registration(None) {
-            tracing::error!(error = %e, "cannot delete the registration record");
+            tracing::error!(error = %e, code = e.code(), "cannot delete the registration record");
         }
         Ok(())
     }
@@ -764,27 +707,37 @@ impl Registrar {
     }
 
     fn publish(&self) {
-        let advertised = self.written.as_ref().map_or(0, |w| w.weight);
-        let target = self.identity.as_ref().map_or(100, |i| i.weight);
-        let effective = match (self.ramp_shape(), self.ramp_elapsed()) {
-            (Some(shape), Some(e)) => ramp::scale(shape.weight_at(e), target),
-            _ => target,
-        };
+        let written = self.written.borrow();
+        let advertised = written.as_ref().map_or(0, |w| w.weight);
+        let target = self.identity.current().map_or(100, |i| i.weight);
+        let effective = self.ramp.effective(unix_now(), target);
         self.metrics.weight.set(i64::from(advertised));
-        self.metrics.registered.set(i64::from(self.written.is_some()));
+        self.metrics.registered.set(i64::from(written.is_some()));
         let in_flight = self.in_flight();
         self.set_status(|s| {
-            s.identity = self.identity.clone();
-            s.registered = self.written.is_some();
-            s.registration_id = self.written.as_ref().map(|w| w.id.clone());
+            s.identity = self.identity.current().cloned();
+            s.identity_source = self.identity.source().as_str();
+            s.identity_error = self.identity.error().map(str::to_owned);
+            s.registered = written.is_some();
+            s.registration_id = written.as_ref().map(|w| w.id.clone());
             s.weight = advertised;
             s.effective_weight = effective;
-            s.ramp = self.ramp;
-            s.drain = self.drain;
+            s.ramp = self.ramp.record();
+            s.drain = self.drain.phase();
             s.app = self.health.as_ref().map(|h| h.borrow().clone());
             s.in_flight = in_flight;
+            s.store_error = self.store_blocked.clone();
         });
     }
+}
+
+/// A registry call cut at [`CALL_DEADLINE`].
+async fn bounded<T>(call: impl std::future::Future<Output = Result<T, RegistryError>>) -> Result<T, RegistryError> {
+    tokio::time::timeout(CALL_DEADLINE, call).await.unwrap_or_else(|_| {
+        Err(RegistryError::Unreachable(format!(
+            "no answer within {CALL_DEADLINE:?}"
+        )))
+    })
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -26,10 +26,12 @@ pub struct Completion {
     pub headers_time: Duration,
     pub attempts: u32,
     pub error: Option<&'static str>,
-    /// Present only when the access log is on.
+    /// Present only when the access log is on or a tap was attached when the request came.
     pub log: Option<Box<LogParts>>,
     /// Keeps the downstream connection from counting as idle until the response ends.
     pub active: Option<crate::proxy::ActiveRequest>,
+    /// The span of a sampled request when `[tracing]` is on (`record::trace_ended`).
+    pub trace: Option<Box<crate::telemetry::trace::Span>>,
 }
 
 /// The request's identity for the access log, captured before the request went upstream.
@@ -41,6 +43,8 @@ pub struct LogParts {
     pub authority: Option<HeaderValue>,
     pub request_id: Option<HeaderValue>,
     pub client: SocketAddr,
+    /// The caller's verified identity (`spiffe://...`; inbound mutual TLS).
+    pub caller: Option<Arc<str>>,
     pub received: Received,
 }
 
@@ -55,8 +59,11 @@ impl Completion {
         self.error.get_or_insert(code);
     }
 
-    pub fn finish(self, bytes_sent: u64) {
+    pub fn finish(mut self, bytes_sent: u64) {
         let total = self.start.elapsed();
+        if let Some(span) = self.trace.take() {
+            super::record::trace_ended(span, &self, total);
+        }
         let overhead = self.headers_time.saturating_sub(self.upstream_time);
         let metrics = match (&self.endpoint, &self.cluster) {
             (Some(ep), _) => Some(&ep.endpoint().metrics),
@@ -77,7 +84,7 @@ impl Completion {
                 .as_ref()
                 .map(|c| c.service.clone())
                 .unwrap_or_else(|| Arc::from(""));
-            log.sink.record(AccessRecord {
+            let record = AccessRecord {
                 start: log.wall_start,
                 direction: self.direction,
                 service,
@@ -98,7 +105,10 @@ impl Completion {
                 attempts: self.attempts,
                 request_id: log.request_id,
                 client: log.client,
-            });
+                caller: log.caller,
+            };
+            super::record::tap(&record, self.endpoint.as_ref().map(|e| &**e.endpoint()));
+            log.sink.record(record);
         }
     }
 }

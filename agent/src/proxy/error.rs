@@ -36,6 +36,10 @@ pub enum ProxyError {
     RateLimited,
     /// The inbound adaptive concurrency limit shed the request.
     Overloaded,
+    /// An inbound authorization rule refused the caller (or it has no identity).
+    UnauthorizedCaller,
+    /// The upstream's certificate names another service than the one asked for.
+    IdentityMismatch,
 }
 
 impl ProxyError {
@@ -53,12 +57,15 @@ impl ProxyError {
             Self::CircuitPending => "CIRCUIT_MAX_PENDING",
             Self::RateLimited => "RATE_LIMITED",
             Self::Overloaded => "OVERLOADED",
+            Self::UnauthorizedCaller => crate::governance::authz::UNAUTHORIZED_CALLER,
+            Self::IdentityMismatch => crate::tls::UPSTREAM_IDENTITY_MISMATCH,
         }
     }
 
     pub fn status(self) -> StatusCode {
         match self {
-            Self::ConnectFailed | Self::Reset => StatusCode::BAD_GATEWAY,
+            Self::ConnectFailed | Self::Reset | Self::IdentityMismatch => StatusCode::BAD_GATEWAY,
+            Self::UnauthorizedCaller => StatusCode::FORBIDDEN,
             Self::NoHealthyEndpoint
             | Self::CircuitOpen
             | Self::CircuitFull
@@ -80,7 +87,9 @@ impl ProxyError {
             | Self::CircuitOpen
             | Self::CircuitFull
             | Self::CircuitPending
-            | Self::Overloaded => "14",
+            | Self::Overloaded
+            | Self::IdentityMismatch => "14",
+            Self::UnauthorizedCaller => "7",
             Self::RateLimited => "8",
             Self::Timeout => "4",
             Self::UnknownService => "12",
@@ -102,6 +111,8 @@ impl ProxyError {
             Self::CircuitPending => "circuit breaker limit reached: too many requests waiting for a connection",
             Self::RateLimited => "rate limit exceeded",
             Self::Overloaded => "overloaded: the adaptive concurrency limit shed this request",
+            Self::UnauthorizedCaller => "the caller's identity is not allowed to make this request",
+            Self::IdentityMismatch => "the upstream's certificate does not name the service asked for",
         }
     }
 

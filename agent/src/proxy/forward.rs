@@ -7,6 +7,7 @@
 
 mod admit;
 mod attempt;
+mod authorize;
 mod prepare;
 mod select;
 
@@ -59,6 +60,8 @@ pub fn early_completion(
     start: Instant,
     cluster: Option<Arc<Cluster>>,
 ) -> Completion {
+    // Captured for the access log, or for a tap attached now whose filter may pass it.
+    let capture = ctx.shared.access_log.enabled() || record::tap_wants(cluster.as_deref(), req.uri().path());
     Completion {
         start,
         direction: ctx.listener.direction,
@@ -70,7 +73,8 @@ pub fn early_completion(
         attempts: 0,
         error: None,
         active: Some(ctx.activity.begin()),
-        log: ctx.shared.access_log.enabled().then(|| {
+        trace: None,
+        log: capture.then(|| {
             Box::new(LogParts {
                 sink: ctx.shared.access_log.clone(),
                 wall_start: SystemTime::now(),
@@ -79,6 +83,7 @@ pub fn early_completion(
                 authority: req.headers().get(header::HOST).cloned(),
                 request_id: req.headers().get(&headers::X_REQUEST_ID).cloned(),
                 client: ctx.client,
+                caller: ctx.peer.as_ref().map(|p| p.uri.clone()),
                 received: Received::Known(0),
             })
         }),
@@ -141,12 +146,25 @@ pub async fn forward(
         Err(e) => return Ok(fail(e, grpc, completion)),
     };
 
+    // Stage authorize (inbound with mTLS): the caller's identity against the rules, then on
+    // to the app as `x-vmesh-caller`. Plaintext listeners pay one branch.
+    if ctx.peer.is_some() || cluster.authz.is_some() {
+        if !authorize::allowed(ctx, &cluster, &p.parts) {
+            return Ok(fail(ProxyError::UnauthorizedCaller, grpc, completion));
+        }
+        authorize::stamp_caller(ctx, &mut p.parts);
+    }
+
     // Stage colour: mark the request (rules, the VM's own colour, headers carried from the
     // inbound request it serves) before routes match, so rules can match the colour.
     let colour = select::colour(ctx, table, &cluster, &mut p.parts);
 
     // Stage route: the first matching rule of the addressed service.
     let route = select::route(&cluster, &p.parts);
+    if let Some(span) = completion.trace.as_mut() {
+        span.route = route.as_ref().map(|r| r.name.clone());
+        span.colour = select::header_colour(table, &colour, &p.parts);
+    }
     let cluster = match route.as_ref().and_then(|r| r.service.as_deref()) {
         Some(s) if *s != *cluster.service => match table.services.get(s) {
             Some(c) => {
@@ -246,6 +264,7 @@ pub async fn forward(
     let mut body = Some(body);
     let mut exclude = None;
     let mut _retry_tokens = None;
+    let mut identity_mismatch = false;
     loop {
         completion.attempts += 1;
         // Stage pick.
@@ -276,8 +295,21 @@ pub async fn forward(
 
         // Stage try.
         let sent_at = Instant::now();
+        if let Some(span) = completion.trace.as_mut() {
+            span.sent(sent_at);
+        }
         let try_deadline = per_try_timeout.map_or(deadline, |d| (sent_at + d).min(deadline));
-        let result = attempt::send(&cluster, endpoint, upstream_req, &p.path, h2, try_deadline, deadline).await;
+        let result = attempt::send(
+            &cluster,
+            endpoint,
+            upstream_req,
+            &p.path,
+            h2,
+            try_deadline,
+            deadline,
+            &mut identity_mismatch,
+        )
+        .await;
         let answered_at = Instant::now();
         let rtt = answered_at.saturating_duration_since(sent_at);
         completion.upstream_time += rtt;
@@ -305,6 +337,10 @@ pub async fn forward(
             Ok((resp, conn)) => {
                 admitted.finish(resp.status().as_u16(), start, answered_at);
                 respond(resp, conn, completion, p.on_upgrade, p.close_after)
+            }
+            // A callee that is not the service asked for is never a fallback's case.
+            Err(TryOutcome::ConnectFailed) if identity_mismatch => {
+                admitted.finish_with_error(fail(ProxyError::IdentityMismatch, grpc, completion))
             }
             Err(TryOutcome::ConnectFailed) => {
                 admitted.finish_with_error(fail_or_fallback(ProxyError::ConnectFailed, grpc, fallback, completion))

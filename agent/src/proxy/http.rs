@@ -10,7 +10,7 @@ use http::{header, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ResponseBody;
 use super::error::ProxyError;
@@ -45,13 +45,12 @@ pub fn server_builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves `stream` until it closes, or until draining has let its in-flight requests finish.
-pub async fn serve(
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    mut drain: DrainWatch,
-) {
+/// Serves `stream` (TCP, or TLS over TCP) until it closes, or until draining has let its
+/// in-flight requests finish.
+pub async fn serve<S>(builder: Arc<auto::Builder<TokioExecutor>>, stream: S, ctx: Arc<ConnCtx>, mut drain: DrainWatch)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = ctx.activity.clone();
     let idle_timeout = ctx.shared.limits.idle_timeout.get();
     let service = ProxyService(ctx);

@@ -10,8 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use super::{http, tcp, ConnCtx, DrainWatch, ListenerCtx, Shared};
-use crate::config::{Config, Protocol};
+use crate::config::{Config, Protocol, TlsMode};
 use crate::telemetry::metrics::Direction;
+use crate::tls::Accepted;
 
 /// What a listener serves.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -27,6 +28,9 @@ pub struct ListenerSpec {
     pub addr: SocketAddr,
     pub kind: ListenerKind,
     pub protocol: Protocol,
+    /// TLS from clients (the inbound listener's `mode`; the app-facing outbound ones are
+    /// plaintext).
+    pub mode: TlsMode,
 }
 
 /// A running listener. `update` retargets it (same address, new kind or protocol) for the
@@ -42,6 +46,7 @@ pub struct Running {
 struct Target {
     ctx: Arc<ListenerCtx>,
     protocol: Protocol,
+    mode: TlsMode,
 }
 
 impl Target {
@@ -58,6 +63,7 @@ impl Target {
         Self {
             ctx,
             protocol: spec.protocol,
+            mode: spec.mode,
         }
     }
 }
@@ -71,6 +77,7 @@ impl ListenerSpec {
                 addr: inb.listen,
                 kind: ListenerKind::Inbound,
                 protocol: inb.protocol,
+                mode: inb.mode,
             });
         }
         if let Some(addr) = c.proxy.shared_outbound_listen {
@@ -78,6 +85,7 @@ impl ListenerSpec {
                 addr,
                 kind: ListenerKind::SharedOutbound,
                 protocol: Protocol::Http,
+                mode: TlsMode::Plaintext,
             });
         }
         for o in &c.outbound {
@@ -86,6 +94,7 @@ impl ListenerSpec {
                     addr,
                     kind: ListenerKind::Outbound(o.service.clone()),
                     protocol: o.protocol,
+                    mode: TlsMode::Plaintext,
                 });
             }
         }
@@ -102,15 +111,22 @@ impl ListenerSpec {
 }
 
 /// The listener for `addr`: the one systemd passed (socket activation), else a new one.
+/// Unless a socket unit holds it, the socket also goes to systemd's fd store so that it
+/// outlives a restart (`activation::keep`).
 pub fn take_or_bind(inherited: &mut super::activation::Inherited, addr: SocketAddr) -> std::io::Result<TcpListener> {
-    match inherited.take(addr) {
+    let socket_unit = inherited.from_socket_unit(addr);
+    let listener = match inherited.take(addr) {
         Some(l) => {
             tracing::info!(%addr, "using the listening socket passed by systemd");
             l.set_nonblocking(true)?;
-            TcpListener::from_std(l)
+            TcpListener::from_std(l)?
         }
-        None => bind(addr),
+        None => bind(addr)?,
+    };
+    if !socket_unit {
+        super::activation::keep(&listener, addr);
     }
+    Ok(listener)
 }
 
 /// Binds a TCP listener with address reuse and a deep backlog.
@@ -154,6 +170,13 @@ impl Running {
     pub fn stop(self) {
         let _ = self.stop.send(true);
     }
+
+    /// A reload removed this listener: stop it and take its socket out of systemd's fd store
+    /// (at shutdown `stop` alone: the socket stays stored for the next run).
+    pub fn remove(self) {
+        super::activation::forget(self.spec.addr);
+        self.stop();
+    }
 }
 
 async fn accept_loop(
@@ -192,11 +215,15 @@ async fn accept_loop(
         active.inc();
         let conn_drain = drain.clone();
         let active = active.clone();
-        let Target { ctx, protocol } = target.borrow().clone();
+        let Target { ctx, protocol, mode } = target.borrow().clone();
         let spawn_ctx = (shared.clone(), builder.clone());
         tokio::spawn(async move {
             let (shared, builder) = spawn_ctx;
-            serve_conn(stream, peer, protocol, shared, ctx, builder, conn_drain).await;
+            if mode == TlsMode::Plaintext || protocol == Protocol::Tcp {
+                serve_conn(stream, peer, protocol, shared, ctx, builder, conn_drain).await;
+            } else {
+                serve_tls_conn(stream, peer, mode, shared, ctx, builder, conn_drain).await;
+            }
             active.dec();
             drop(permit);
         });
@@ -225,8 +252,58 @@ async fn serve_conn(
         client: peer,
         client_ip,
         activity: super::ConnActivity::new(),
+        peer: None,
     });
     http::serve(builder, stream, ctx, drain).await;
+}
+
+/// A connection on a `permissive` or `strict` listener: mutual TLS (with the caller's
+/// identity), or plaintext where permitted (counted), else closed with a counted code.
+async fn serve_tls_conn(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mode: TlsMode,
+    shared: Arc<Shared>,
+    listener: Arc<ListenerCtx>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: DrainWatch,
+) {
+    let accepted = crate::tls::accept(stream, mode, shared.limits.header_read_timeout.get()).await;
+    let client_ip = ::http::HeaderValue::from_str(&peer.ip().to_string())
+        .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
+    let ctx = |identity| {
+        Arc::new(ConnCtx {
+            shared: shared.clone(),
+            listener: listener.clone(),
+            client: peer,
+            client_ip,
+            activity: super::ConnActivity::new(),
+            peer: identity,
+        })
+    };
+    match accepted {
+        Ok(Accepted::Tls(tls, identity)) => http::serve(builder, tls, ctx(identity), drain).await,
+        Ok(Accepted::Plain(tcp)) => {
+            shared
+                .metrics
+                .inbound_plaintext_connections
+                .get_or_create(&crate::telemetry::metrics::ListenerLabels {
+                    listener: listener.name.clone(),
+                })
+                .inc();
+            http::serve(builder, tcp, ctx(None), drain).await;
+        }
+        Err(e) => {
+            tracing::debug!(listener = %listener.name, client = %peer, error = %e, "connection refused");
+            if let Some(code) = e.code() {
+                shared
+                    .metrics
+                    .tls_refused
+                    .get_or_create(&crate::telemetry::metrics::CodeLabels { code })
+                    .inc();
+            }
+        }
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {

@@ -7,6 +7,10 @@
 //! boxing: the request path pays one short uncontended lock to pop and one to push.
 //!
 //! HTTP/2 clusters use `client.rs` (one multiplexed connection serves every request).
+//!
+//! An upstream in `mode = "strict"` dials mutual TLS (`tls::connect`, identity checked at the
+//! handshake); idle connections remember whether they are TLS, so a reload that changes the
+//! mode never reuses a connection of the other kind.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,8 +25,12 @@ use tokio::net::TcpStream;
 
 use super::body::RequestBody;
 
-/// A sender on one upstream HTTP/1.1 connection.
-pub type Conn = http1::SendRequest<RequestBody>;
+/// A sender on one upstream HTTP/1.1 connection, and whether it is mutual TLS.
+#[derive(Debug)]
+pub struct Conn {
+    sender: http1::SendRequest<RequestBody>,
+    tls: bool,
+}
 
 /// Idle connections of one endpoint.
 #[derive(Debug)]
@@ -50,6 +58,9 @@ pub enum SendError {
     /// A new connection was needed and the breaker's `max_pending_requests` refused it.
     #[error("{0}")]
     Pending(crate::resilience::breaker::Rejected),
+    /// The mutual TLS handshake failed, or the endpoint's certificate names another service.
+    #[error("{0}")]
+    Tls(crate::tls::ConnectError),
 }
 
 /// How long an idle connection is kept before it is closed.
@@ -69,29 +80,31 @@ impl ConnPool {
     /// Sends `req` on an idle connection, or a new one. A pooled connection found closed
     /// before the request went out is dropped and the request goes on the next one. With a
     /// `breaker`, a request that must dial counts as pending while it dials (Envoy's
-    /// `max_pending_requests`: requests waiting for a connection).
+    /// `max_pending_requests`: requests waiting for a connection). With `tls` (the service an
+    /// mTLS upstream must prove to be), connections are mutual TLS.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
         connect_timeout: Duration,
         breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
+        tls: Option<&Arc<str>>,
     ) -> Result<(Response<Incoming>, Conn), SendError> {
         loop {
-            let (mut conn, reused) = match self.pop() {
+            let (mut conn, reused) = match self.pop(tls.is_some()) {
                 Some(c) => (c, true),
                 None => {
                     let _pending = breaker.map(|b| b.pending()).transpose().map_err(SendError::Pending)?;
-                    (self.connect(connect_timeout).await?, false)
+                    (self.connect(connect_timeout, tls).await?, false)
                 }
             };
-            if let Err(e) = conn.ready().await {
+            if let Err(e) = conn.sender.ready().await {
                 if reused {
                     continue;
                 }
                 // A new connection that closed before its first request: a failed connect.
                 return Err(SendError::Connect(std::io::Error::other(e)));
             }
-            match conn.try_send_request(req).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => return Ok((resp, conn)),
                 Err(mut e) => match e.take_message() {
                     // Never written: safe to send again on another connection.
@@ -104,7 +117,7 @@ impl ConnPool {
 
     /// Returns a connection whose last response was read to the end.
     pub fn put(self: &Arc<Self>, conn: Conn) {
-        if conn.is_closed() {
+        if conn.sender.is_closed() {
             return;
         }
         let Ok(mut idle) = self.idle.lock() else { return };
@@ -132,17 +145,17 @@ impl ConnPool {
         self.idle.lock().map_or(0, |i| i.len())
     }
 
-    fn pop(&self) -> Option<Conn> {
+    fn pop(&self, tls: bool) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
         while let Some(i) = idle.pop() {
-            if !i.conn.is_closed() {
+            if !i.conn.sender.is_closed() && i.conn.tls == tls {
                 return Some(i.conn);
             }
         }
         None
     }
 
-    async fn connect(&self, timeout: Duration) -> Result<Conn, SendError> {
+    async fn connect(&self, timeout: Duration, tls: Option<&Arc<str>>) -> Result<Conn, SendError> {
         let stream = match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(SendError::Connect(e)),
@@ -154,6 +167,19 @@ impl ConnPool {
             }
         };
         let _ = stream.set_nodelay(true);
+        if let Some(service) = tls {
+            let tls = crate::tls::connect(stream, self.addr, false, service)
+                .await
+                .map_err(SendError::Tls)?;
+            return self.handshake(tls, true).await;
+        }
+        self.handshake(stream, false).await
+    }
+
+    async fn handshake<S>(&self, stream: S, tls: bool) -> Result<Conn, SendError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         // Flattened writes, as on the downstream side (see http.rs).
         let (conn, driver) = http1::Builder::new()
             .writev(false)
@@ -166,7 +192,7 @@ impl ConnPool {
                 tracing::debug!(upstream = %addr, error = %e, "upstream connection error");
             }
         });
-        Ok(conn)
+        Ok(Conn { sender: conn, tls })
     }
 
     /// Closes connections idle for longer than `IDLE_TIMEOUT`; returns how many are left.
@@ -175,7 +201,7 @@ impl ConnPool {
         // The stack is oldest first: the expired ones are a prefix.
         let expired = idle
             .iter()
-            .take_while(|i| now.duration_since(i.since) >= IDLE_TIMEOUT || i.conn.is_closed())
+            .take_while(|i| now.duration_since(i.since) >= IDLE_TIMEOUT || i.conn.sender.is_closed())
             .count();
         idle.drain(..expired);
         idle.len()
@@ -253,7 +279,7 @@ mod tests {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
         for _ in 0..3 {
-            let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
+            let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
             assert_eq!(body(resp).await, "conn1");
             pool.put(conn);
         }
@@ -265,9 +291,9 @@ mod tests {
     async fn a_connection_not_returned_is_not_reused() {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
+        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
         drop((resp, conn));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
+        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
         assert_eq!(body(resp).await, "conn2");
         pool.put(conn);
         assert_eq!(conns.load(Ordering::SeqCst), 2);
@@ -279,7 +305,10 @@ mod tests {
         let addr = l.local_addr().unwrap();
         drop(l);
         let pool = Arc::new(ConnPool::new(addr));
-        let err = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap_err();
+        let err = pool
+            .send(get(addr), Duration::from_secs(1), None, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
     }
 
@@ -287,7 +316,7 @@ mod tests {
     async fn expired_connections_are_closed() {
         let (addr, _) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None).await.unwrap();
+        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
         body(resp).await;
         pool.put(conn);
         assert_eq!(pool.expire(Instant::now()), 1);
@@ -306,21 +335,21 @@ mod tests {
         // One request is dialling: the next one that must dial is refused...
         let dialling = breaker.pending().unwrap();
         let err = pool
-            .send(get(addr), Duration::from_secs(1), Some(&breaker))
+            .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap_err();
         assert!(matches!(err, SendError::Pending(_)), "{err:?}");
         drop(dialling);
         // ...while one that finds an idle connection needs no pending slot.
         let (resp, conn) = pool
-            .send(get(addr), Duration::from_secs(1), Some(&breaker))
+            .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();
         body(resp).await;
         pool.put(conn);
         let _dialling = breaker.pending().unwrap();
         let (resp, _) = pool
-            .send(get(addr), Duration::from_secs(1), Some(&breaker))
+            .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();
         assert_eq!(body(resp).await, "conn1");

@@ -19,11 +19,21 @@ pub struct Consul {
 const WRITE_TRIES: u32 = 4;
 
 impl Consul {
-    pub fn new(address: &str, token: Option<String>) -> Result<Self, RegistryError> {
-        let client = reqwest::Client::builder()
+    /// A client of the Consul agent at `address`. `ca_pem`: CA certificates trusted besides the
+    /// system's store (`registry.ca_file`). Redirects are not followed: a request carries the
+    /// ACL token, and a redirect could take it to another host.
+    pub fn new(address: &str, token: Option<String>, ca_pem: Option<&[u8]>) -> Result<Self, RegistryError> {
+        let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .build()
-            .map_err(|e| RegistryError::BadResponse(e.to_string()))?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = ca_pem {
+            for cert in reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| RegistryError::BadResponse(format!("registry.ca_file: {e}")))?
+            {
+                b = b.add_root_certificate(cert);
+            }
+        }
+        let client = b.build().map_err(|e| RegistryError::BadResponse(e.to_string()))?;
         Ok(Self {
             base: address.trim_end_matches('/').to_owned(),
             token,

@@ -31,6 +31,10 @@ pub struct Etcd {
     client: Mutex<Option<Client>>,
     lease: Arc<Mutex<Option<i64>>>,
     lease_ttl: Duration,
+    /// etcd authentication: user and password.
+    auth: Option<(String, String)>,
+    /// CA certificates (PEM) for an `https://` cluster, besides the system's trust store.
+    ca_pem: Option<Vec<u8>>,
 }
 
 pub fn service_prefix(service: &str) -> String {
@@ -42,10 +46,15 @@ fn err(e: etcd_client::Error) -> RegistryError {
 }
 
 impl Etcd {
-    pub fn new(address: &str, lease_ttl: Duration) -> Self {
+    /// A client of the etcd cluster at `address` (comma-separated endpoints). `auth`: the user
+    /// and password of etcd's authentication; `ca_pem`: the CA of an `https://` cluster (else
+    /// the system's trust store).
+    pub fn new(address: &str, lease_ttl: Duration, auth: Option<(String, String)>, ca_pem: Option<Vec<u8>>) -> Self {
         let endpoints = address.split(',').map(|a| a.trim().to_owned()).collect();
         Self {
             endpoints,
+            auth,
+            ca_pem,
             client: Mutex::new(None),
             lease: Arc::new(Mutex::new(None)),
             lease_ttl,
@@ -61,10 +70,20 @@ impl Etcd {
             return Ok(c.clone());
         }
         // No per-request timeout: it would also cut the watch stream.
-        let opts = etcd_client::ConnectOptions::new()
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10))
             .with_keep_alive_while_idle(true);
+        if let Some((user, password)) = &self.auth {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        if self.endpoints.iter().any(|e| e.starts_with("https://")) {
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(pem) = &self.ca_pem {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(pem));
+            }
+            opts = opts.with_tls(tls);
+        }
         let c = Client::connect(&self.endpoints, Some(opts)).await.map_err(err)?;
         *guard = Some(c.clone());
         Ok(c)

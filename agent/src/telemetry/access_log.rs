@@ -48,6 +48,8 @@ pub struct AccessRecord {
     pub attempts: u32,
     pub request_id: Option<HeaderValue>,
     pub client: SocketAddr,
+    /// The caller's verified identity (`spiffe://...`), when it came over mutual TLS.
+    pub caller: Option<Arc<str>>,
 }
 
 /// The recording side, cloned into every listener. When the last clone goes, the writer writes

@@ -1,7 +1,8 @@
 //! The agent's Prometheus metrics. Label sets are bounded (direction, service, env, class,
 //! code); the request path holds pre-resolved handles and never touches a family's lock.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
@@ -10,6 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use super::histogram::LatencyHistogram;
+use super::host::HostMetric;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -97,6 +99,11 @@ pub struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
     pub code: &'static str,
 }
@@ -120,7 +127,18 @@ pub struct Metrics {
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections: Family<ListenerLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    /// Plaintext connections accepted by a `permissive` listener (callers not yet on mTLS).
+    pub inbound_plaintext_connections: Family<ListenerLabels, Counter>,
+    /// Connections a TLS listener closed without serving, by code (`TLS_PLAINTEXT_REFUSED`,
+    /// `TLS_HANDSHAKE_FAILED`, `TLS_HANDSHAKE_TIMEOUT`, `TLS_NOT_CONFIGURED`).
+    pub tls_refused: Family<CodeLabels, Counter>,
+    /// Certificate reloads by result (`ok`, `failed`).
+    pub tls_reloads: Family<ResultLabels, Counter>,
     pub access_log_dropped: Counter,
+    /// Spans sent to the OTLP receiver (`[tracing]`).
+    pub trace_spans_exported: Counter,
+    /// Spans lost, by reason: `queue_full`, `export_failed`.
+    trace_spans_dropped: Family<ReasonLabels, Counter>,
     /// Registry writes by operation (register, health, maintenance, deregister, anti-entropy).
     pub registry_writes: Family<OpLabels, Counter>,
     pub registry_errors: Family<CodeLabels, Counter>,
@@ -142,6 +160,20 @@ pub struct Metrics {
     pub shift_fallbacks: Family<OutboundLabels, Counter>,
     /// 1 while a service's slow starts are suspended (more than half its endpoints ramping).
     pub ramp_suspended: Family<OutboundLabels, Gauge>,
+    /// Every (upstream, overhead) histogram pair handed out, by labels: the host sampler sums
+    /// them once a second for `/doctor` (a family cannot be iterated).
+    timings: Mutex<HashMap<ServiceLabels, (LatencyHistogram, LatencyHistogram)>>,
+}
+
+/// Buckets of a latency histogram: `histogram::BUCKETS` and +Inf.
+pub const TIMING_BUCKETS: usize = super::histogram::BUCKETS.len() + 1;
+
+/// Bucket counts (not cumulative, +Inf last) of all upstream and all overhead histograms
+/// summed, since the start.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimingTotals {
+    pub upstream: [u64; TIMING_BUCKETS],
+    pub overhead: [u64; TIMING_BUCKETS],
 }
 
 /// Handles for one (direction, service, env): what the request path updates.
@@ -191,7 +223,12 @@ impl Metrics {
             connections_active: Family::default(),
             connections: Family::default(),
             config_reloads: Family::default(),
+            inbound_plaintext_connections: Family::default(),
+            tls_refused: Family::default(),
+            tls_reloads: Family::default(),
             access_log_dropped: Counter::default(),
+            trace_spans_exported: Counter::default(),
+            trace_spans_dropped: Family::default(),
             registry_writes: Family::default(),
             registry_errors: Family::default(),
             cmdb_errors: Family::default(),
@@ -203,6 +240,7 @@ impl Metrics {
             shift_weight: Family::default(),
             shift_fallbacks: Family::default(),
             ramp_suspended: Family::default(),
+            timings: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -268,9 +306,30 @@ impl Metrics {
         );
         registry.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
         registry.register(
+            "inbound_plaintext_connections",
+            "Plaintext connections accepted by a permissive (mTLS and plaintext) listener",
+            m.inbound_plaintext_connections.clone(),
+        );
+        registry.register(
+            "tls_connections_refused",
+            "Connections a TLS listener closed without serving, by code",
+            m.tls_refused.clone(),
+        );
+        registry.register("tls_reloads", "Certificate reloads by result", m.tls_reloads.clone());
+        registry.register(
             "access_log_dropped",
             "Access-log lines dropped: more waiting for the writer than its bound, or a failed write",
             m.access_log_dropped.clone(),
+        );
+        registry.register(
+            "trace_spans_exported",
+            "Spans accepted by the OTLP receiver",
+            m.trace_spans_exported.clone(),
+        );
+        registry.register(
+            "trace_spans_dropped",
+            "Spans lost, by reason: queue_full (more waiting than tracing.queue_size) or export_failed",
+            m.trace_spans_dropped.clone(),
         );
         registry.register(
             "registry_writes",
@@ -319,6 +378,22 @@ impl Metrics {
             "1 while slow starts are suspended because more than half of the service ramps",
             m.ramp_suspended.clone(),
         );
+        registry.register(
+            "host_cpu_pressure_ratio",
+            "Share of the last 10 s in which a runnable task waited for a CPU (PSI cpu some avg10), for the host or the agent's cgroup",
+            HostMetric::CpuPressure,
+        );
+        registry.register(
+            "host_cpu_steal_ratio",
+            "Share of CPU time stolen by the hypervisor over the last second",
+            HostMetric::CpuSteal,
+        );
+        registry.register("host_run_queue", "Tasks running or runnable now", HostMetric::RunQueue);
+        registry.register(
+            "agent_cpu_ratio",
+            "The agent's own CPU time over the last second, as a share of all CPUs",
+            HostMetric::AgentCpu,
+        );
         Arc::new(Self { registry, ..m })
     }
 
@@ -339,12 +414,33 @@ impl Metrics {
                 })
                 .clone()
         });
+        let upstream = self.upstream_duration.get_or_create(&labels).clone();
+        let overhead = self.overhead.get_or_create(&labels).clone();
+        self.timings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(labels.clone())
+            .or_insert_with(|| (upstream.clone(), overhead.clone()));
         RequestMetrics {
             by_class,
             duration: self.request_duration.get_or_create(&labels).clone(),
-            upstream: self.upstream_duration.get_or_create(&labels).clone(),
-            overhead: self.overhead.get_or_create(&labels).clone(),
+            upstream,
+            overhead,
         }
+    }
+
+    /// The bucket counts of every upstream and every overhead histogram, summed.
+    pub fn timing_totals(&self) -> TimingTotals {
+        let mut t = TimingTotals::default();
+        let timings = self.timings.lock().unwrap_or_else(PoisonError::into_inner);
+        for (upstream, overhead) in timings.values() {
+            for (sum, h) in [(&mut t.upstream, upstream), (&mut t.overhead, overhead)] {
+                for (i, (_, n)) in h.snapshot().2.into_iter().enumerate().take(TIMING_BUCKETS) {
+                    sum[i] += n;
+                }
+            }
+        }
+        t
     }
 
     pub fn cluster(&self, direction: Direction, service: &str) -> ClusterMetrics {
@@ -360,6 +456,11 @@ impl Metrics {
             errors: Some((self.proxy_errors.clone(), labels)),
             no_endpoint: self.request(direction, service, "none"),
         }
+    }
+
+    /// The counter of spans dropped for `reason` (resolved once, by the tracer's start).
+    pub fn trace_spans_dropped(&self, reason: &'static str) -> Counter {
+        self.trace_spans_dropped.get_or_create(&ReasonLabels { reason }).clone()
     }
 
     pub fn listener(&self, name: &str) -> (Gauge, Counter) {

@@ -17,7 +17,9 @@ use crate::route::Cluster;
 /// A response and, for HTTP/1.1, the pooled connection it came on.
 pub type Answer = (Response<Incoming>, Option<Conn>);
 
-/// Sends `req` (head and body set, URI not yet) to `endpoint`.
+/// Sends `req` (head and body set, URI not yet) to `endpoint`. A connect refused because the
+/// endpoint's certificate names another service sets `identity_mismatch`.
+#[allow(clippy::too_many_arguments)] // the try's inputs, each used once
 pub async fn send(
     cluster: &Cluster,
     endpoint: &Endpoint,
@@ -26,6 +28,7 @@ pub async fn send(
     h2: bool,
     try_deadline: Instant,
     deadline: Instant,
+    identity_mismatch: &mut bool,
 ) -> Result<Answer, TryOutcome> {
     let sent = if h2 {
         // One multiplexed connection per endpoint, from the cluster's HTTP/2 client.
@@ -36,6 +39,9 @@ pub async fn send(
                 Ok(resp) => Ok((resp, None)),
                 Err(e) => {
                     tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
+                    if crate::tls::identity_mismatch_in(&e) {
+                        *identity_mismatch = true;
+                    }
                     Err(if e.is_connect() {
                         TryOutcome::ConnectFailed
                     } else {
@@ -53,9 +59,12 @@ pub async fn send(
         }
         tokio::time::timeout_at(
             try_deadline.into(),
-            endpoint
-                .pool
-                .send(req, cluster.connect_timeout, cluster.breaker.as_ref()),
+            endpoint.pool.send(
+                req,
+                cluster.connect_timeout,
+                cluster.breaker.as_ref(),
+                cluster.mtls.as_ref(),
+            ),
         )
         .await
         .map(|r| match r {
@@ -66,6 +75,11 @@ pub async fn send(
                     SendError::Connect(_) => TryOutcome::ConnectFailed,
                     SendError::Http(_) => TryOutcome::Reset,
                     SendError::Pending(_) => TryOutcome::Refused,
+                    // Nothing was sent: like a refused connect, another endpoint may be tried.
+                    SendError::Tls(e) => {
+                        *identity_mismatch |= matches!(e, crate::tls::ConnectError::Identity { .. });
+                        TryOutcome::ConnectFailed
+                    }
                 })
             }
         })

@@ -79,6 +79,11 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         });
     }
     set_authority(&mut parts, h2);
+    // Tracing off: one load and one branch. On: this hop's `traceparent` for the next.
+    if let Some(tracer) = crate::telemetry::trace::tracer() {
+        let direction = ctx.listener.direction;
+        completion.trace = tracer.begin(&mut parts.headers, direction, completion.start, &parts.method, &path);
+    }
     Ok(Prepared {
         parts,
         path,

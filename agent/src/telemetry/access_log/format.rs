@@ -10,18 +10,23 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use http::HeaderValue;
 
 use super::AccessRecord;
+use crate::telemetry::host;
 use crate::telemetry::metrics::Direction;
 
 /// What repeats from line to line, kept per staging buffer: the `ts` text up to the second's dot
 /// (`2026-11-27T04:11:59.`) for the second it was made for, and the host part of the last
 /// upstream and client addresses. One date computation per second instead of one per line, and
-/// an address is formatted again only when it changes.
+/// an address is formatted again only when it changes. The same for the `host` object: made
+/// again only when the host sampler has stored a new sample (once a second).
 #[derive(Debug)]
 pub(super) struct Cache {
     sec: u64,
     prefix: [u8; 20],
     upstream: HostText,
     client: HostText,
+    /// The host sample's generation `host_text` was made from.
+    host_generation: u64,
+    host_text: Vec<u8>,
 }
 
 /// `a.b.c.d`, `[v6]` or `[v6%scope]`: an address's text before `:port`.
@@ -126,7 +131,16 @@ pub(super) fn line(out: &mut Vec<u8>, cache: &mut Cache, r: &AccessRecord) {
     }
     out.extend_from_slice(b",\"client\":\"");
     cache.client.write(out, r.client);
-    out.extend_from_slice(b"\"}\n");
+    match &r.caller {
+        Some(c) => {
+            out.extend_from_slice(b"\",\"caller\":");
+            string(out, c);
+            out.extend_from_slice(b",\"host\":");
+        }
+        None => out.extend_from_slice(b"\",\"caller\":null,\"host\":"),
+    }
+    cache.host(out);
+    out.extend_from_slice(b"}\n");
 }
 
 // === impl Cache ===
@@ -138,7 +152,22 @@ impl Cache {
             prefix: [0; 20],
             upstream: HostText::new(),
             client: HostText::new(),
+            host_generation: u64::MAX,
+            host_text: Vec::with_capacity(128),
         }
+    }
+
+    /// The access log's `host` object of the latest host sample (telemetry/host.rs): one
+    /// atomic load per line, formatted again once a second.
+    fn host(&mut self, out: &mut Vec<u8>) {
+        let gauges = host::monitor().gauges();
+        let generation = gauges.generation();
+        if generation != self.host_generation {
+            self.host_text.clear();
+            host::write_log_object(&mut self.host_text, &gauges.load());
+            self.host_generation = generation;
+        }
+        out.extend_from_slice(&self.host_text);
     }
 
     /// `2026-11-27T04:11:59.172908Z`: RFC 3339 in UTC with microseconds (truncated), as

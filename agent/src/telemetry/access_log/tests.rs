@@ -34,6 +34,17 @@ struct Reference<'a> {
     attempts: u32,
     request_id: &'a str,
     client: String,
+    caller: Option<&'a str>,
+    host: HostRef,
+}
+
+/// The `host` object: the host sampler's latest values (none run in unit tests: all null).
+#[derive(Serialize)]
+struct HostRef {
+    cpu_pressure: Option<f64>,
+    cpu_steal: Option<f64>,
+    run_queue: Option<u32>,
+    agent_cpu: Option<f64>,
 }
 
 fn reference(r: &AccessRecord) -> Vec<u8> {
@@ -60,6 +71,16 @@ fn reference(r: &AccessRecord) -> Vec<u8> {
         attempts: r.attempts,
         request_id: r.request_id.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
         client: r.client.to_string(),
+        caller: r.caller.as_deref(),
+        host: {
+            let h = crate::telemetry::host::monitor().gauges().load();
+            HostRef {
+                cpu_pressure: h.cpu_pressure,
+                cpu_steal: h.cpu_steal,
+                run_queue: h.run_queue,
+                agent_cpu: h.agent_cpu,
+            }
+        },
     };
     let mut out = serde_json::to_vec(&line).unwrap();
     out.push(b'\n');
@@ -96,6 +117,7 @@ fn record(uri: &str) -> AccessRecord {
         attempts: 1,
         request_id: Some(HeaderValue::from_static("abc")),
         client: SocketAddr::from(([127, 0, 0, 2], 5555)),
+        caller: None,
     }
 }
 
@@ -109,7 +131,8 @@ fn a_record_is_one_json_line_with_every_field() {
             r#""method":"POST","authority":"orders:80","path":"/a/b?c=1","status":201,"#,
             r#""upstream":"127.0.0.1:8080","error":null,"bytes_received":3,"bytes_sent":10,"#,
             r#""duration_us":1500,"upstream_us":1200,"overhead_us":300,"attempts":1,"#,
-            r#""request_id":"abc","client":"127.0.0.2:5555"}"#,
+            r#""request_id":"abc","client":"127.0.0.2:5555","caller":null,"#,
+            r#""host":{"cpu_pressure":null,"cpu_steal":null,"run_queue":null,"agent_cpu":null}}"#,
             "\n"
         )
     );
@@ -289,6 +312,7 @@ fn any_record(base: u64) -> impl Strategy<Value = AccessRecord> {
                 overhead,
                 attempts,
                 request_id,
+                caller: (client.port() % 2 == 0).then(|| Arc::from("spiffe://td/ns/prod/sa/web")),
                 client,
             }
         })
@@ -336,7 +360,7 @@ proptest! {
             prop_assert_eq!(keys, vec![
                 "ts", "direction", "service", "method", "authority", "path", "status", "upstream",
                 "error", "bytes_received", "bytes_sent", "duration_us", "upstream_us",
-                "overhead_us", "attempts", "request_id", "client",
+                "overhead_us", "attempts", "request_id", "client", "caller", "host",
             ]);
             let since = r.start.duration_since(UNIX_EPOCH).unwrap();
             let ts = humantime::parse_rfc3339(v["ts"].as_str().unwrap()).unwrap();

@@ -1,5 +1,6 @@
-//! Graceful drain: a signal that listeners stop accepting and connections finish their
-//! in-flight requests, and a wait until every connection has ended.
+//! Connection shutdown at SIGTERM: a signal that listeners stop accepting and connections
+//! finish their in-flight requests, and a wait until every connection has ended. (Taking the
+//! instance out of traffic, `vmesh drain`, is `lifecycle/drain.rs` and `cli/drain.rs`.)
 
 use tokio::sync::watch;
 

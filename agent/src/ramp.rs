@@ -71,6 +71,95 @@ impl Ramp {
     }
 }
 
+// === impl RampBook ===
+
+/// This instance's slow start: its shape from `[inbound.ramp]` and its start (from the store,
+/// the registry, or begun by this run). The registrar keeps one; it does no I/O.
+#[derive(Clone, Debug, Default)]
+pub struct RampBook {
+    shape: Option<Ramp>,
+    record: Option<RampRecord>,
+}
+
+impl RampBook {
+    /// No `[inbound]` (a caller-only agent): no shape, every weight is the target's.
+    pub fn new(inbound: Option<&crate::config::InboundConfig>, record: Option<RampRecord>) -> Self {
+        let shape = inbound.map(|i| Ramp {
+            window: i.ramp.window.get(),
+            aggression: i.ramp.aggression,
+            steps: i.ramp.steps.clone(),
+        });
+        Self { shape, record }
+    }
+
+    pub fn record(&self) -> Option<RampRecord> {
+        self.record
+    }
+
+    pub fn set(&mut self, record: RampRecord) {
+        self.record = Some(record);
+    }
+
+    /// A new ramp from weight 1 starting at `now_unix`: the record to store, or `None` without
+    /// a shape.
+    pub fn begin(&mut self, now_unix: u64) -> Option<RampRecord> {
+        let shape = self.shape.as_ref()?;
+        let record = RampRecord {
+            start: now_unix,
+            window_secs: shape.window.as_secs(),
+        };
+        self.record = Some(record);
+        Some(record)
+    }
+
+    pub fn window(&self) -> Option<Duration> {
+        self.shape.as_ref().map(|s| s.window)
+    }
+
+    fn elapsed(&self, now_unix: u64) -> Option<Duration> {
+        Some(Duration::from_secs(now_unix.saturating_sub(self.record?.start)))
+    }
+
+    /// The step weight (1..=100) to advertise now: 1 before a ramp began (when there is one to
+    /// begin), 100 without a ramp.
+    pub fn advertised(&self, now_unix: u64) -> u32 {
+        match (&self.shape, self.elapsed(now_unix)) {
+            (Some(shape), Some(elapsed)) => shape.advertised_at(elapsed),
+            (Some(shape), None) if !shape.window.is_zero() => 1,
+            _ => 100,
+        }
+    }
+
+    /// The weight callers interpolate to now, scaled to `target` (the CMDB's weight).
+    pub fn effective(&self, now_unix: u64, target: u32) -> u32 {
+        match (&self.shape, self.elapsed(now_unix)) {
+            (Some(shape), Some(elapsed)) => scale(shape.weight_at(elapsed), target),
+            _ => target,
+        }
+    }
+
+    /// How long until the next step write is due, if a step is left.
+    pub fn next_step_in(&self, now_unix: u64) -> Option<Duration> {
+        let (wait, _) = self.shape.as_ref()?.next_step_in(self.record?, now_unix)?;
+        Some(wait)
+    }
+
+    /// The registry metadata callers read the ramp from (`vmesh-ramp-*`), empty without one.
+    pub fn meta(&self) -> Vec<(&'static str, String)> {
+        let (Some(r), Some(shape)) = (self.record, &self.shape) else {
+            return Vec::new();
+        };
+        let mut meta = vec![
+            ("vmesh-ramp-start", r.start.to_string()),
+            ("vmesh-ramp-window", r.window_secs.to_string()),
+        ];
+        if (shape.aggression - 1.0).abs() > f64::EPSILON {
+            meta.push(("vmesh-ramp-aggression", shape.aggression.to_string()));
+        }
+        meta
+    }
+}
+
 /// The weight (1..=100) of a ramp of `window` and `aggression` at `elapsed`.
 pub fn weight_at(window: Duration, aggression: f64, elapsed: Duration) -> u32 {
     if window.is_zero() || elapsed >= window {

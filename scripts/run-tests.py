@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Runs every test binary of the workspace, JOBS at a time (default 2), and reports each.
+
+`cargo test` runs its test binaries one after another; most of vmesh's end-to-end tests wait on
+real processes (upstreams, registries, Nautobot, systemd containers) far more than they compute,
+so two binaries side by side finish the suite in about half the time on a 2-core machine. Each
+binary still runs its own tests in parallel threads, as under `cargo test`, in its package's
+directory. The longest binaries (from the last run's timings in target/test-times.json) start
+first. Exit 0 only if every binary passed; the output of a failed one is printed in full.
+
+  python3 scripts/run-tests.py [--jobs N]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMES = ROOT / "target" / "test-times.json"
+
+
+def test_binaries():
+    """(name, executable, package dir) of every test binary, built if needed."""
+    out = subprocess.run(
+        ["cargo", "test", "--workspace", "--no-run", "--message-format=json"],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    ).stdout
+    found = []
+    for line in out.splitlines():
+        try:
+            msg = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if msg.get("reason") != "compiler-artifact" or not msg.get("profile", {}).get("test"):
+            continue
+        exe = msg.get("executable")
+        if not exe:
+            continue
+        target = msg["target"]
+        kinds = target.get("kind", [])
+        package_dir = str(Path(msg["manifest_path"]).parent)
+        pkg = Path(package_dir).name
+        name = f"{pkg}:{target['name']}" + (" (unit)" if "lib" in kinds or "bin" in kinds else "")
+        found.append((name, exe, package_dir))
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("VMESH_TEST_JOBS", "2")))
+    args = ap.parse_args()
+    binaries = test_binaries()
+    try:
+        last = json.loads(TIMES.read_text())
+    except (OSError, ValueError):
+        last = {}
+    binaries.sort(key=lambda b: -last.get(b[0], 60.0))
+    queue = list(binaries)
+    lock = threading.Lock()
+    results = {}
+    logs = ROOT / "target" / "test-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                name, exe, cwd = queue.pop(0)
+            log = logs / (name.replace(":", "-").replace(" ", "_") + ".log")
+            start = time.monotonic()
+            with open(log, "w") as f:
+                rc = subprocess.run([exe], cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+            took = time.monotonic() - start
+            summary = ""
+            for line in log.read_text(errors="replace").splitlines():
+                if line.startswith("test result:"):
+                    summary = line
+            with lock:
+                results[name] = (rc, took, log)
+                state = "ok" if rc == 0 else f"FAILED (exit {rc})"
+                print(f"[{len(results)}/{len(binaries)}] {name}: {state} in {took:.0f} s  {summary}", flush=True)
+
+    begin = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(max(1, args.jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    TIMES.write_text(json.dumps({n: round(r[1], 1) for n, r in results.items()}, indent=1, sort_keys=True))
+    failed = [(n, r) for n, r in results.items() if r[0] != 0]
+    for name, (_, _, log) in failed:
+        print(f"\n===== {name} failed: {log} =====")
+        print(log.read_text(errors="replace"))
+    print(
+        f"\n{len(results) - len(failed)} of {len(results)} test binaries passed in "
+        f"{time.monotonic() - begin:.0f} s ({args.jobs} at a time)"
+    )
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
