@@ -1,7 +1,9 @@
-//! Real clients other than curl: h2load, and the Python gRPC and WebSocket clients.
+//! Real clients other than curl: h2load, wrk, the Python gRPC and WebSocket clients, and
+//! `promtool check metrics`.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Output;
+use std::process::{Output, Stdio};
 
 use crate::fixture;
 use crate::tools;
@@ -117,4 +119,102 @@ fn count_before(text: &str, word: &str) -> u64 {
             (w.trim() == word).then(|| n.parse().ok()).flatten()
         })
         .unwrap_or(0)
+}
+
+/// The summary of a `wrk` run.
+#[derive(Debug, Clone, Default)]
+pub struct WrkSummary {
+    /// Requests completed (`N requests in ...`).
+    pub requests: u64,
+    /// Socket errors of every kind (connect, read, write, timeout), summed.
+    pub socket_errors: u64,
+    /// Answers with a status other than 2xx or 3xx.
+    pub non_2xx: u64,
+    /// wrk's stdout (its report).
+    pub output: String,
+}
+
+impl WrkSummary {
+    /// Parses wrk's report `out`; a count that is absent is 0.
+    pub fn parse(out: &str) -> WrkSummary {
+        let requests = out
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .split_once(" requests in ")
+                    .and_then(|(n, _)| n.trim().parse().ok())
+            })
+            .unwrap_or(0);
+        let socket_errors = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Socket errors:"))
+            .map(|rest| {
+                rest.split(',')
+                    .filter_map(|kv| kv.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let non_2xx = out
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        WrkSummary {
+            requests,
+            socket_errors,
+            non_2xx,
+            output: out.to_owned(),
+        }
+    }
+
+    /// The latency percentile `p` (`"99%"`, from `--latency`) in milliseconds; infinite when
+    /// the report has none.
+    pub fn latency_ms(&self, p: &str) -> f64 {
+        self.output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(p).map(str::trim))
+            .and_then(|v| {
+                let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+                let n: f64 = n.parse().ok()?;
+                Some(match unit {
+                    "us" => n / 1000.0,
+                    "ms" => n,
+                    "s" => n * 1000.0,
+                    "m" => n * 60_000.0,
+                    _ => return None,
+                })
+            })
+            .unwrap_or(f64::INFINITY)
+    }
+}
+
+/// Runs `wrk <args> <url>` to its end and parses its report.
+pub fn wrk(url: &str, args: &[&str]) -> WrkSummary {
+    let out = tools::command("wrk").args(args).arg(url).output().expect("run wrk");
+    WrkSummary::parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `promtool check metrics` on the Prometheus text `metrics`: whether it passed, and its
+/// stdout + stderr.
+pub fn promtool_check_metrics(metrics: &str) -> (bool, String) {
+    let mut child = tools::command("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(metrics.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), report)
 }

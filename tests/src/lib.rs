@@ -6,8 +6,10 @@
 //! fixed sleeps. A missing tool fails the test with a message naming the install script.
 
 pub mod agent;
+pub mod ansible;
 pub mod binary;
 pub mod clients;
+pub mod cmdb;
 pub mod consul;
 pub mod drain_load;
 pub mod etcd;
@@ -15,6 +17,7 @@ pub mod eventually;
 pub mod governance;
 pub mod http;
 pub mod k8s;
+pub mod keep_alive;
 pub mod lifecycle;
 pub mod nautobot;
 pub mod nspawn;

@@ -176,6 +176,42 @@ pub fn passing_ids(consul: &ConsulDouble, service: &str) -> Vec<String> {
     ids(&health(consul, service, true))
 }
 
+/// Waits (bounded by `limit`) until the passing instances of `service` are exactly `want`
+/// (sorted IDs).
+pub fn wait_passing(consul: &ConsulDouble, service: &str, want: &[&str], limit: std::time::Duration) {
+    wait_for_value(
+        limit,
+        &format!("passing instances of {service} to be {want:?}"),
+        &want,
+        || passing_ids(consul, service),
+    );
+}
+
+/// Waits (bounded by `limit`, described by `what`) until `read` gives `want`; the last value
+/// read is in the timeout's message.
+fn wait_for_value<T, W>(limit: std::time::Duration, what: &str, want: &W, mut read: impl FnMut() -> T)
+where
+    T: PartialEq<W> + std::fmt::Debug,
+    W: ?Sized,
+{
+    crate::eventually(limit, what, || {
+        let found = read();
+        if found == *want {
+            Ok(())
+        } else {
+            Err(format!("{found:?}"))
+        }
+    });
+}
+
+/// Waits (bounded by [`crate::DEFAULT_WAIT`]) until instance `id` is registered; returns it as
+/// [`agent_service`] gives it.
+pub fn wait_registered(consul: &ConsulDouble, id: &str) -> Value {
+    crate::eventually(crate::DEFAULT_WAIT, &format!("{id} to be registered"), || {
+        agent_service(consul, id).ok_or_else(|| "not registered".to_string())
+    })
+}
+
 /// The IDs of every instance of `service`, passing or not.
 pub fn all_ids(consul: &ConsulDouble, service: &str) -> Vec<String> {
     ids(&health(consul, service, false))
@@ -309,16 +345,19 @@ pub struct Record {
     pub outcome: Result<String, String>,
 }
 
-/// Client threads sending `GET <path>` to `addr` back to back (one connection per request)
-/// until stopped, for at most `max_duration` and `max_requests` in total: a bounded steady load.
+/// Client threads sending `GET <path>` to `addr` back to back until stopped, for at most
+/// `max_duration` and `max_requests` in total: a bounded steady load. [`Load::start`] opens a
+/// connection per request; [`Load::keep_alive`] keeps one persistent HTTP/1.1 connection per
+/// client ([`crate::keep_alive::Client`]).
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     records: std::sync::Arc<std::sync::Mutex<Vec<Record>>>,
+    counters: std::sync::Arc<crate::keep_alive::Counters>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Load {
-    /// Starts `threads` client threads.
+    /// Starts `threads` client threads, each request on a new connection.
     pub fn start(
         addr: SocketAddr,
         path: &str,
@@ -326,6 +365,39 @@ impl Load {
         max_duration: std::time::Duration,
         max_requests: usize,
     ) -> Load {
+        let path = path.to_string();
+        Load::spawn(threads, max_duration, max_requests, Default::default(), |_| {
+            let path = path.clone();
+            move || classify(crate::http::get(addr, &path))
+        })
+    }
+
+    /// Starts `threads` keep-alive client threads (see [`crate::keep_alive::Client`]); what
+    /// they count is in [`Load::counters`].
+    pub fn keep_alive(
+        addr: SocketAddr,
+        path: &str,
+        threads: usize,
+        max_duration: std::time::Duration,
+        max_requests: usize,
+    ) -> Load {
+        Load::spawn(threads, max_duration, max_requests, Default::default(), |counters| {
+            let mut client = crate::keep_alive::Client::new(addr, path, counters);
+            move || client.request()
+        })
+    }
+
+    /// The client threads: each runs the request function `client` made for it back to back.
+    fn spawn<F>(
+        threads: usize,
+        max_duration: std::time::Duration,
+        max_requests: usize,
+        counters: std::sync::Arc<crate::keep_alive::Counters>,
+        client: impl Fn(std::sync::Arc<crate::keep_alive::Counters>) -> F,
+    ) -> Load
+    where
+        F: FnMut() -> Result<String, String> + Send + 'static,
+    {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::{Arc, Mutex};
         let stop = Arc::new(AtomicBool::new(false));
@@ -333,14 +405,15 @@ impl Load {
         let deadline = std::time::Instant::now() + max_duration;
         let threads = (0..threads)
             .map(|_| {
-                let (stop, records, path) = (stop.clone(), records.clone(), path.to_string());
+                let (stop, records) = (stop.clone(), records.clone());
+                let mut request = client(counters.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
                         if records.lock().map(|r| r.len()).unwrap_or(usize::MAX) >= max_requests {
                             break;
                         }
                         let start = std::time::Instant::now();
-                        let outcome = classify(crate::http::get(addr, &path));
+                        let outcome = request();
                         let end = std::time::Instant::now();
                         if let Ok(mut r) = records.lock() {
                             r.push(Record { start, end, outcome });
@@ -349,7 +422,17 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, records, threads }
+        Load {
+            stop,
+            records,
+            counters,
+            threads,
+        }
+    }
+
+    /// What the keep-alive clients counted (all zero for [`Load::start`]).
+    pub fn counters(&self) -> std::sync::Arc<crate::keep_alive::Counters> {
+        self.counters.clone()
     }
 
     /// Every request finished so far.
@@ -363,6 +446,27 @@ impl Load {
             .iter()
             .filter(|r| r.start >= since && r.outcome.as_deref() == Ok(upstream))
             .count()
+    }
+
+    /// Waits (bounded by `limit`) until each of `upstreams` has answered at least `at_least`
+    /// requests sent at or after `since`; `when` ends the description ("after the rollout").
+    pub fn wait_answered_by(
+        &self,
+        upstreams: &[&str],
+        at_least: usize,
+        since: std::time::Instant,
+        limit: std::time::Duration,
+        when: &str,
+    ) {
+        crate::eventually(limit, &format!("{} to answer {when}", upstreams.join(" and ")), || {
+            let counts: Vec<usize> = upstreams.iter().map(|u| self.answered_by_since(u, since)).collect();
+            if counts.iter().all(|&n| n >= at_least) {
+                Ok(())
+            } else {
+                let seen: Vec<String> = upstreams.iter().zip(&counts).map(|(u, n)| format!("{u} {n}")).collect();
+                Err(format!("{}; {:?}", seen.join(", "), summary(&self.records())))
+            }
+        });
     }
 
     /// Requests sent at or after `since` that finished (any outcome).
@@ -422,14 +526,12 @@ pub fn wait_discovered(caller: &crate::Agent, service: &str, want: &[SocketAddr]
 pub fn wait_discovered_within(limit: std::time::Duration, caller: &crate::Agent, service: &str, want: &[SocketAddr]) {
     let mut want: Vec<String> = want.iter().map(SocketAddr::to_string).collect();
     want.sort();
-    crate::eventually(limit, &format!("the caller to balance {service} over {want:?}"), || {
-        let found = discovered(caller, service);
-        if found == want {
-            Ok(())
-        } else {
-            Err(format!("{found:?}"))
-        }
-    });
+    wait_for_value(
+        limit,
+        &format!("the caller to balance {service} over {want:?}"),
+        &want,
+        || discovered(caller, service),
+    );
 }
 
 /// A caller's view of Consul: a thread running blocking queries on the passing instances of a

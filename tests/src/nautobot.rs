@@ -60,6 +60,15 @@ impl Nautobot {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The shared instance held for this test alone ([`Nautobot::exclusive`]), answering
+    /// ([`Nautobot::require`]), with web-01 as seeded ([`Nautobot::require_web01_seeded`]).
+    pub fn exclusive_seeded() -> (MutexGuard<'static, ()>, Nautobot) {
+        let lock = Nautobot::exclusive();
+        let nb = Nautobot::require();
+        nb.require_web01_seeded();
+        (lock, nb)
+    }
+
     /// The API root, for `[cmdb] url`.
     pub fn url(&self) -> &str {
         &self.url
@@ -119,15 +128,21 @@ impl Nautobot {
         );
     }
 
+    /// Panics with the command to run unless web-01 is Active with its seeded service
+    /// (`orders`) and environment (`prod`).
+    pub fn require_web01_seeded(&self) {
+        assert_eq!(
+            self.vm_status("web-01"),
+            "Active",
+            "web-01 is not Active as seeded: run `bash scripts/nautobot.sh seed`"
+        );
+        self.require_seeded("web-01", "vmesh_service", &serde_json::json!("orders"));
+        self.require_seeded("web-01", "vmesh_env", &serde_json::json!("prod"));
+    }
+
     /// `scripts/nautobot.sh set-field VM KEY VALUE` (a PATCH through the REST API).
     pub fn set_field(&self, vm: &str, key: &str, value: &str) {
-        let out = self.script(&["set-field", vm, key, value], Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "nautobot.sh set-field {vm} {key} {value} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.script_ok(&["set-field", vm, key, value], Duration::from_secs(120));
     }
 
     /// Sets a custom field and returns a guard that sets it back to `restore` when dropped.
@@ -142,13 +157,7 @@ impl Nautobot {
 
     /// `scripts/nautobot.sh set-status VM STATUS` (Active, Staged, Decommissioning, ...).
     pub fn set_status(&self, vm: &str, status: &str) {
-        let out = self.script(&["set-status", vm, status], Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "nautobot.sh set-status {vm} {status} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.script_ok(&["set-status", vm, status], Duration::from_secs(120));
     }
 
     /// Sets a VM's status and returns a guard that sets it back to `restore` when dropped.
@@ -167,13 +176,7 @@ impl Nautobot {
             nautobot: self.clone(),
             active: true,
         };
-        let out = self.script(&["stop"], Duration::from_secs(60));
-        assert!(
-            out.status.success(),
-            "nautobot.sh stop failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.script_ok(&["stop"], Duration::from_secs(60));
         let r = self.api_get("/api/status/");
         assert_ne!(r.status, 200, "Nautobot still answers after `nautobot.sh stop`: {r}");
         guard
@@ -181,15 +184,21 @@ impl Nautobot {
 
     /// `nautobot.sh start` (bounded by the script); panics if the API does not answer after it.
     pub fn start(&self) {
-        let out = self.script(&["start"], Duration::from_secs(400));
+        self.script_ok(&["start"], Duration::from_secs(400));
+        let r = self.api_get("/api/status/");
+        assert_eq!(r.status, 200, "Nautobot does not answer after `nautobot.sh start`: {r}");
+    }
+
+    /// [`Nautobot::script`], panicking with its output unless it succeeds.
+    fn script_ok(&self, args: &[&str], limit: Duration) {
+        let out = self.script(args, limit);
         assert!(
             out.status.success(),
-            "nautobot.sh start failed: {}{}",
+            "nautobot.sh {} failed: {}{}",
+            args.join(" "),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let r = self.api_get("/api/status/");
-        assert_eq!(r.status, 200, "Nautobot does not answer after `nautobot.sh start`: {r}");
     }
 
     /// Runs `bash scripts/nautobot.sh <args>` with this instance's URL and token, killed after `limit`.
@@ -226,13 +235,7 @@ impl RestoreGuard {
     pub fn restore(mut self) {
         let args = std::mem::take(&mut self.args);
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.nautobot.script(&refs, Duration::from_secs(120));
-        assert!(
-            out.status.success(),
-            "nautobot.sh {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.nautobot.script_ok(&refs, Duration::from_secs(120));
     }
 }
 

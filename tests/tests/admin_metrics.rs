@@ -1,10 +1,8 @@
 //! The admin API (`/live`, `/ready`, `/status`, `/clusters`, `/config`), `/metrics` checked by
 //! promtool, and the JSON access log.
 
-use std::io::Write;
-use std::process::Stdio;
-
-use vmesh_tests::{assert_eventually, eventually, tools, Agent, Curl, Inbound, Outbound, Upstream, DEFAULT_WAIT};
+use vmesh_tests::clients::promtool_check_metrics;
+use vmesh_tests::{assert_eventually, eventually, Agent, Curl, Inbound, Outbound, Upstream, DEFAULT_WAIT};
 
 #[test]
 fn live_ready_and_status_answer() {
@@ -186,31 +184,6 @@ fn config_endpoint_redacts_credentials_in_urls() {
     );
 }
 
-fn promtool_check(metrics: &str) -> (bool, String) {
-    let mut child = tools::command("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    child
-        .stdin
-        .take()
-        .expect("promtool stdin")
-        .write_all(metrics.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 /// Sum of the samples of `name` whose label set contains every `label="value"` in `labels`.
 fn sample_sum(metrics: &str, name: &str, labels: &[&str]) -> f64 {
     metrics
@@ -253,7 +226,7 @@ fn metrics_pass_promtool_and_count_requests() {
             Err(format!("status {} outbound orders = {outbound}", r.status))
         }
     });
-    let (ok, report) = promtool_check(&metrics);
+    let (ok, report) = promtool_check_metrics(&metrics);
     assert!(
         ok,
         "promtool check metrics rejected /metrics:\n{report}\n--- metrics ---\n{metrics}"

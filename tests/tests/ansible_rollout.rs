@@ -34,11 +34,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tempfile::TempDir;
+use vmesh_tests::ansible::{self, PlaybookRun};
 use vmesh_tests::consul::ConsulDouble;
 use vmesh_tests::lifecycle::{self, passing_ids, summary, CliRun, Identity, Load};
-use vmesh_tests::{eventually, fixture, free_addr, tools, vmesh_bin, workspace_root, Process, Upstream};
-
-const INSTALL_HINT: &str = "run `bash scripts/install-ansible-deps.sh` (pinned ansible-core and ansible-lint)";
+use vmesh_tests::{eventually, fixture, free_addr, tools, vmesh_bin, workspace_root, Upstream};
 
 /// The config change the rollout test makes after the first install (and keeps).
 const LOG_LEVEL: &str = "vmesh_log_level=info,vmesh_agent::lifecycle=debug";
@@ -52,42 +51,6 @@ fn serial() -> MutexGuard<'static, ()> {
 
 // === tools ===
 
-/// The absolute path of an Ansible tool on PATH; fails naming the install script.
-fn ansible_tool(tool: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(tool))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
-        .unwrap_or_else(|| panic!("`{tool}` is not installed: {INSTALL_HINT}"))
-}
-
-/// A command for an Ansible tool, run from the workspace root with ansible/ansible.cfg, no
-/// colours, its temp files under `tmp`, and neither proxies nor `VMESH_*` overrides of the
-/// developer's shell.
-fn ansible_command(tool: &str, tmp: &Path) -> Command {
-    let mut cmd = Command::new(ansible_tool(tool));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy().into_owned();
-        if key.starts_with("VMESH_") || key.to_ascii_lowercase().ends_with("_proxy") {
-            cmd.env_remove(key);
-        }
-    }
-    let root = workspace_root();
-    cmd.current_dir(&root)
-        .env("ANSIBLE_CONFIG", root.join("ansible").join("ansible.cfg"))
-        .env("ANSIBLE_NOCOLOR", "1")
-        .env("ANSIBLE_FORCE_COLOR", "0")
-        .env("ANSIBLE_LOCAL_TEMP", tmp.join("ansible-local"))
-        .env("ANSIBLE_REMOTE_TEMP", tmp.join("ansible-remote"))
-        .env("PYTHONDONTWRITEBYTECODE", "1");
-    cmd
-}
-
 /// The interpreter that runs the fixtures, as an absolute path (`ansible_python_interpreter`).
 fn python_executable() -> String {
     let out = tools::command(&tools::python())
@@ -96,78 +59,6 @@ fn python_executable() -> String {
         .expect("run python");
     assert!(out.status.success(), "python -c sys.executable failed");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A finished `ansible-playbook` run.
-struct PlaybookRun {
-    what: String,
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl PlaybookRun {
-    /// Panics with the output unless the run exited 0 and no host failed or was unreachable.
-    fn expect_ok(&self) -> &PlaybookRun {
-        let recap_ok = self
-            .recap()
-            .iter()
-            .all(|(_, line)| line.contains("unreachable=0") && line.contains("failed=0"));
-        assert!(
-            self.code == Some(0) && recap_ok && !self.recap().is_empty(),
-            "{} failed (exit {:?})\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.what,
-            self.code,
-            self.stdout,
-            self.stderr
-        );
-        self
-    }
-
-    /// The PLAY RECAP lines: `(host, line)`.
-    fn recap(&self) -> Vec<(String, String)> {
-        self.stdout
-            .split("PLAY RECAP")
-            .nth(1)
-            .unwrap_or("")
-            .lines()
-            .filter_map(|l| {
-                let (host, rest) = l.split_once(':')?;
-                rest.contains("ok=")
-                    .then(|| (host.trim().to_string(), rest.trim().to_string()))
-            })
-            .collect()
-    }
-
-    /// Byte offset of `needle` in the output; panics with the output when absent.
-    fn position(&self, needle: &str) -> usize {
-        self.stdout
-            .find(needle)
-            .unwrap_or_else(|| panic!("`{needle}` is not in the output of {}:\n{}", self.what, self.stdout))
-    }
-
-    /// The result lines (`ok: [host]`, `changed: [host]`, ...) of the task or handler named
-    /// `task` for `host`.
-    fn task_results(&self, task: &str, host: &str) -> Vec<String> {
-        let (plain, in_role, tag) = (format!("{task}]"), format!(" : {task}]"), format!("[{host}]"));
-        self.stdout
-            .replace("RUNNING HANDLER [", "TASK [")
-            .split("TASK [")
-            .skip(1)
-            .filter(|block| {
-                let first = block.lines().next().unwrap_or("");
-                first.starts_with(&plain) || first.contains(&in_role)
-            })
-            .flat_map(|block| {
-                block
-                    .lines()
-                    .skip(1)
-                    .filter(|l| l.contains(&tag))
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
 }
 
 // === the test hosts ===
@@ -337,36 +228,24 @@ impl Fleet {
             .tempdir()
             .expect("create fleet temp dir");
         let hosts: Vec<TestHost> = names.iter().map(|n| TestHost::new(dir.path(), n)).collect();
-        let mut vars = json!({
-            "ansible_connection": "local",
-            "ansible_python_interpreter": python_executable(),
-            "ansible_become": false,
-            "vmesh_service_manager": "process",
-            "vmesh_install_method": "binary",
-            "vmesh_binary_src": vmesh_bin(),
-            "vmesh_worker_threads": 1,
-            "vmesh_drain_grace": "1s",
-            "vmesh_drain_timeout": "10s",
-            "vmesh_process_stop_timeout": 20,
-            "vmesh_identity": {"service": "orders", "environment": "test", "zone": "z1", "version": "v1"},
-            "vmesh_cmdb": {"kind": "file", "path": "{{ vmesh_config_dir }}/identity.toml", "refresh": "2s"},
-            "vmesh_registry_kind": "consul",
-            "vmesh_registry_address": consul.base_url(),
-            "vmesh_inbound_health_path": "/healthz",
-            "vmesh_inbound_health_interval": "500ms",
-            "vmesh_inbound_ramp_window": "4s",
-            "vmesh_config_overrides": {"registry": {"anti_entropy": "2s", "watch_wait": "5s"}},
-            "vmesh_wait_ready": true,
-        });
+        let mut vars = ansible::orders_vars(
+            &consul.base_url(),
+            "{{ vmesh_config_dir }}/identity.toml",
+            json!({
+                "ansible_connection": "local",
+                "ansible_python_interpreter": python_executable(),
+                "ansible_become": false,
+                "vmesh_service_manager": "process",
+                "vmesh_install_method": "binary",
+                "vmesh_binary_src": vmesh_bin(),
+                "vmesh_process_stop_timeout": 20,
+            }),
+        );
         if let Ok(filter) = std::env::var("VMESH_TEST_LOG") {
             vars["vmesh_process_env"] = json!({ "VMESH_LOG": filter });
         }
         let hostmap: serde_json::Map<String, Value> = hosts.iter().map(|h| (h.name.clone(), h.hostvars())).collect();
-        let inventory = json!({ "all": { "children": { "vmesh": { "hosts": hostmap, "vars": vars } } } });
-        // JSON is YAML: the yaml inventory plugin reads it.
-        let path = dir.path().join("inventory.yml");
-        std::fs::write(&path, serde_json::to_string_pretty(&inventory).expect("inventory json"))
-            .expect("write inventory");
+        let path = ansible::write_inventory(dir.path(), hostmap, vars);
         Fleet {
             hosts,
             inventory: path,
@@ -380,32 +259,8 @@ impl Fleet {
 
     /// `ansible-playbook -i <inventory> ansible/<playbook> <args>`, bounded by `timeout`.
     fn playbook(&self, playbook: &str, args: &[&str], timeout: Duration) -> PlaybookRun {
-        let mut cmd = ansible_command("ansible-playbook", self.dir.path());
-        cmd.arg("-i")
-            .arg(&self.inventory)
-            .arg(Path::new("ansible").join(playbook))
-            .args(args);
-        let name = playbook.trim_end_matches(".yml").to_string();
-        let mut process = Process::spawn(&name, cmd, self.dir.path());
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = process.try_exit() {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "ansible-playbook {playbook} still running after {timeout:?}\n--- stdout ---\n{}",
-                    process.stdout()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        PlaybookRun {
-            what: format!("ansible-playbook {playbook} {}", args.join(" ")),
-            code: status.code(),
-            stdout: process.stdout(),
-            stderr: process.stderr(),
-        }
+        let cmd = ansible::command("ansible-playbook", self.dir.path());
+        ansible::run_playbook(cmd, &self.inventory, playbook, args, self.dir.path(), timeout)
     }
 }
 
@@ -436,7 +291,7 @@ impl Drop for Fleet {
 fn ansible_lint_passes_the_production_profile() {
     let _serial = serial();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out = ansible_command("ansible-lint", tmp.path())
+    let out = ansible::command("ansible-lint", tmp.path())
         .args(["-c", "ansible/.ansible-lint", "--nocolor", "ansible/"])
         .output()
         .expect("run ansible-lint");
@@ -452,7 +307,7 @@ fn ansible_lint_passes_the_production_profile() {
     );
 
     // The static test inventory (for trying the playbooks by hand) parses and has both hosts.
-    let out = ansible_command("ansible-inventory", tmp.path())
+    let out = ansible::command("ansible-inventory", tmp.path())
         .args(["-i", "ansible/tests/inventory.yml", "--list"])
         .output()
         .expect("run ansible-inventory");
@@ -469,7 +324,7 @@ fn ansible_lint_passes_the_production_profile() {
 #[test]
 fn install_and_rolling_rollout_under_load_lose_no_request() {
     let _serial = serial();
-    ansible_tool("ansible-playbook");
+    ansible::tool("ansible-playbook");
     let consul = ConsulDouble::spawn();
     let fleet = Fleet::new(&["vm1", "vm2"], &consul);
     for h in &fleet.hosts {
@@ -479,14 +334,12 @@ fn install_and_rolling_rollout_under_load_lose_no_request() {
     // install.yml: binary, config, identity, agent started; both registered and passing.
     let install = fleet.playbook("install.yml", &[], Duration::from_secs(180));
     install.expect_ok();
-    eventually(Duration::from_secs(20), "both hosts to pass in Consul", || {
-        let ids = passing_ids(&consul, "orders");
-        if ids == ["orders-vm1", "orders-vm2"] {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
-        }
-    });
+    lifecycle::wait_passing(
+        &consul,
+        "orders",
+        &["orders-vm1", "orders-vm2"],
+        Duration::from_secs(20),
+    );
     for h in &fleet.hosts {
         let lc = h.status()["lifecycle"].clone();
         assert_eq!(lc["registered"], true, "{} after install.yml: {lc}", h.name);
@@ -537,18 +390,7 @@ fn install_and_rolling_rollout_under_load_lose_no_request() {
         Duration::from_secs(300),
         60_000,
     );
-    let t_load = Instant::now();
-    eventually(Duration::from_secs(20), "vm1 and vm2 to serve the load", || {
-        let (a, b) = (
-            load.answered_by_since("vm1", t_load),
-            load.answered_by_since("vm2", t_load),
-        );
-        if a >= 10 && b >= 10 {
-            Ok(())
-        } else {
-            Err(format!("vm1 {a}, vm2 {b}; {:?}", summary(&load.records())))
-        }
-    });
+    load.wait_answered_by(&["vm1", "vm2"], 10, Instant::now(), Duration::from_secs(20), "the load");
 
     let agents_before: Vec<Option<i32>> = fleet.hosts.iter().map(TestHost::agent_pid).collect();
     let apps_before: Vec<Option<i32>> = fleet.hosts.iter().map(TestHost::app_pid).collect();
@@ -575,12 +417,7 @@ fn install_and_rolling_rollout_under_load_lose_no_request() {
         "vmesh vm2: undrained",
         "vmesh vm2: serving, effective weight",
     ];
-    let positions: Vec<usize> = steps.iter().map(|s| rollout.position(s)).collect();
-    assert!(
-        positions.windows(2).all(|w| w[0] < w[1]),
-        "the rollout did not go host by host ({steps:?} at {positions:?}):\n{}",
-        rollout.stdout
-    );
+    rollout.assert_in_order("the rollout", &steps);
     // The role ran on each host with nothing to change in vmesh.toml (no reload), and the
     // agent and the app were restarted on each host.
     for h in &fleet.hosts {
@@ -617,21 +454,12 @@ fn install_and_rolling_rollout_under_load_lose_no_request() {
     assert_eq!(passing_ids(&consul, "orders"), ["orders-vm1", "orders-vm2"]);
 
     // Both hosts take traffic after the rollout.
-    let t_after = Instant::now();
-    eventually(
+    load.wait_answered_by(
+        &["vm1", "vm2"],
+        10,
+        Instant::now(),
         Duration::from_secs(30),
-        "vm1 and vm2 to serve after the rollout",
-        || {
-            let (a, b) = (
-                load.answered_by_since("vm1", t_after),
-                load.answered_by_since("vm2", t_after),
-            );
-            if a >= 10 && b >= 10 {
-                Ok(())
-            } else {
-                Err(format!("vm1 {a}, vm2 {b}"))
-            }
-        },
+        "after the rollout",
     );
 
     // app-restart.yml for a CD pipeline, on one host: drain -> restart the app -> undrain.
@@ -651,15 +479,13 @@ fn install_and_rolling_rollout_under_load_lose_no_request() {
     );
     assert_ne!(vm2.app_pid(), app_vm2, "app-restart.yml did not restart vm2's app");
     assert_eq!(vm2.agent_pid(), agent_vm2, "app-restart.yml must leave the agent alone");
-    let t_after_app = Instant::now();
-    eventually(Duration::from_secs(30), "vm2 to serve after app-restart.yml", || {
-        let n = load.answered_by_since("vm2", t_after_app);
-        if n >= 10 {
-            Ok(())
-        } else {
-            Err(format!("vm2 {n}"))
-        }
-    });
+    load.wait_answered_by(
+        &["vm2"],
+        10,
+        Instant::now(),
+        Duration::from_secs(30),
+        "after app-restart.yml",
+    );
 
     assert!(
         !load.is_finished(),
@@ -711,16 +537,7 @@ fn cd_hooks_drain_undrain_and_exit_codes() {
     let mut app = Upstream::python("app").spawn();
     let agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "2s"), &consul).start();
     let config = agent.config_path().display().to_string();
-    let wait_ids = |want: &[&str]| {
-        eventually(Duration::from_secs(10), &format!("passing instances {want:?}"), || {
-            let ids = passing_ids(&consul, "orders");
-            if ids == want {
-                Ok(())
-            } else {
-                Err(format!("{ids:?}"))
-            }
-        })
-    };
+    let wait_ids = |want: &[&str]| lifecycle::wait_passing(&consul, "orders", want, Duration::from_secs(10));
     wait_ids(&["orders-web-01"]);
 
     // pre-stop: drained, out of the registry.

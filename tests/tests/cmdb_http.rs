@@ -9,12 +9,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmesh_tests::agent::vmesh_command;
 use vmesh_tests::consul::ConsulDouble;
 use vmesh_tests::lifecycle::{self, agent_service, meta, passing_ids, CliRun};
-use vmesh_tests::{
-    eventually, fixture, free_addr, tools, AgentBuilder, Curl, Inbound, Process, Upstream, DEFAULT_WAIT,
-};
+use vmesh_tests::{eventually, fixture, free_addr, tools, AgentBuilder, Curl, Process, Upstream, DEFAULT_WAIT};
 
 /// `[cmdb] refresh` and `timeout` of the agents below: a change is seen at the next refresh,
 /// whose request may take up to the timeout; the registry write follows within a second.
@@ -108,25 +105,13 @@ fn record(environment: &str) -> Value {
 fn http_cmdb(builder: AgentBuilder, cmdb: &HttpCmdb, dir: &Path, vm: &str) -> AgentBuilder {
     let token_file = dir.join("cmdb-token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write token");
-    builder
-        .cmdb_set("kind", "http")
-        .cmdb_set("url", format!("http://{}/vms/{{vm}}", cmdb.addr))
-        .cmdb_set("token_file", token_file.display().to_string())
-        .cmdb_set("vm_name", vm)
-        .cmdb_set("refresh", format!("{}s", REFRESH.as_secs()))
-        .cmdb_set("timeout", format!("{}s", CMDB_TIMEOUT.as_secs()))
+    let url = format!("http://{}/vms/{{vm}}", cmdb.addr);
+    vmesh_tests::cmdb::remote(builder, "http", &url, &token_file, vm, REFRESH, CMDB_TIMEOUT)
 }
 
 fn identity_cli(cmdb: &HttpCmdb, dir: &Path, vm: &str) -> CliRun {
     let config = http_cmdb(AgentBuilder::new(), cmdb, dir, vm);
-    let path = dir.join(format!("identity-{vm}.toml"));
-    std::fs::write(&path, config.to_toml()).expect("write config");
-    vmesh_command()
-        .args(["identity", "--json", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run vmesh identity")
-        .into()
+    vmesh_tests::cmdb::identity_cli(&config, &dir.join(format!("identity-{vm}.toml")), true)
 }
 
 #[test]
@@ -176,14 +161,7 @@ fn vmesh_identity_reads_the_http_cmdb_and_names_what_is_wrong() {
     std::fs::write(dir.path().join("wrong-token"), "nope\n").expect("write");
     let config = http_cmdb(AgentBuilder::new(), &cmdb, dir.path(), "web-01")
         .cmdb_set("token_file", dir.path().join("wrong-token").display().to_string());
-    let path = dir.path().join("wrong.toml");
-    std::fs::write(&path, config.to_toml()).expect("write config");
-    let run: CliRun = vmesh_command()
-        .args(["identity", "--config"])
-        .arg(&path)
-        .output()
-        .expect("run vmesh identity")
-        .into();
+    let run = vmesh_tests::cmdb::identity_cli(&config, &dir.path().join("wrong.toml"), false);
     assert_eq!(run.code, 4, "{run}");
     assert!(run.stderr.contains("CMDB_AUTH"), "{run}");
 }
@@ -195,16 +173,10 @@ fn an_agent_registers_under_the_http_identity_keeps_it_through_broken_answers_an
     let dir = tempfile::tempdir().expect("tempdir");
     let app = Upstream::python("app").spawn();
     cmdb.set_record("web-01", &record("prod"));
-    let builder = AgentBuilder::new()
-        .agent_set("node", "web-01")
-        .agent_set("drain_grace", "1s")
-        .inbound(Inbound::new(app.addr(), "http").health("/healthz", "500ms").ramp("0s"));
+    let builder = vmesh_tests::cmdb::instance("web-01", app.addr());
     let agent = lifecycle::consul(http_cmdb(builder, &cmdb, dir.path(), "web-01"), &consul).start();
 
-    let registered_env = || -> Result<String, String> {
-        let svc = agent_service(&consul, "orders-web-01").ok_or("not registered")?;
-        Ok(meta(&svc, "vmesh-environment").to_string())
-    };
+    let registered_env = || vmesh_tests::cmdb::registered_environment(&consul, "orders-web-01");
     eventually(DEFAULT_WAIT, "orders-web-01 registered", registered_env);
     let svc = agent_service(&consul, "orders-web-01").expect("registered");
     for (key, want) in [
@@ -219,14 +191,7 @@ fn an_agent_registers_under_the_http_identity_keeps_it_through_broken_answers_an
     }
     assert_eq!(svc["Port"], agent.inbound_addr().port(), "{svc}");
     assert_eq!(svc["Weights"]["Passing"], 60, "{svc}");
-    eventually(DEFAULT_WAIT, "the instance to pass", || {
-        let ids = passing_ids(&consul, "orders");
-        if ids == ["orders-web-01"] {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
-        }
-    });
+    lifecycle::wait_passing(&consul, "orders", &["orders-web-01"], DEFAULT_WAIT);
     assert_eq!(agent.lifecycle()["identity_source"], "cmdb");
 
     // Broken answers: the agent keeps its identity and its registration, and says why.
@@ -269,14 +234,5 @@ fn an_agent_registers_under_the_http_identity_keeps_it_through_broken_answers_an
         lc["identity_error"].is_null(),
         "the error clears with a good answer: {lc}"
     );
-    assert_eq!(
-        passing_ids(&consul, "orders"),
-        ["orders-web-01"],
-        "same instance, no duplicate"
-    );
-    assert!(
-        agent.stderr().contains("identity changed in the CMDB"),
-        "the change is logged:\n{}",
-        agent.stderr()
-    );
+    vmesh_tests::cmdb::assert_followed_in_place(&agent, &consul, "orders-web-01");
 }

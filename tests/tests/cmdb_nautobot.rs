@@ -15,11 +15,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmesh_tests::agent::vmesh_command;
+use vmesh_tests::cmdb;
 use vmesh_tests::consul::ConsulDouble;
-use vmesh_tests::lifecycle::{self, agent_service, meta, passing_ids, CliRun};
+use vmesh_tests::lifecycle::{self, agent_service, meta, passing_ids, wait_registered, CliRun};
 use vmesh_tests::nautobot::Nautobot;
-use vmesh_tests::{eventually, AgentBuilder, Inbound, Signal, Upstream, DEFAULT_WAIT};
+use vmesh_tests::{eventually, Agent, AgentBuilder, Signal, Upstream, DEFAULT_WAIT};
 
 /// The `[cmdb] refresh` and `timeout` of the agents below.
 const REFRESH: Duration = Duration::from_secs(2);
@@ -31,61 +31,42 @@ const ONE_REFRESH: Duration = Duration::from_secs(2 + 5 + 5);
 
 /// `[cmdb] kind = "nautobot"` for VM `vm` (token in a file under `dir`), refreshed every 2 s.
 fn nautobot_cmdb(builder: AgentBuilder, nb: &Nautobot, dir: &Path, vm: &str) -> AgentBuilder {
-    builder
-        .cmdb_set("kind", "nautobot")
-        .cmdb_set("url", nb.url())
-        .cmdb_set("token_file", nb.token_file(dir).display().to_string())
-        .cmdb_set("vm_name", vm)
-        .cmdb_set("refresh", format!("{}s", REFRESH.as_secs()))
-        .cmdb_set("timeout", format!("{}s", CMDB_TIMEOUT.as_secs()))
+    cmdb::remote(
+        builder,
+        "nautobot",
+        nb.url(),
+        &nb.token_file(dir),
+        vm,
+        REFRESH,
+        CMDB_TIMEOUT,
+    )
 }
 
 /// An instance on node `node` whose identity is Nautobot's VM `vm`, registering in `consul`.
 fn instance(nb: &Nautobot, dir: &Path, node: &str, vm: &str, app: SocketAddr, consul: &ConsulDouble) -> AgentBuilder {
-    let builder = AgentBuilder::new()
-        .agent_set("node", node)
-        .agent_set("drain_grace", "1s")
-        .inbound(Inbound::new(app, "http").health("/healthz", "500ms").ramp("0s"));
-    lifecycle::consul(nautobot_cmdb(builder, nb, dir, vm), consul)
+    lifecycle::consul(nautobot_cmdb(cmdb::instance(node, app), nb, dir, vm), consul)
 }
 
 /// `vmesh identity --config F [--json]` for VM `vm`.
 fn identity_cli(nb: &Nautobot, dir: &Path, vm: &str, json: bool) -> CliRun {
     let config = nautobot_cmdb(AgentBuilder::new().agent_set("node", vm), nb, dir, vm);
-    let path = dir.join(format!("identity-{vm}.toml"));
-    std::fs::write(&path, config.to_toml()).expect("write config");
-    let mut cmd = vmesh_command();
-    cmd.arg("identity").arg("--config").arg(&path);
-    if json {
-        cmd.arg("--json");
-    }
-    cmd.output().expect("run vmesh identity").into()
-}
-
-fn registered(consul: &ConsulDouble, id: &str) -> Value {
-    eventually(DEFAULT_WAIT, &format!("{id} to be registered"), || {
-        agent_service(consul, id).ok_or_else(|| "not registered".to_string())
-    })
+    cmdb::identity_cli(&config, &dir.join(format!("identity-{vm}.toml")), json)
 }
 
 fn wait_passing(consul: &ConsulDouble, want: &[&str]) {
-    eventually(
-        DEFAULT_WAIT,
-        &format!("passing orders instances to be {want:?}"),
-        || {
-            let ids = passing_ids(consul, "orders");
-            if ids == want {
-                Ok(())
-            } else {
-                Err(format!("{ids:?}"))
-            }
-        },
-    );
+    lifecycle::wait_passing(consul, "orders", want, DEFAULT_WAIT);
+}
+
+/// Sends SIGTERM to `agent` and asserts that it exits 0 within 15 s.
+fn stop(agent: &mut Agent) {
+    agent.send_signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{status}");
 }
 
 /// Waits until the agent has finished start-up, first registration attempt included (it logs
 /// "vmesh started" after that), so that "not registered" is an outcome, not "not yet".
-fn wait_started(agent: &vmesh_tests::Agent) {
+fn wait_started(agent: &Agent) {
     eventually(DEFAULT_WAIT, "the agent to finish its start-up", || {
         if agent.stderr().contains("vmesh started") {
             Ok(())
@@ -93,16 +74,6 @@ fn wait_started(agent: &vmesh_tests::Agent) {
             Err("no `vmesh started` log line yet".to_string())
         }
     });
-}
-
-fn require_seeded(nb: &Nautobot) {
-    assert_eq!(
-        nb.vm_status("web-01"),
-        "Active",
-        "web-01 is not Active as seeded: run `bash scripts/nautobot.sh seed`"
-    );
-    nb.require_seeded("web-01", "vmesh_env", &json!("prod"));
-    nb.require_seeded("web-01", "vmesh_service", &json!("orders"));
 }
 
 /// web-01 (seeded in Nautobot) with its app and a Consul double, its agent started; the fields
@@ -113,14 +84,12 @@ struct Web01 {
     consul: ConsulDouble,
     dir: tempfile::TempDir,
     app: vmesh_tests::RunningUpstream,
-    agent: vmesh_tests::Agent,
+    agent: Agent,
 }
 
 impl Web01 {
     fn start() -> Self {
-        let _lock = Nautobot::exclusive();
-        let nb = Nautobot::require();
-        require_seeded(&nb);
+        let (_lock, nb) = Nautobot::exclusive_seeded();
         let consul = ConsulDouble::spawn();
         let dir = tempfile::tempdir().expect("tempdir");
         let app = Upstream::python("app").spawn();
@@ -138,9 +107,7 @@ impl Web01 {
 
 #[test]
 fn vmesh_identity_prints_what_nautobot_says_and_names_what_is_wrong() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
+    let (_lock, nb) = Nautobot::exclusive_seeded();
     let dir = tempfile::tempdir().expect("tempdir");
 
     // web-01: every custom field set.
@@ -212,7 +179,7 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
         agent,
     } = Web01::start();
 
-    let svc = registered(&consul, "orders-web-01");
+    let svc = wait_registered(&consul, "orders-web-01");
     for (key, want) in [
         ("vmesh-env", "vm"),
         ("vmesh-environment", "prod"),
@@ -233,13 +200,11 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
     // web-02 on another node: zone from the location, weight 50.
     let app2 = Upstream::python("app2").spawn();
     let mut agent2 = instance(&nb, dir.path(), "web-02", "web-02", app2.addr(), &consul).start();
-    let svc2 = registered(&consul, "orders-web-02");
+    let svc2 = wait_registered(&consul, "orders-web-02");
     assert_eq!(meta(&svc2, "vmesh-zone"), "dc1-z1", "{svc2}");
     assert_eq!(meta(&svc2, "vmesh-weight"), "50", "{svc2}");
     assert_eq!(svc2["Weights"]["Passing"], 50, "{svc2}");
-    agent2.send_signal(Signal::SIGTERM);
-    let status = agent2.wait_exit(Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0), "{status}");
+    stop(&mut agent2);
     assert!(
         agent_service(&consul, "orders-web-02").is_none(),
         "deregistered on SIGTERM"
@@ -251,12 +216,9 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
     eventually(
         ONE_REFRESH,
         "the registration to show environment staging within one refresh",
-        || {
-            let svc = agent_service(&consul, "orders-web-01").ok_or("not registered")?;
-            match svc["Meta"]["vmesh-environment"].as_str() {
-                Some("staging") => Ok(()),
-                other => Err(format!("vmesh-environment {other:?}")),
-            }
+        || match cmdb::registered_environment(&consul, "orders-web-01")?.as_str() {
+            "staging" => Ok(()),
+            other => Err(format!("vmesh-environment {other:?}")),
         },
     );
     eprintln!("staging registered {:?} after the change", changed.elapsed());
@@ -272,26 +234,18 @@ fn the_agent_registers_the_nautobot_identity_and_follows_a_change_within_one_ref
         "tags follow: {tags:?}"
     );
     assert_eq!(agent.lifecycle()["identity"]["environment"], "staging");
-    assert_eq!(
-        passing_ids(&consul, "orders"),
-        ["orders-web-01"],
-        "same instance, no duplicate"
-    );
-    assert!(
-        agent.stderr().contains("identity changed in the CMDB"),
-        "the change is logged:\n{}",
-        agent.stderr()
-    );
+    cmdb::assert_followed_in_place(&agent, &consul, "orders-web-01");
 
     // And back.
     guard.restore();
-    eventually(ONE_REFRESH, "environment back to prod", || {
-        let svc = agent_service(&consul, "orders-web-01").ok_or("not registered")?;
-        match svc["Meta"]["vmesh-environment"].as_str() {
-            Some("prod") => Ok(()),
+    eventually(
+        ONE_REFRESH,
+        "environment back to prod",
+        || match cmdb::registered_environment(&consul, "orders-web-01")?.as_str() {
+            "prod" => Ok(()),
             other => Err(format!("vmesh-environment {other:?}")),
-        }
-    });
+        },
+    );
 }
 
 #[test]
@@ -308,9 +262,7 @@ fn with_nautobot_down_the_agent_starts_from_its_cache_or_says_why_it_cannot() {
     assert_eq!(agent.lifecycle()["identity_source"], "cmdb");
 
     // Stop the agent (it deregisters), stop Nautobot, start the agent on the same data_dir.
-    agent.send_signal(Signal::SIGTERM);
-    let status = agent.wait_exit(Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0), "{status}");
+    stop(&mut agent);
     assert!(
         agent_service(&consul, "orders-web-01").is_none(),
         "deregistered on SIGTERM"
@@ -429,9 +381,7 @@ fn a_vm_decommissioned_in_nautobot_is_not_brought_back_from_the_cache() {
     wait_passing(&consul, &["orders-web-01"]);
 
     // The VM is taken out of service in the CMDB while its agent is stopped.
-    agent.send_signal(Signal::SIGTERM);
-    let status = agent.wait_exit(Duration::from_secs(15));
-    assert_eq!(status.code(), Some(0), "{status}");
+    stop(&mut agent);
     let guard = nb.set_status_guarded("web-01", "Decommissioning", "Active");
     agent.restart();
 

@@ -3,16 +3,16 @@
 //! `upstream`; `/metrics` carries the host gauges (checked by promtool) and every access-log
 //! line the `host` object; an unreachable admin API exits 3.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmesh_tests::agent::vmesh_command;
-use vmesh_tests::{eventually, free_addr, http, tools, Agent, Outbound, Process, Upstream};
+use vmesh_tests::clients::promtool_check_metrics;
+use vmesh_tests::{eventually, free_addr, http, tools, Agent, Outbound, Process, RunningUpstream, Upstream};
 
 /// The tests of this file run one at a time: the busy loops of one would press the host of
 /// another.
@@ -27,11 +27,7 @@ const BUSY_SECONDS: u32 = 150;
 
 #[test]
 fn busy_loops_make_doctor_name_the_host() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let upstream = Upstream::python("orders").spawn();
-    let agent = Agent::builder()
-        .outbound(Outbound::new("orders").endpoint(upstream.addr()))
-        .start();
+    let (_one, _upstream, agent) = orders_agent();
     let traffic = Traffic::start(agent.outbound_addr("orders"), "/");
 
     // Twice as many spinning shells as CPUs, and two more: every CPU always has someone
@@ -74,15 +70,7 @@ fn busy_loops_make_doctor_name_the_host() {
         Duration::from_secs(20),
         "vmesh doctor to print the host verdict",
         || {
-            let out = agent.run_cli(&["doctor"]);
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            if out.status.code() != Some(0) {
-                return Err(format!(
-                    "exit {:?}: {}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stderr)
-                ));
-            }
+            let text = doctor(&agent, &[])?;
             text.lines()
                 .last()
                 .is_some_and(|l| l.starts_with("verdict: host: "))
@@ -103,11 +91,7 @@ fn busy_loops_make_doctor_name_the_host() {
 
 #[test]
 fn a_slowed_upstream_makes_doctor_name_the_upstream() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let upstream = Upstream::python("orders").spawn();
-    let agent = Agent::builder()
-        .outbound(Outbound::new("orders").endpoint(upstream.addr()))
-        .start();
+    let (_one, _upstream, agent) = orders_agent();
     let traffic = Traffic::start(agent.outbound_addr("orders"), "/");
 
     // A baseline first: some seconds of fast answers. Upstream time dominates the proxy's own
@@ -152,11 +136,7 @@ fn a_slowed_upstream_makes_doctor_name_the_upstream() {
 
 #[test]
 fn host_gauges_in_metrics_and_the_access_log_and_exit_3_when_unreachable() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let upstream = Upstream::python("orders").spawn();
-    let agent = Agent::builder()
-        .outbound(Outbound::new("orders").endpoint(upstream.addr()))
-        .start();
+    let (_one, _upstream, agent) = orders_agent();
 
     // The sampler's second reading gives the shares over a second (steal, the agent's CPU).
     let metrics = eventually(Duration::from_secs(20), "the host gauges in /metrics", || {
@@ -185,7 +165,7 @@ fn host_gauges_in_metrics_and_the_access_log_and_exit_3_when_unreachable() {
         let v = value(&metrics, name);
         assert!((0.0..=1.0).contains(&v), "{name} {v}");
     }
-    let (ok, report) = promtool_check(&metrics);
+    let (ok, report) = promtool_check_metrics(&metrics);
     assert!(ok, "promtool check metrics failed:\n{report}");
 
     // Every access-log line carries the host object.
@@ -215,9 +195,21 @@ fn host_gauges_in_metrics_and_the_access_log_and_exit_3_when_unreachable() {
 
 // === helpers ===
 
-/// `vmesh doctor --json` for `agent`, parsed; `Err` on another exit code or bad JSON.
-fn doctor_json(agent: &Agent) -> Result<serde_json::Value, String> {
-    let out = agent.run_cli(&["doctor", "--json"]);
+/// One test at a time ([`SERIAL`]), an upstream "orders" and an agent whose outbound "orders"
+/// is that upstream; bind them in this order so that they drop in reverse.
+fn orders_agent() -> (MutexGuard<'static, ()>, RunningUpstream, Agent) {
+    let one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let upstream = Upstream::python("orders").spawn();
+    let agent = Agent::builder()
+        .outbound(Outbound::new("orders").endpoint(upstream.addr()))
+        .start();
+    (one, upstream, agent)
+}
+
+/// `vmesh doctor <args>` for `agent`: its stdout, or `Err` with the exit status and stderr
+/// unless it exits 0.
+fn doctor(agent: &Agent, args: &[&str]) -> Result<String, String> {
+    let out = agent.run_cli(&[&["doctor"], args].concat());
     if out.status.code() != Some(0) {
         return Err(format!(
             "exit {:?}: {}",
@@ -225,34 +217,17 @@ fn doctor_json(agent: &Agent) -> Result<serde_json::Value, String> {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| format!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `vmesh doctor --json` for `agent`, parsed; `Err` on another exit code or bad JSON.
+fn doctor_json(agent: &Agent) -> Result<serde_json::Value, String> {
+    let text = doctor(agent, &["--json"])?;
+    serde_json::from_str(&text).map_err(|e| format!("not JSON ({e}): {text}"))
 }
 
 fn value(metrics: &str, series: &str) -> f64 {
     vmesh_tests::agent::metric_value(metrics, series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
-}
-
-fn promtool_check(metrics: &str) -> (bool, String) {
-    let mut child = tools::command("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    child
-        .stdin
-        .take()
-        .expect("promtool stdin")
-        .write_all(metrics.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool output");
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), report)
 }
 
 /// Light traffic: one request every 100 ms to `addr`, from a thread, at most 3 minutes or

@@ -19,30 +19,36 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[test]
-fn http1_keep_alive_clients_lose_no_request_consul() {
+/// The scenario with `client` on the Consul double.
+fn on_consul(client: Client) {
     let _one = serial();
     let consul = ConsulDouble::spawn();
-    drain_load::run(&Registry::Consul(&consul), Client::Http1KeepAlive);
+    drain_load::run(&Registry::Consul(&consul), client);
+}
+
+/// The scenario with `client` on etcd.
+fn on_etcd(client: Client) {
+    let _one = serial();
+    let etcd = Etcd::spawn();
+    drain_load::run(&Registry::Etcd(&etcd), client);
+}
+
+#[test]
+fn http1_keep_alive_clients_lose_no_request_consul() {
+    on_consul(Client::Http1KeepAlive);
 }
 
 #[test]
 fn http2_clients_lose_no_request_consul() {
-    let _one = serial();
-    let consul = ConsulDouble::spawn();
-    drain_load::run(&Registry::Consul(&consul), Client::Http2);
+    on_consul(Client::Http2);
 }
 
 #[test]
 fn http1_keep_alive_clients_lose_no_request_etcd() {
-    let _one = serial();
-    let etcd = Etcd::spawn();
-    drain_load::run(&Registry::Etcd(&etcd), Client::Http1KeepAlive);
+    on_etcd(Client::Http1KeepAlive);
 }
 
 #[test]
 fn http2_clients_lose_no_request_etcd() {
-    let _one = serial();
-    let etcd = Etcd::spawn();
-    drain_load::run(&Registry::Etcd(&etcd), Client::Http2);
+    on_etcd(Client::Http2);
 }

@@ -10,23 +10,34 @@ use std::thread::JoinHandle;
 
 use serde_json::Value;
 use vmesh_tests::consul::ConsulDouble;
-use vmesh_tests::lifecycle::{self, passing_ids, CliRun, Identity};
+use vmesh_tests::lifecycle::{self, CliRun, Identity};
 use vmesh_tests::tools::require;
 use vmesh_tests::{eventually, Agent, Curl, CurlResponse, RunningUpstream, Upstream, DEFAULT_WAIT};
 
-/// A registered, passing instance of `orders` with a slow start of `ramp`.
-fn instance(consul: &ConsulDouble, dir: &std::path::Path, app: &RunningUpstream, ramp: &str) -> Agent {
-    let identity = Identity::orders().write_in(dir);
-    let agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), ramp), consul).start();
-    eventually(DEFAULT_WAIT, "the instance to pass in Consul", || {
-        let ids = passing_ids(consul, "orders");
-        if ids == ["orders-web-01"] {
-            Ok(())
-        } else {
-            Err(format!("{ids:?}"))
+/// A registered, passing instance of `orders` with a slow start of `ramp`, with its registry,
+/// identity file and app; fields drop in order, the agent first.
+struct Instance {
+    agent: Agent,
+    _app: RunningUpstream,
+    _dir: tempfile::TempDir,
+    _consul: ConsulDouble,
+}
+
+impl Instance {
+    fn start(ramp: &str) -> Instance {
+        let consul = ConsulDouble::spawn();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let app = Upstream::python("app").spawn();
+        let identity = Identity::orders().write_in(dir.path());
+        let agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), ramp), &consul).start();
+        lifecycle::wait_passing(&consul, "orders", &["orders-web-01"], DEFAULT_WAIT);
+        Instance {
+            agent,
+            _app: app,
+            _dir: dir,
+            _consul: consul,
         }
-    });
-    agent
+    }
 }
 
 /// Slow requests through the inbound port, one per duration, all in flight when this returns.
@@ -75,14 +86,12 @@ fn is_timestamp(s: &str) -> bool {
 
 #[test]
 fn drain_json_shows_in_flight_falling_and_the_outcome_and_undrain_the_slow_start() {
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let agent = instance(&consul, dir.path(), &app, "20s");
-    let requests = in_flight(&agent, &[2000, 4000, 6000]);
+    let instance = Instance::start("20s");
+    let agent = &instance.agent;
+    let requests = in_flight(agent, &[2000, 4000, 6000]);
 
     // Too short: exit 1, the outcome says why.
-    let short = cli(&agent, &["drain", "--json", "--timeout", "500ms"]);
+    let short = cli(agent, &["drain", "--json", "--timeout", "500ms"]);
     assert_eq!(short.code, 1, "{short}");
     assert!(short.stderr.contains("error: DRAIN_TIMEOUT"), "{short}");
     let last = json_lines(&short).pop().expect("an outcome line");
@@ -91,7 +100,7 @@ fn drain_json_shows_in_flight_falling_and_the_outcome_and_undrain_the_slow_start
     assert_eq!(last["code"], "DRAIN_TIMEOUT", "{short}");
 
     // Long enough: the count falls as the requests finish, 2 s apart.
-    let run = cli(&agent, &["drain", "--json", "--timeout", "30s"]);
+    let run = cli(agent, &["drain", "--json", "--timeout", "30s"]);
     assert_eq!(run.code, 0, "{run}");
     let lines = json_lines(&run);
     assert!(
@@ -117,7 +126,7 @@ fn drain_json_shows_in_flight_falling_and_the_outcome_and_undrain_the_slow_start
     }
 
     // Undrain: the slow start begins; the outcome carries its percent.
-    let run = cli(&agent, &["undrain", "--json", "--timeout", "30s"]);
+    let run = cli(agent, &["undrain", "--json", "--timeout", "30s"]);
     assert_eq!(run.code, 0, "{run}");
     let lines = json_lines(&run);
     let last = lines.last().expect("an outcome line");
@@ -133,14 +142,12 @@ fn drain_json_shows_in_flight_falling_and_the_outcome_and_undrain_the_slow_start
 #[test]
 fn drain_prints_timestamped_lines_without_a_terminal_and_one_line_on_a_terminal() {
     let script = require("script");
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let agent = instance(&consul, dir.path(), &app, "20s");
+    let instance = Instance::start("20s");
+    let agent = &instance.agent;
 
     // Not a terminal (a pipe): a timestamped line per change.
-    let requests = in_flight(&agent, &[1500, 3000]);
-    let run = cli(&agent, &["drain", "--timeout", "30s"]);
+    let requests = in_flight(agent, &[1500, 3000]);
+    let run = cli(agent, &["drain", "--timeout", "30s"]);
     assert_eq!(run.code, 0, "{run}");
     let lines: Vec<(&str, &str)> = run
         .stdout
@@ -160,10 +167,10 @@ fn drain_prints_timestamped_lines_without_a_terminal_and_one_line_on_a_terminal(
     for r in requests {
         r.join().expect("slow request").expect_status(200);
     }
-    assert_eq!(cli(&agent, &["undrain", "--timeout", "30s"]).code, 0);
+    assert_eq!(cli(agent, &["undrain", "--timeout", "30s"]).code, 0);
 
     // On a terminal: one line rewritten in place, then the outcome on its own line.
-    let requests = in_flight(&agent, &[1500]);
+    let requests = in_flight(agent, &[1500]);
     let command = format!(
         "{} drain --config {} --timeout 30s",
         vmesh_tests::vmesh_bin().display(),
@@ -193,13 +200,11 @@ fn drain_prints_timestamped_lines_without_a_terminal_and_one_line_on_a_terminal(
 
 #[test]
 fn undrain_wait_ramp_shows_the_slow_start_climbing_to_the_full_weight() {
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let app = Upstream::python("app").spawn();
-    let agent = instance(&consul, dir.path(), &app, "4s");
-    assert_eq!(cli(&agent, &["drain", "--timeout", "30s"]).code, 0);
+    let instance = Instance::start("4s");
+    let agent = &instance.agent;
+    assert_eq!(cli(agent, &["drain", "--timeout", "30s"]).code, 0);
 
-    let run = cli(&agent, &["undrain", "--json", "--wait-ramp", "--timeout", "30s"]);
+    let run = cli(agent, &["undrain", "--json", "--wait-ramp", "--timeout", "30s"]);
     assert_eq!(run.code, 0, "{run}");
     let lines = json_lines(&run);
     let percents: Vec<u64> = lines.iter().filter_map(|l| l["ramp_percent"].as_u64()).collect();

@@ -40,17 +40,39 @@ fn wait_check(consul: &ConsulDouble, status: &str) {
     });
 }
 
-fn app() -> RunningUpstream {
-    Upstream::grpc("gapp").grpc_health().spawn()
+/// A registry, an identity file, a gRPC app with a health service and the agent of
+/// [`instance`] in front of it; destructure in this order so that they drop in reverse.
+struct Setup {
+    consul: ConsulDouble,
+    _dir: tempfile::TempDir,
+    app: RunningUpstream,
+    agent: Agent,
+}
+
+impl Setup {
+    fn start(grpc_service: &str) -> Setup {
+        let consul = ConsulDouble::spawn();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = Identity::orders().write_in(dir.path());
+        let app = Upstream::grpc("gapp").grpc_health().spawn();
+        let agent = instance(&identity, app.addr(), grpc_service, &consul);
+        Setup {
+            consul,
+            _dir: dir,
+            app,
+            agent,
+        }
+    }
 }
 
 #[test]
 fn the_registration_follows_the_app_s_grpc_serving_status() {
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let identity = Identity::orders().write_in(dir.path());
-    let app = app();
-    let agent = instance(&identity, app.addr(), "", &consul);
+    let Setup {
+        consul,
+        _dir,
+        app,
+        agent,
+    } = Setup::start("");
 
     wait_check(&consul, "passing");
     assert_eq!(passing_ids(&consul, "orders"), [ID]);
@@ -88,11 +110,12 @@ fn the_registration_follows_the_app_s_grpc_serving_status() {
 
 #[test]
 fn grpc_service_names_the_service_whose_status_counts() {
-    let consul = ConsulDouble::spawn();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let identity = Identity::orders().write_in(dir.path());
-    let app = app();
-    let agent = instance(&identity, app.addr(), "echo.Echo", &consul);
+    let Setup {
+        consul,
+        _dir,
+        app,
+        agent,
+    } = Setup::start("echo.Echo");
     wait_check(&consul, "passing");
 
     // The whole server NOT_SERVING, echo.Echo SERVING: the agent asks about echo.Echo only.

@@ -15,9 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vmesh_tests::agent::vmesh_command;
+use vmesh_tests::agent::{self, vmesh_command};
 use vmesh_tests::consul::ConsulDouble;
-use vmesh_tests::lifecycle::{agent_service, CliRun};
+use vmesh_tests::lifecycle::{wait_registered, CliRun};
 use vmesh_tests::nautobot::Nautobot;
 use vmesh_tests::{eventually, free_addr, workspace_root, Curl, Process, Signal, Upstream, DEFAULT_WAIT};
 
@@ -90,14 +90,9 @@ fn role_variables() -> Vec<String> {
         .collect()
 }
 
+/// `vmesh check-config --config <path>`.
 fn check_config(path: &Path) -> CliRun {
-    vmesh_command()
-        .arg("check-config")
-        .arg("--config")
-        .arg(path)
-        .output()
-        .expect("run vmesh check-config")
-        .into()
+    agent::check_config(path).into()
 }
 
 /// (bytes, inode, mtime) of a file.
@@ -108,16 +103,6 @@ fn file_state(path: &Path) -> (Vec<u8>, u64, std::time::SystemTime) {
         meta.ino(),
         meta.modified().expect("mtime"),
     )
-}
-
-fn require_seeded(nb: &Nautobot) {
-    assert_eq!(
-        nb.vm_status("web-01"),
-        "Active",
-        "web-01 is not Active as seeded: run `bash scripts/nautobot.sh seed`"
-    );
-    nb.require_seeded("web-01", "vmesh_service", &json!("orders"));
-    nb.require_seeded("web-01", "vmesh_env", &json!("prod"));
 }
 
 /// Custom fields of Nautobot: key -> the field's JSON.
@@ -169,9 +154,7 @@ impl Drop for FieldCleanup {
 
 #[test]
 fn init_writes_a_config_an_agent_runs_on_and_a_second_run_changes_nothing() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
+    let (_lock, nb) = Nautobot::exclusive_seeded();
     let dir = tempfile::tempdir().expect("tempdir");
     let consul = ConsulDouble::spawn();
     let app = Upstream::python("app").spawn();
@@ -293,9 +276,7 @@ fn init_writes_a_config_an_agent_runs_on_and_a_second_run_changes_nothing() {
         }
         Ok(())
     });
-    let svc = eventually(DEFAULT_WAIT, "orders-web-01 to be registered", || {
-        agent_service(&consul, "orders-web-01").ok_or_else(|| "not registered".to_string())
-    });
+    let svc = wait_registered(&consul, "orders-web-01");
     assert_eq!(svc["Port"], inbound.port(), "{svc}");
     assert_eq!(svc["Meta"]["vmesh-version"], "v3", "{svc}");
     agent.signal(Signal::SIGTERM);
@@ -305,9 +286,7 @@ fn init_writes_a_config_an_agent_runs_on_and_a_second_run_changes_nothing() {
 
 #[test]
 fn missing_custom_fields_are_reported_created_and_then_pass() {
-    let _lock = Nautobot::exclusive();
-    let nb = Nautobot::require();
-    require_seeded(&nb);
+    let (_lock, nb) = Nautobot::exclusive_seeded();
     let dir = tempfile::tempdir().expect("tempdir");
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -5,7 +5,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use vmesh_tests::agent::check_config;
-use vmesh_tests::{assert_eventually, eventually, Agent, Curl, Outbound, Signal, Upstream, DEFAULT_WAIT};
+use vmesh_tests::{assert_eventually, eventually, Agent, AgentBuilder, Curl, Outbound, Signal, Upstream, DEFAULT_WAIT};
 
 fn reload_state(agent: &Agent) -> (u64, serde_json::Value) {
     let doc = agent.admin_json("/config");
@@ -254,6 +254,23 @@ fn run_until_exit(config: &str) -> (std::process::ExitStatus, String) {
     (status, process.stderr())
 }
 
+/// Runs the agent of `builder` with an outbound "orders" whose listen port another socket holds,
+/// asserts it exits 1, and returns that port and the agent's stderr.
+fn run_with_a_taken_port(builder: AgentBuilder) -> (std::net::SocketAddr, String) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("local addr");
+    let config = builder
+        .outbound(
+            Outbound::new("orders")
+                .set("listen", port.to_string())
+                .endpoint(vmesh_tests::free_addr()),
+        )
+        .to_toml();
+    let (status, stderr) = run_until_exit(&config);
+    assert_eq!(status.code(), Some(1), "port in use: {status}\n{stderr}");
+    (port, stderr)
+}
+
 #[test]
 fn run_exits_2_on_an_invalid_config_and_1_when_a_port_is_taken() {
     // An invalid config: the check-config report, exit 2, nothing started.
@@ -263,17 +280,7 @@ fn run_exits_2_on_an_invalid_config_and_1_when_a_port_is_taken() {
     assert!(stderr.contains("colour_of_sky"), "the report names the key: {stderr}");
 
     // A valid config whose outbound port is already bound: a start-up failure, exit 1.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = taken.local_addr().expect("local addr");
-    let config = Agent::builder()
-        .outbound(
-            Outbound::new("orders")
-                .set("listen", port.to_string())
-                .endpoint(vmesh_tests::free_addr()),
-        )
-        .to_toml();
-    let (status, stderr) = run_until_exit(&config);
-    assert_eq!(status.code(), Some(1), "port in use: {status}\n{stderr}");
+    let (port, stderr) = run_with_a_taken_port(Agent::builder());
     assert!(
         stderr.contains(&port.to_string()),
         "the error names the address: {stderr}"
@@ -288,17 +295,10 @@ fn a_port_in_use_fails_the_start_before_anything_is_registered() {
     let dir = tempfile::tempdir().expect("tempdir");
     let identity = Identity::orders().write_in(dir.path());
     let app = Upstream::python("app").spawn();
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = taken.local_addr().expect("local addr");
-    let config = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "0s"), &consul)
-        .outbound(
-            Outbound::new("orders")
-                .set("listen", port.to_string())
-                .endpoint(vmesh_tests::free_addr()),
-        )
-        .to_toml();
-    let (status, stderr) = run_until_exit(&config);
-    assert_eq!(status.code(), Some(1), "port in use: {status}\n{stderr}");
+    run_with_a_taken_port(lifecycle::consul(
+        lifecycle::instance("web-01", &identity, app.addr(), "0s"),
+        &consul,
+    ));
     assert!(
         all_instances(&consul).is_empty(),
         "registered before failing: {:?}",

@@ -5,13 +5,14 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmesh_tests::agent::vmesh_command;
+use vmesh_tests::clients::wrk;
 use vmesh_tests::lifecycle::CliRun;
 use vmesh_tests::tools::require;
 use vmesh_tests::{eventually, http, Agent, Outbound, Upstream, DEFAULT_WAIT};
@@ -197,52 +198,9 @@ fn status_of(head: &str) -> u16 {
     head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-/// wrk's summary: requests, socket errors, non-2xx answers, and the latency percentile `p`
-/// (`--latency`), in milliseconds.
-fn wrk_numbers(out: &str, p: &str) -> (u64, u64, u64, f64) {
-    let requests = out
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .split_once(" requests in ")
-                .and_then(|(n, _)| n.trim().parse().ok())
-        })
-        .unwrap_or(0);
-    let errors = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
-        .map(|rest| {
-            rest.split(',')
-                .filter_map(|kv| kv.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()))
-                .sum()
-        })
-        .unwrap_or(0);
-    let non_2xx = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    let latency = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(p).map(str::trim))
-        .and_then(|v| {
-            let (n, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
-            let n: f64 = n.parse().ok()?;
-            Some(match unit {
-                "us" => n / 1000.0,
-                "ms" => n,
-                "s" => n * 1000.0,
-                "m" => n * 60_000.0,
-                _ => return None,
-            })
-        })
-        .unwrap_or(f64::INFINITY);
-    (requests, errors, non_2xx, latency)
-}
-
 #[test]
 fn a_tap_reader_that_does_not_read_loses_lines_and_never_slows_requests() {
-    let wrk = require("wrk");
+    require("wrk");
     let up = Upstream::nginx("app").spawn();
     let agent = Agent::builder()
         .telemetry_set("access_log", "off")
@@ -259,12 +217,14 @@ fn a_tap_reader_that_does_not_read_loses_lines_and_never_slows_requests() {
     );
 
     // A bounded load (6 s) through the agent meanwhile.
-    let out = Command::new(&wrk)
-        .args(["-t1", "-c4", "-d6s", "--latency", &url])
-        .output()
-        .expect("run wrk");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (requests, errors, non_2xx, p99) = wrk_numbers(&text, "99%");
+    let summary = wrk(&url, &["-t1", "-c4", "-d6s", "--latency"]);
+    let text = &summary.output;
+    let (requests, errors, non_2xx, p99) = (
+        summary.requests,
+        summary.socket_errors,
+        summary.non_2xx,
+        summary.latency_ms("99%"),
+    );
     assert!(
         requests > 3000,
         "the load ran (far more lines than a tap holds): {text}"

@@ -8,42 +8,16 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use vmesh_tests::agent::{AgentBuilder, Outbound};
 use vmesh_tests::binary::{fixture, vmesh_bin};
+use vmesh_tests::clients::{wrk, WrkSummary};
 use vmesh_tests::eventually::eventually;
 use vmesh_tests::ports::free_addr;
 use vmesh_tests::process::Process;
 use vmesh_tests::tools::{python, require};
 use vmesh_tests::upstream::Upstream;
 
-/// wrk's summary: (requests, socket errors, non-2xx/3xx responses).
-fn wrk_counts(out: &str) -> (u64, u64, u64) {
-    let requests = out
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .split_once(" requests in ")
-                .and_then(|(n, _)| n.trim().parse().ok())
-        })
-        .unwrap_or(0);
-    let socket_errors = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Socket errors:"))
-        .map(|rest| {
-            rest.split(',')
-                .filter_map(|kv| kv.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()))
-                .sum()
-        })
-        .unwrap_or(0);
-    let non_2xx = out
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    (requests, socket_errors, non_2xx)
-}
-
 #[test]
 fn restart_under_load_fails_no_request() {
-    let wrk = require("wrk");
+    require("wrk");
     let up = Upstream::nginx("app").spawn();
     let listen = free_addr();
     let builder = AgentBuilder::new()
@@ -86,22 +60,17 @@ fn restart_under_load_fails_no_request() {
 
     // 8 s of load on 16 keep-alive connections; the agent restarts after 2 s.
     let url = format!("http://{listen}/");
-    let load = std::thread::spawn(move || {
-        Command::new(wrk)
-            .args(["-t2", "-c16", "-d8s", &url])
-            .output()
-            .expect("run wrk")
-    });
+    let load = std::thread::spawn(move || wrk(&url, &["-t2", "-c16", "-d8s"]));
     std::thread::sleep(Duration::from_secs(2));
     launcher.signal(Signal::SIGHUP);
-    let out = load.join().expect("wrk thread");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let summary = load.join().expect("wrk thread");
+    let text = &summary.output;
     let starts = launcher.stdout().matches("started ").count();
 
     launcher.signal(Signal::SIGTERM);
     launcher.wait_exit(Duration::from_secs(15));
 
-    let (requests, socket_errors, non_2xx) = wrk_counts(&text);
+    let (requests, socket_errors, non_2xx) = (summary.requests, summary.socket_errors, summary.non_2xx);
     assert_eq!(starts, 2, "the agent was restarted once: {}", launcher.stdout());
     assert!(requests > 1000, "load ran: {text}");
     assert_eq!(
@@ -114,5 +83,9 @@ fn restart_under_load_fails_no_request() {
 #[test]
 fn wrk_summary_is_parsed() {
     let out = "  80000 requests in 8.00s, 10.00MB read\n  Socket errors: connect 1, read 2, write 0, timeout 3\n  Non-2xx or 3xx responses: 4\n";
-    assert_eq!(wrk_counts(out), (80000, 6, 4));
+    let summary = WrkSummary::parse(out);
+    assert_eq!(
+        (summary.requests, summary.socket_errors, summary.non_2xx),
+        (80000, 6, 4)
+    );
 }

@@ -75,6 +75,10 @@ pub struct InitArgs {
     /// The state directory (`agent.data_dir`).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// The admin API token file (`agent.admin_token_file`); `none` for no token. Default: the
+    /// one the package made, `/etc/vmesh/admin.token`, when it exists.
+    #[arg(long, value_name = "PATH|none")]
+    pub admin_token_file: Option<String>,
     /// The config file to write; `-` prints it to stdout (the report then goes to stderr).
     #[arg(long, short, default_value = "/etc/vmesh/vmesh.toml")]
     pub output: PathBuf,
@@ -249,6 +253,12 @@ impl Plan {
         if let Some(l) = a.admin_listen {
             plan.agent.push(("admin_listen", s(&l.to_string())));
         }
+        match a.admin_token_file.as_deref() {
+            Some("none") => {}
+            Some(t) => plan.agent.push(("admin_token_file", s(t))),
+            None if Path::new(PACKAGED_TOKEN).exists() => plan.agent.push(("admin_token_file", s(PACKAGED_TOKEN))),
+            None => {}
+        }
 
         plan.cmdb.push(("kind", s(&a.cmdb)));
         if let Some(v) = &a.cmdb_path {
@@ -375,6 +385,7 @@ impl Plan {
                 ("data_dir", "vmesh_data_dir"),
                 ("node", "vmesh_node"),
                 ("admin_listen", "vmesh_admin_listen"),
+                ("admin_token_file", "vmesh_admin_token_file"),
             ],
         );
         let mut cmdb: serde_json::Map<String, Value> =
@@ -482,8 +493,11 @@ fn settle_file(path: &Path, text: &str, force: bool, dry_run: bool) -> std::io::
     if changes.is_empty() {
         return Ok(FileOutcome::Unchanged);
     }
-    // A file that sets no key (the packaged default: every key commented out) holds nothing to lose.
-    let sets_nothing = old.as_ref().is_some_and(BTreeMap::is_empty);
+    // The packaged default (every key commented out but the admin token the package made) holds
+    // nothing to lose.
+    let sets_nothing = old
+        .as_ref()
+        .is_some_and(|o| o.keys().all(|k| PACKAGED_KEYS.contains(&k.as_str())));
     if !sets_nothing && !force {
         return Ok(FileOutcome::Refused(changes));
     }
@@ -497,6 +511,12 @@ fn settle_file(path: &Path, text: &str, force: bool, dry_run: bool) -> std::io::
     write_atomically(path, text, group)?;
     Ok(FileOutcome::Replaced(changes))
 }
+
+/// The admin token file the packages make at install.
+const PACKAGED_TOKEN: &str = "/etc/vmesh/admin.token";
+
+/// The keys the packaged `vmesh.toml` sets (everything else is commented out).
+const PACKAGED_KEYS: &[&str] = &["agent.admin_token_file"];
 
 /// Every key the TOML `text` sets, as `section.key` (`outbound[0].service`) and the value's TOML;
 /// `None` when `text` is not TOML.

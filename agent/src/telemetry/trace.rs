@@ -64,10 +64,15 @@ pub fn start(cfg: &TracingConfig, node: &str, metrics: &Metrics, service: Servic
         .pool_max_idle_per_host(2)
         .build()
         .map_err(StartError)?;
-    let (queue, rx) = export::Queue::new(cfg.queue_size, metrics.trace_spans_dropped("queue_full"));
+    let (queue, rx, full) = export::Queue::new(
+        cfg.queue_size,
+        cfg.batch_size,
+        metrics.trace_spans_dropped("queue_full"),
+    );
     let resource = resource_fn(cfg.service_name.clone(), node.to_owned(), service);
     let exporter = export::Exporter {
         rx,
+        full,
         client,
         url: format!("{}/v1/traces", cfg.endpoint.trim_end_matches('/')),
         batch_size: cfg.batch_size,
@@ -114,6 +119,9 @@ impl Tracer {
     /// Continues the caller's trace (or starts one) for a request arriving at `start`: writes
     /// this hop's `traceparent` into `headers` for the next hop, and returns the span to fill
     /// when the request is sampled.
+    ///
+    /// One walk over the headers finds the W3C ones; a request without B3 headers then costs
+    /// one hashed insert (no `traceparent` came) or none (its value is overwritten in place).
     pub fn begin(
         &'static self,
         headers: &mut HeaderMap,
@@ -122,24 +130,82 @@ impl Tracer {
         method: &Method,
         path: &PathAndQuery,
     ) -> Option<Box<Span>> {
+        let found = context::scan(headers);
+        if found.other {
+            return self.begin_b3(headers, direction, start, method, path);
+        }
+        let incoming = found.traceparent;
+        let parent = incoming
+            .as_deref()
+            .and_then(|v| context::parse_traceparent(v.as_bytes()));
+        let ctx = self.decide(parent.as_ref());
+        let trace_state = match (ctx.sampled, parent) {
+            (true, Some(_)) => found.tracestate.cloned(),
+            _ => None,
+        };
+        // A malformed traceparent starts a new trace: a vendor's state of no trace goes.
+        let stale_state = parent.is_none() && incoming.is_some() && found.tracestate.is_some();
+        match incoming {
+            Some(v) => *v = context::traceparent(&ctx),
+            None => {
+                headers.insert(TRACEPARENT, context::traceparent(&ctx));
+            }
+        }
+        if stale_state {
+            headers.remove(&TRACESTATE);
+        }
+        self.span(ctx, parent, trace_state, direction, start, method, path)
+    }
+
+    /// [`Tracer::begin`] for a request with B3 headers (or several `traceparent`s): the
+    /// look-ups of [`context::extract`], and [`context::inject`] rewriting the B3 headers too.
+    fn begin_b3(
+        &'static self,
+        headers: &mut HeaderMap,
+        direction: Direction,
+        start: Instant,
+        method: &Method,
+        path: &PathAndQuery,
+    ) -> Option<Box<Span>> {
         let parent = context::extract(headers);
+        let ctx = self.decide(parent.as_ref());
+        context::inject(headers, &ctx, parent.as_ref());
+        let trace_state = parent
+            .filter(|p| ctx.sampled && p.format == context::Format::W3c)
+            .and_then(|_| headers.get(&TRACESTATE).cloned());
+        self.span(ctx, parent, trace_state, direction, start, method, path)
+    }
+
+    /// This hop's context: the caller's trace (or a new one), a new span ID, and the sampling
+    /// decision (the caller's under `parent_based`, else the ratio's on the trace ID).
+    fn decide(&self, parent: Option<&context::Parent>) -> Context {
         let trace_id = parent.map_or_else(context::new_trace_id, |p| p.trace_id);
         let sampled = match (self.sampler, parent.and_then(|p| p.sampled)) {
             (Sampler::ParentBased, Some(decided)) => decided,
             _ => context::ratio_sampled(&trace_id, self.threshold),
         };
-        let ctx = Context {
+        Context {
             trace_id,
             span_id: context::new_span_id(),
             sampled,
-        };
-        context::inject(headers, &ctx, parent.as_ref());
-        if !sampled {
+        }
+    }
+
+    /// The span of a sampled request (allocated only then).
+    #[allow(clippy::too_many_arguments)]
+    fn span(
+        &'static self,
+        ctx: Context,
+        parent: Option<context::Parent>,
+        trace_state: Option<http::HeaderValue>,
+        direction: Direction,
+        start: Instant,
+        method: &Method,
+        path: &PathAndQuery,
+    ) -> Option<Box<Span>> {
+        if !ctx.sampled {
             return None;
         }
-        let trace_state = parent
-            .filter(|p| p.format == context::Format::W3c)
-            .and_then(|_| headers.get(&TRACESTATE).cloned());
         Some(Box::new(Span::new(
             self,
             ctx,

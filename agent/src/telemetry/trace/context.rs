@@ -40,6 +40,43 @@ pub struct Context {
     pub sampled: bool,
 }
 
+/// The W3C headers of a request, found in one pass over its header map.
+pub struct Found<'a> {
+    /// The first `traceparent`, to be overwritten in place.
+    pub traceparent: Option<&'a mut HeaderValue>,
+    /// The first `tracestate`.
+    pub tracestate: Option<&'a HeaderValue>,
+    /// A B3 header or a second `traceparent` came too: [`extract`] and [`inject`] decide.
+    pub other: bool,
+}
+
+/// Finds the trace headers in one walk over the map: a request has few headers, and
+/// comparing each name (most fail on the length) costs less than hashing the six trace
+/// header names for look-ups that mostly miss.
+pub fn scan(h: &mut HeaderMap) -> Found<'_> {
+    let mut found = Found {
+        traceparent: None,
+        tracestate: None,
+        other: false,
+    };
+    for (name, value) in h.iter_mut() {
+        let n = name.as_str().as_bytes();
+        match n {
+            b"traceparent" if found.traceparent.is_none() => found.traceparent = Some(value),
+            b"traceparent" => found.other = true,
+            b"tracestate" => {
+                if found.tracestate.is_none() {
+                    found.tracestate = Some(value);
+                }
+            }
+            b"b3" => found.other = true,
+            _ if n.starts_with(b"x-b3-") => found.other = true,
+            _ => {}
+        }
+    }
+    found
+}
+
 /// Reads the caller's context: `traceparent` first, then `b3`, then `X-B3-*`. A malformed
 /// header counts as absent.
 pub fn extract(h: &HeaderMap) -> Option<Parent> {
@@ -147,11 +184,21 @@ fn hex_fixed<const N: usize>(v: &[u8], strict: bool) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn hex_into(out: &mut [u8], bytes: &[u8]) {
+/// Lower-case hex digit pairs of every byte value: one load per byte.
+const HEX_PAIRS: [[u8; 2]; 256] = {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for (i, b) in bytes.iter().enumerate() {
-        out[2 * i] = DIGITS[usize::from(b >> 4)];
-        out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [DIGITS[i >> 4], DIGITS[i & 0xf]];
+        i += 1;
+    }
+    t
+};
+
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    for (o, b) in out.chunks_exact_mut(2).zip(bytes) {
+        o.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
     }
 }
 
@@ -169,8 +216,13 @@ pub fn traceparent(ctx: &Context) -> HeaderValue {
     hex_into(&mut v[3..35], &ctx.trace_id);
     hex_into(&mut v[36..52], &ctx.span_id);
     v[54] = if ctx.sampled { b'1' } else { b'0' };
-    // Only hex digits and dashes: always a valid header value.
-    HeaderValue::from_bytes(&v).unwrap_or(HeaderValue::from_static(""))
+    // SAFETY: `v` is lower-case hex digits and dashes only: ASCII, so valid UTF-8 (the
+    // function's contract) and a valid header value. Skips the byte-by-byte check of
+    // `HeaderValue::from_bytes` on every request (debug builds still check, and panic).
+    #[allow(unsafe_code)]
+    unsafe {
+        HeaderValue::from_maybe_shared_unchecked(v)
+    }
 }
 
 /// Writes `ctx` into the request for the next hop: `traceparent` always; with a B3 caller, its
@@ -236,12 +288,13 @@ pub fn ratio_sampled(trace_id: &[u8; 16], threshold: u64) -> bool {
     u64::from_be_bytes(low) < threshold
 }
 
-/// A new random trace ID (never all zeros).
+/// A new random trace ID (never all zeros). The full range, zero moved to one: a range of
+/// `1..` costs a 128-bit division per call.
 pub fn new_trace_id() -> [u8; 16] {
-    fastrand::u128(1..).to_be_bytes()
+    fastrand::u128(..).max(1).to_be_bytes()
 }
 
 /// A new random span ID (never all zeros).
 pub fn new_span_id() -> [u8; 8] {
-    fastrand::u64(1..).to_be_bytes()
+    fastrand::u64(..).max(1).to_be_bytes()
 }

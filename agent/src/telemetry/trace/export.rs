@@ -3,12 +3,16 @@
 //! tokio task takes spans in batches (`batch_size`, or what came within `batch_interval` of
 //! the batch's first span), encodes them and POSTs them to `<endpoint>/v1/traces`. A failed or
 //! slow export loses its batch (counted) and delays nothing but the next batch.
+//!
+//! The task wakes twice per batch, not once per span: on the batch's first span, and when the
+//! interval ends or the queue holds a full batch (the request path then notifies it). Between
+//! the two it does not poll the queue, so a queued span wakes nobody.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::otlp;
 use super::span::Span;
@@ -17,11 +21,16 @@ use super::span::Span;
 pub struct Queue {
     tx: mpsc::Sender<Box<Span>>,
     dropped_full: Counter,
+    /// Spans queued at which the exporter is told a batch is full.
+    batch_size: usize,
+    full: Arc<Notify>,
 }
 
 /// How the exporter task runs.
 pub struct Exporter {
     pub rx: mpsc::Receiver<Box<Span>>,
+    /// Notified by the queue when it holds `batch_size` spans.
+    pub full: Arc<Notify>,
     pub client: reqwest::Client,
     /// `<endpoint>/v1/traces`.
     pub url: String,
@@ -46,10 +55,22 @@ enum ExportError {
 // === impl Queue ===
 
 impl Queue {
-    /// A queue of `bound` spans; the other end goes to [`Exporter`].
-    pub fn new(bound: usize, dropped_full: Counter) -> (Self, mpsc::Receiver<Box<Span>>) {
+    /// A queue of `bound` spans that notifies `full` when it holds `batch_size`; the other
+    /// ends go to [`Exporter`].
+    pub fn new(
+        bound: usize,
+        batch_size: usize,
+        dropped_full: Counter,
+    ) -> (Self, mpsc::Receiver<Box<Span>>, Arc<Notify>) {
         let (tx, rx) = mpsc::channel(bound.max(1));
-        (Self { tx, dropped_full }, rx)
+        let full = Arc::new(Notify::new());
+        let queue = Self {
+            tx,
+            dropped_full,
+            batch_size: batch_size.max(1),
+            full: full.clone(),
+        };
+        (queue, rx, full)
     }
 
     /// Queues a finished span, or drops it (counted) when the queue is full or the exporter
@@ -57,6 +78,8 @@ impl Queue {
     pub fn push(&self, span: Box<Span>) {
         if self.tx.try_send(span).is_err() {
             self.dropped_full.inc();
+        } else if self.tx.max_capacity() - self.tx.capacity() >= self.batch_size {
+            self.full.notify_one();
         }
     }
 }
@@ -71,12 +94,17 @@ impl Exporter {
         loop {
             let Some(first) = self.rx.recv().await else { return };
             batch.push(first);
-            let deadline = tokio::time::Instant::now() + self.batch_interval;
+            if batch.len() < self.batch_size {
+                // Not polling the queue meanwhile: a span queued now wakes nobody.
+                tokio::select! {
+                    () = tokio::time::sleep(self.batch_interval) => {}
+                    () = self.full.notified() => {}
+                }
+            }
             while batch.len() < self.batch_size {
-                let room = self.batch_size - batch.len();
-                match tokio::time::timeout_at(deadline, self.rx.recv_many(&mut batch, room)).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+                match self.rx.try_recv() {
+                    Ok(span) => batch.push(span),
+                    Err(_) => break,
                 }
             }
             let n = batch.len() as u64;

@@ -26,7 +26,7 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
 /// A tracer with its own queue (leaked: the request path holds `&'static Tracer`).
 fn tracer(sampler: Sampler, ratio: f64, bound: usize) -> (&'static Tracer, mpsc::Receiver<Box<Span>>, Counter) {
     let dropped = Counter::default();
-    let (queue, rx) = Queue::new(bound, dropped.clone());
+    let (queue, rx, _full) = Queue::new(bound, bound, dropped.clone());
     (Box::leak(Box::new(Tracer::new(sampler, ratio, queue))), rx, dropped)
 }
 
