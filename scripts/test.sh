@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: installs the test prerequisites, builds the vmesh binary the end-to-end
-# tests start, then runs every test of the workspace. Extra arguments go to `cargo test`.
+# tests start, then runs every test of the workspace (two test binaries at a time). Extra
+# arguments make it a filtered `cargo test` run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +14,12 @@ bash scripts/nautobot.sh install
 bash scripts/nautobot.sh start
 bash scripts/nautobot.sh seed
 cargo build --workspace
-cargo test --workspace --no-fail-fast "$@"
+if [ "$#" -gt 0 ]; then
+    # A filtered run (e.g. `bash scripts/test.sh --test shift`): cargo's own runner.
+    cargo test --workspace --no-fail-fast "$@"
+else
+    # Everything: the doc tests, then every test binary, two at a time (scripts/run-tests.py):
+    # the end-to-end tests mostly wait on real processes, so the suite takes about half as long.
+    cargo test --workspace --doc
+    python3 scripts/run-tests.py
+fi

@@ -14,11 +14,13 @@ use tokio::net::TcpListener;
 
 use crate::balance::EndpointSet;
 use crate::discovery::shift::{Policy, ShiftError, ShiftStatus};
-use crate::lifecycle::AgentState;
 use crate::route::Cluster;
 
 mod doctor;
+mod state;
 mod tap;
+
+pub use state::{AgentState, ReloadStatus};
 
 /// Serves the admin API until the process exits.
 pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
@@ -326,7 +328,7 @@ fn json_response(v: Value) -> Response<Full<Bytes>> {
     r
 }
 
-fn reload_status(state: &AgentState) -> crate::lifecycle::agent::ReloadStatus {
+fn reload_status(state: &AgentState) -> ReloadStatus {
     state.reload.lock().map(|s| s.clone()).unwrap_or_default()
 }
 

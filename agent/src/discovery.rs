@@ -245,7 +245,7 @@ impl Discovery {
             tasks: Mutex::new(HashMap::new()),
         });
         // The service tasks start with the first `reconcile`, which start-up and reload both
-        // call once the config is settled (lifecycle/agent.rs `Runtime::commit`).
+        // call once the config is settled (app.rs `Runtime::commit`).
         Ok(d)
     }
 

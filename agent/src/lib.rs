@@ -2,6 +2,7 @@
 //! over this library.
 
 pub mod admin;
+pub mod app;
 pub mod balance;
 pub mod cli;
 pub mod clock;

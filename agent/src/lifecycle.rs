@@ -1,6 +1,7 @@
-//! The agent's life: start-up, signals, config reload, graceful shutdown.
+//! This instance's life in the registry: identity, registration, health, slow start, drain and
+//! shutdown (the registrar and its pure parts), and the signals that drive them. The process
+//! itself is put together in `app.rs`.
 
-pub mod agent;
 pub mod drain;
 pub mod error;
 pub mod health;
@@ -8,5 +9,4 @@ pub mod plan;
 pub mod registrar;
 pub mod signals;
 
-pub use agent::{run, AgentState};
 pub use error::LifecycleError;

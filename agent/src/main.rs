@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmesh_agent::cli::{self, drain, exit, Cli, Command};
 use vmesh_agent::config::{self, Config, Source};
-use vmesh_agent::{demo, lifecycle, telemetry};
+use vmesh_agent::{app, demo, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -74,7 +74,7 @@ fn run(source: Source, demo_upstreams: bool) -> ExitCode {
         if demo_upstreams {
             demo::start_upstreams(&demo::upstreams(&config)).await?;
         }
-        lifecycle::run(source, config, inherited).await
+        app::run(source, config, inherited).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

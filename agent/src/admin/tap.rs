@@ -21,7 +21,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::lifecycle::AgentState;
+use super::AgentState;
 use crate::telemetry::tap::{self, Filter, Tap, TapError};
 
 /// An admin answer: whole, or the tap's stream.

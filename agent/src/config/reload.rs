@@ -1,5 +1,5 @@
 //! What a reload may change: every key is either applied by a reload or read once at start-up.
-//! One list says which ([`settle`]); start-up and reload both go through it (lifecycle/agent.rs
+//! One list says which ([`settle`]); start-up and reload both go through it (app.rs
 //! `Runtime::prepare`).
 //!
 //! A reload that changes a start-up-only key keeps the running value of that key (so nothing

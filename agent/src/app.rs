@@ -1,5 +1,7 @@
-//! The running agent: binds listeners, serves the admin API, reloads on SIGHUP (validate, then
-//! swap atomically; a bad config keeps the old one serving), drains on SIGTERM.
+//! The composition root: puts the agent together from its parts and runs it. Opens the store,
+//! builds the one registry client, starts the registrar, discovery, telemetry and the admin API,
+//! binds the listeners (start-up and SIGHUP reload share `Runtime::prepare` then `commit`: a bad
+//! config keeps the old one serving), and drains on SIGTERM.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,10 +12,10 @@ use arc_swap::ArcSwap;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 
-use super::health;
-use super::registrar::{Handle, Registrar};
-use super::signals::{self, Event};
-use crate::admin;
+use crate::admin::{self, AgentState, ReloadStatus};
+use crate::lifecycle::health;
+use crate::lifecycle::registrar::{Handle, Registrar};
+use crate::lifecycle::signals::{self, Event};
 use crate::config::{self, Config, Source};
 use crate::discovery::{self, Discovery};
 use crate::proxy::activation::Inherited;
@@ -23,48 +25,6 @@ use crate::registry::RegistryClient;
 use crate::route::RouteTable;
 use crate::store::{Reopening, State};
 use crate::telemetry::{AccessLog, Metrics};
-
-/// What the admin API reads and the lifecycle writes.
-pub struct AgentState {
-    pub source: Source,
-    pub config: ArcSwap<Config>,
-    pub routes: Arc<ArcSwap<RouteTable>>,
-    pub metrics: Arc<Metrics>,
-    pub reload: Mutex<ReloadStatus>,
-    pub draining: AtomicBool,
-    pub started: Instant,
-    pub listeners: Mutex<Vec<ListenerSpec>>,
-    /// Identity, registration, ramp and drain.
-    pub lifecycle: Handle,
-    /// Endpoint sets, their sources and the shift policies.
-    pub discovery: Arc<Discovery>,
-    /// Serialises route-table rebuilds (reload, central policy change).
-    rebuild: Mutex<()>,
-}
-
-impl AgentState {
-    /// Rebuilds the route table for the running config with the central policies in force
-    /// laid over it, keeping the state of every part whose settings did not change. A reload
-    /// and a central policy change both come here.
-    pub fn rebuild_routes(&self) {
-        let _one_at_a_time = self.rebuild.lock().unwrap_or_else(|p| p.into_inner());
-        let config = self.config.load_full();
-        let central = self.discovery.governance_policies().borrow().clone();
-        let effective = crate::governance::central::overlay(&config, &central);
-        let table = RouteTable::build(&effective, Some(&self.routes.load()), &self.metrics);
-        self.routes.store(Arc::new(table));
-    }
-}
-
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct ReloadStatus {
-    pub reloads: u64,
-    pub last_reload_error: Option<String>,
-    pub last_reload_at: Option<String>,
-    /// Start-up-only keys the running config file changed: their running values stay until a
-    /// restart (config/reload.rs).
-    pub pending_restart: Vec<String>,
-}
 
 struct Runtime {
     state: Arc<AgentState>,
