@@ -262,10 +262,12 @@ impl Reopening {
         let result = op(&db);
         if let Err(e) = &result {
             if !e.is_corruption() && !matches!(e, StoreError::Decode { .. }) {
-                // sled keeps failing after an I/O error until it is opened again.
+                // sled keeps failing after an I/O error until it is opened again; not sooner
+                // than RETRY, so that a full disk does not cost a reopen per write.
                 tracing::warn!(error = %e, "state store write failed: reopening it");
                 drop(db);
                 *self.lock_db() = None;
+                *self.next_try.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now() + Self::RETRY;
             }
         }
         result
