@@ -646,7 +646,11 @@ mod tests {
             ("", "s3cret", false),
             ("S3cret", "s3cret", false),
         ] {
-            assert_eq!(super::constant_time_eq(got.as_bytes(), want.as_bytes()), same, "{got} vs {want}");
+            assert_eq!(
+                super::constant_time_eq(got.as_bytes(), want.as_bytes()),
+                same,
+                "{got} vs {want}"
+            );
         }
     }
 

@@ -13,11 +13,11 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 
 use crate::admin::{self, AgentState, ReloadStatus};
+use crate::config::{self, Config, Source};
+use crate::discovery::{self, Discovery};
 use crate::lifecycle::health;
 use crate::lifecycle::registrar::{Handle, Registrar};
 use crate::lifecycle::signals::{self, Event};
-use crate::config::{self, Config, Source};
-use crate::discovery::{self, Discovery};
 use crate::proxy::activation::Inherited;
 use crate::proxy::listener::{take_or_bind, Running};
 use crate::proxy::{Drain, DrainWatch, ListenerSpec, Shared};

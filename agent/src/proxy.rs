@@ -7,7 +7,6 @@ pub mod activation;
 pub mod body;
 pub mod client;
 mod complete;
-mod shutdown;
 pub mod error;
 mod forward;
 pub mod headers;
@@ -15,6 +14,7 @@ mod http;
 pub mod listener;
 pub mod pool;
 mod record;
+mod shutdown;
 mod tcp;
 
 use std::net::SocketAddr;
@@ -22,9 +22,9 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-pub use shutdown::{Drain, DrainWatch};
 pub use http::server_builder as http_builder;
 pub use listener::{ListenerKind, ListenerSpec};
+pub use shutdown::{Drain, DrainWatch};
 
 use crate::config::ProxyConfig;
 use crate::route::{Cluster, RouteTable};

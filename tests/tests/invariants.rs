@@ -114,9 +114,7 @@ fn the_request_path_does_not_reach_the_registry_the_cmdb_or_the_store() {
 #[test]
 fn anyhow_stays_at_the_binary_edge() {
     let users = files_using("agent/src", &["anyhow"]);
-    let edge = |f: &String| {
-        f == "main.rs" || f == "cli.rs" || f.starts_with("cli/") || f == "app.rs"
-    };
+    let edge = |f: &String| f == "main.rs" || f == "cli.rs" || f.starts_with("cli/") || f == "app.rs";
     let inner: Vec<&String> = users.iter().filter(|f| !edge(f)).collect();
     assert!(inner.is_empty(), "anyhow in library modules: {inner:?}");
 }
@@ -138,5 +136,8 @@ fn the_composition_root_is_the_only_place_that_knows_everyone() {
     let back = files_using("agent/src", &["crate::app"]);
     assert!(back.is_empty(), "imports of the composition root: {back:?}");
     let lifecycle_to_admin = files_using("agent/src/lifecycle", &["crate::admin"]);
-    assert!(lifecycle_to_admin.is_empty(), "lifecycle imports admin: {lifecycle_to_admin:?}");
+    assert!(
+        lifecycle_to_admin.is_empty(),
+        "lifecycle imports admin: {lifecycle_to_admin:?}"
+    );
 }

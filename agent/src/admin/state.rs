@@ -56,4 +56,3 @@ pub struct ReloadStatus {
     /// restart (config/reload.rs).
     pub pending_restart: Vec<String>,
 }
-

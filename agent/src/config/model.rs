@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::units::{ByteSize, Cidr, Dur};
+pub use crate::governance::authz::AuthzRule;
 pub use crate::governance::colour::ColourConfig;
 pub use crate::governance::routing::RouteConfig;
 pub use crate::governance::FallbackConfig;
@@ -14,7 +15,6 @@ pub use crate::resilience::breaker::BreakerConfig;
 pub use crate::resilience::outlier::OutlierConfig;
 pub use crate::resilience::rate_limit::RateLimitConfig;
 pub use crate::telemetry::trace::TracingConfig;
-pub use crate::governance::authz::AuthzRule;
 pub use crate::tls::{TlsConfig, TlsMode};
 
 /// The whole agent configuration (`/etc/vmesh/vmesh.toml`).

@@ -70,7 +70,10 @@ pub fn trace_ended(span: Box<Span>, c: &super::complete::Completion, total: Dura
         service: c.cluster.as_ref().map(|c| c.service.clone()),
         status: c.status,
         error: c.error,
-        upstream: c.endpoint.as_ref().map(|e| (e.endpoint().addr, e.endpoint().env().as_str())),
+        upstream: c
+            .endpoint
+            .as_ref()
+            .map(|e| (e.endpoint().addr, e.endpoint().env().as_str())),
         attempts: c.attempts,
         total,
         headers_time: c.headers_time,

@@ -5,8 +5,9 @@
 //! The request path reaches the tracer through [`tracer`], a `OnceLock` set once at start-up:
 //! with `[tracing]` off it is one load and one branch, nothing is allocated and every trace
 //! header passes through untouched. With tracing on, every request gets a span ID and a
-//! `traceparent` for the next hop (about 1,000 instructions, docs/tracing.md#cost); only a
-//! sampled request allocates its [`Span`], which the completion ends and queues.
+//! `traceparent` for the next hop (about 1,100 instructions with the export of 1 % of them,
+//! docs/tracing.md#cost); only a sampled request allocates its [`Span`], which the completion
+//! ends and queues.
 
 mod config;
 mod context;
@@ -120,8 +121,8 @@ impl Tracer {
     /// this hop's `traceparent` into `headers` for the next hop, and returns the span to fill
     /// when the request is sampled.
     ///
-    /// One walk over the headers finds the W3C ones; a request without B3 headers then costs
-    /// one hashed insert (no `traceparent` came) or none (its value is overwritten in place).
+    /// One walk over the header names first: a request with no trace header (the first hop)
+    /// then costs one hashed insert, one with W3C headers only a look-up and an insert.
     pub fn begin(
         &'static self,
         headers: &mut HeaderMap,
@@ -130,30 +131,27 @@ impl Tracer {
         method: &Method,
         path: &PathAndQuery,
     ) -> Option<Box<Span>> {
-        let found = context::scan(headers);
-        if found.other {
+        let present = context::present(headers);
+        if present.b3 {
             return self.begin_b3(headers, direction, start, method, path);
         }
-        let incoming = found.traceparent;
-        let parent = incoming
-            .as_deref()
-            .and_then(|v| context::parse_traceparent(v.as_bytes()));
+        let parent = match present.traceparent {
+            true => headers
+                .get(&TRACEPARENT)
+                .and_then(|v| context::parse_traceparent(v.as_bytes())),
+            false => None,
+        };
         let ctx = self.decide(parent.as_ref());
-        let trace_state = match (ctx.sampled, parent) {
-            (true, Some(_)) => found.tracestate.cloned(),
+        headers.insert(TRACEPARENT, context::traceparent(&ctx));
+        let trace_state = match (present.tracestate, parent) {
+            (true, Some(_)) if ctx.sampled => headers.get(&TRACESTATE).cloned(),
+            // A malformed traceparent starts a new trace: a vendor's state of no trace goes.
+            (true, None) if present.traceparent => {
+                headers.remove(&TRACESTATE);
+                None
+            }
             _ => None,
         };
-        // A malformed traceparent starts a new trace: a vendor's state of no trace goes.
-        let stale_state = parent.is_none() && incoming.is_some() && found.tracestate.is_some();
-        match incoming {
-            Some(v) => *v = context::traceparent(&ctx),
-            None => {
-                headers.insert(TRACEPARENT, context::traceparent(&ctx));
-            }
-        }
-        if stale_state {
-            headers.remove(&TRACESTATE);
-        }
         self.span(ctx, parent, trace_state, direction, start, method, path)
     }
 

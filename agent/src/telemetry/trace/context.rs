@@ -3,6 +3,9 @@
 //! `traceparent` naming this hop's span as its parent; B3 headers that came in are rewritten
 //! the same way, so a B3-only app downstream sees the chain too.
 
+use std::cell::RefCell;
+
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -40,41 +43,30 @@ pub struct Context {
     pub sampled: bool,
 }
 
-/// The W3C headers of a request, found in one pass over its header map.
-pub struct Found<'a> {
-    /// The first `traceparent`, to be overwritten in place.
-    pub traceparent: Option<&'a mut HeaderValue>,
-    /// The first `tracestate`.
-    pub tracestate: Option<&'a HeaderValue>,
-    /// A B3 header or a second `traceparent` came too: [`extract`] and [`inject`] decide.
-    pub other: bool,
+/// Which trace headers a request carries, by name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Present {
+    pub traceparent: bool,
+    pub tracestate: bool,
+    /// `b3` or an `x-b3-*` header.
+    pub b3: bool,
 }
 
-/// Finds the trace headers in one walk over the map: a request has few headers, and
-/// comparing each name (most fail on the length) costs less than hashing the six trace
-/// header names for look-ups that mostly miss.
-pub fn scan(h: &mut HeaderMap) -> Found<'_> {
-    let mut found = Found {
-        traceparent: None,
-        tracestate: None,
-        other: false,
-    };
-    for (name, value) in h.iter_mut() {
-        let n = name.as_str().as_bytes();
-        match n {
-            b"traceparent" if found.traceparent.is_none() => found.traceparent = Some(value),
-            b"traceparent" => found.other = true,
-            b"tracestate" => {
-                if found.tracestate.is_none() {
-                    found.tracestate = Some(value);
-                }
-            }
-            b"b3" => found.other = true,
-            _ if n.starts_with(b"x-b3-") => found.other = true,
+/// Finds the trace headers by one walk over the map's names: a request has few headers, and
+/// comparing each name (most fail on the length) costs less than hashing the six trace header
+/// names for look-ups that mostly miss.
+pub fn present(h: &HeaderMap) -> Present {
+    let mut p = Present::default();
+    for name in h.keys() {
+        match name.as_str().as_bytes() {
+            b"traceparent" => p.traceparent = true,
+            b"tracestate" => p.tracestate = true,
+            b"b3" => p.b3 = true,
+            n if n.starts_with(b"x-b3-") => p.b3 = true,
             _ => {}
         }
     }
-    found
+    p
 }
 
 /// Reads the caller's context: `traceparent` first, then `b3`, then `X-B3-*`. A malformed
@@ -210,19 +202,45 @@ pub fn hex(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The `traceparent` value of `ctx`: 55 bytes, no allocation but the header value's own.
+/// The `traceparent` value of `ctx`: 55 bytes written straight into this thread's block
+/// (see [`cut`]).
 pub fn traceparent(ctx: &Context) -> HeaderValue {
-    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    hex_into(&mut v[3..35], &ctx.trace_id);
-    hex_into(&mut v[36..52], &ctx.span_id);
-    v[54] = if ctx.sampled { b'1' } else { b'0' };
-    // SAFETY: `v` is lower-case hex digits and dashes only: ASCII, so valid UTF-8 (the
-    // function's contract) and a valid header value. Skips the byte-by-byte check of
-    // `HeaderValue::from_bytes` on every request (debug builds still check, and panic).
+    let bytes = cut(b"00-00000000000000000000000000000000-0000000000000000-00", |v| {
+        hex_into(&mut v[3..35], &ctx.trace_id);
+        hex_into(&mut v[36..52], &ctx.span_id);
+        v[54] = if ctx.sampled { b'1' } else { b'0' };
+    });
+    // SAFETY: the template and `hex_into` write lower-case hex digits and dashes only: ASCII,
+    // so valid UTF-8 (the function's contract) and a valid header value. Skips the byte-by-
+    // byte check of `HeaderValue::from_bytes` on every request (debug builds still check).
     #[allow(unsafe_code)]
     unsafe {
-        HeaderValue::from_maybe_shared_unchecked(v)
+        HeaderValue::from_maybe_shared_unchecked(bytes)
     }
+}
+
+/// Size of the blocks [`cut`] takes values from: 74 `traceparent`s.
+const BLOCK: usize = 4096;
+
+thread_local! {
+    /// What is left of this thread's current block.
+    static BLOCK_REST: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// A copy of `template`, changed in place by `fill`, cut from this thread's block of
+/// [`BLOCK`] bytes: a share of a reference-counted buffer, so neither making the value, nor
+/// cloning it with the request's headers (for a retry), nor dropping it allocates or frees,
+/// but once per block. A block is freed when the last value cut from it is dropped.
+fn cut(template: &[u8], fill: impl FnOnce(&mut [u8])) -> Bytes {
+    BLOCK_REST.with(|rest| {
+        let mut rest = rest.borrow_mut();
+        if rest.capacity() < template.len() {
+            *rest = BytesMut::with_capacity(BLOCK.max(template.len()));
+        }
+        rest.extend_from_slice(template);
+        fill(&mut rest[..]);
+        rest.split().freeze()
+    })
 }
 
 /// Writes `ctx` into the request for the next hop: `traceparent` always; with a B3 caller, its

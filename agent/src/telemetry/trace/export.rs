@@ -108,8 +108,8 @@ impl Exporter {
                 }
             }
             let n = batch.len() as u64;
-            let spans = batch.drain(..).map(|s| otlp::span(&s)).collect();
-            let body = otlp::encode((self.resource)(), spans);
+            let body = otlp::encode_batch(&(self.resource)(), &batch);
+            batch.clear();
             match self.send(body).await {
                 Ok(()) => {
                     self.exported.inc_by(n);

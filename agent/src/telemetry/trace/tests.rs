@@ -250,8 +250,22 @@ fn a_finished_span_encodes_as_otlp_with_its_attributes() {
         ..ended(30, 25, 20)
     });
     let span = rx.try_recv().expect("queued");
-    let body = otlp::encode(vec![otlp::string("service.name", "web")], vec![otlp::span(&span)]);
+    let resource = vec![otlp::string("service.name", "web")];
+    let body = otlp::encode_batch(&resource, std::slice::from_ref(&span));
     let req = otlp::ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
+    // The body written directly says what the message structs say, for this failed span with
+    // a parent and for a successful root span.
+    let (t1, mut rx1, _) = tracer(Sampler::Ratio, 1.0, 16);
+    begin(t1, &mut HeaderMap::new()).unwrap().end(ended(3, 2, 1));
+    let root = rx1.try_recv().expect("queued");
+    let both = [span, root];
+    let direct = otlp::encode_batch(&resource, &both);
+    let reference = otlp::encode(resource, both.iter().map(|s| otlp::span(s)).collect());
+    assert_eq!(
+        otlp::ExportTraceServiceRequest::decode(direct.as_slice()).unwrap(),
+        otlp::ExportTraceServiceRequest::decode(reference.as_slice()).unwrap()
+    );
+    assert_eq!(direct, reference, "the same bytes, field for field");
     let s = &req.resource_spans[0].scope_spans[0].spans[0];
     assert_eq!(context::hex(&s.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(context::hex(&s.parent_span_id), "00f067aa0ba902b7");
@@ -336,4 +350,55 @@ fn config_problems_are_all_named() {
         unknown.problems.iter().any(|p| p.key.starts_with("tracing")),
         "{unknown:?}"
     );
+}
+
+#[test]
+fn traceparents_cut_from_shared_blocks_stay_intact() {
+    // Enough values to fill several blocks; each must keep its own bytes after the block it
+    // came from is left behind, after a clone, and after its neighbours are dropped.
+    let mut kept = Vec::new();
+    for i in 0..300u64 {
+        let ctx = context::Context {
+            trace_id: context::new_trace_id(),
+            span_id: (i + 1).to_be_bytes(),
+            sampled: i % 2 == 0,
+        };
+        let v = context::traceparent(&ctx);
+        if i % 3 == 0 {
+            kept.push((ctx, v.clone()));
+        }
+    }
+    for (ctx, v) in &kept {
+        let p = context::parse_traceparent(v.as_bytes()).expect("a valid traceparent");
+        assert_eq!(
+            (p.trace_id, p.span_id, p.sampled),
+            (ctx.trace_id, ctx.span_id, Some(ctx.sampled))
+        );
+    }
+}
+
+#[test]
+fn one_pass_and_b3_paths_agree_on_what_the_next_hop_sees() {
+    let (t, _rx, _) = tracer(Sampler::ParentBased, 0.0, 16);
+    // No trace header: a new unsampled trace, still propagated with flags 00.
+    let mut h = headers(&[("host", "a"), ("x-request-id", "1")]);
+    assert!(begin(t, &mut h).is_none());
+    let v = h[&TRACEPARENT].to_str().unwrap();
+    assert!(v.starts_with("00-") && v.ends_with("-00"), "{v}");
+    assert_eq!(h.get_all(&TRACEPARENT).iter().count(), 1);
+    // Two traceparents: the first continues, and only this hop's goes on.
+    let mut h = HeaderMap::new();
+    h.append(TRACEPARENT, HeaderValue::from_static(PARENT));
+    h.append(TRACEPARENT, HeaderValue::from_static("00-zz"));
+    assert!(begin(t, &mut h).is_some(), "the first, sampled, parent decides");
+    assert_eq!(h.get_all(&TRACEPARENT).iter().count(), 1);
+    let out = context::parse_traceparent(h[&TRACEPARENT].as_bytes()).unwrap();
+    assert_eq!(context::hex(&out.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    // traceparent and b3 both: W3C wins, the b3 header stays as it came.
+    let b3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1";
+    let mut h = headers(&[("b3", b3), ("traceparent", PARENT)]);
+    assert!(begin(t, &mut h).is_some());
+    assert_eq!(h["b3"], b3);
+    let out = context::parse_traceparent(h[&TRACEPARENT].as_bytes()).unwrap();
+    assert_eq!(context::hex(&out.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
 }
