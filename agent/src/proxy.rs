@@ -15,6 +15,7 @@ pub mod listener;
 pub mod pool;
 mod record;
 mod shutdown;
+pub mod splice;
 mod tcp;
 
 use std::net::SocketAddr;

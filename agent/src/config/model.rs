@@ -274,6 +274,9 @@ pub struct ProxyConfig {
     /// client it is replaced by the client's address. Default: loopback (the local app, a
     /// front proxy on the same VM).
     pub trust_forwarded_for: Vec<Cidr>,
+    /// HTTP/1.1 `Upgrade` protocols tunnelled (case-insensitive); any other upgrade request is
+    /// forwarded as a plain request without its `Upgrade` header. Default: `websocket`.
+    pub upgrades: Vec<String>,
 }
 
 /// `[telemetry]`
@@ -568,6 +571,7 @@ impl Default for ProxyConfig {
             h2_max_pending_reset_streams: 64,
             retry_buffer_bytes: ByteSize(64 << 10),
             trust_forwarded_for: loopback(),
+            upgrades: vec!["websocket".to_owned()],
         }
     }
 }

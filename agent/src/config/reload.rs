@@ -100,6 +100,7 @@ fn settle_proxy(old: &ProxyConfig, new: &mut ProxyConfig, kept: &mut Vec<&'stati
         h2_max_pending_reset_streams,
         retry_buffer_bytes: _, // route table
         trust_forwarded_for,
+        upgrades,
     } = new;
     keep(kept, "proxy.max_connections", &old.max_connections, max_connections);
     keep(kept, "proxy.max_header_bytes", &old.max_header_bytes, max_header_bytes);
@@ -128,6 +129,7 @@ fn settle_proxy(old: &ProxyConfig, new: &mut ProxyConfig, kept: &mut Vec<&'stati
         &old.trust_forwarded_for,
         trust_forwarded_for,
     );
+    keep(kept, "proxy.upgrades", &old.upgrades, upgrades);
 }
 
 /// The health checker (app address, protocol, check) and the ramp start with the agent.

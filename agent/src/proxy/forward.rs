@@ -336,7 +336,10 @@ pub async fn forward(
         let answer = match result {
             Ok((resp, conn)) => {
                 admitted.finish(resp.status().as_u16(), start, answered_at);
-                respond(resp, conn, completion, p.on_upgrade, p.close_after)
+                let tunnel = p
+                    .on_upgrade
+                    .map(|client| (client, ctx.shared.limits.idle_timeout.get()));
+                respond(resp, conn, completion, tunnel, p.close_after)
             }
             // A callee that is not the service asked for is never a fallback's case.
             Err(TryOutcome::ConnectFailed) if identity_mismatch => {
@@ -362,7 +365,7 @@ fn respond(
     mut resp: Response<Incoming>,
     conn: Option<super::pool::Conn>,
     mut completion: Completion,
-    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    tunnel: Option<(hyper::upgrade::OnUpgrade, std::time::Duration)>,
     close_after: bool,
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
@@ -371,7 +374,7 @@ fn respond(
     // pass for the proxy's own answer with clients, dashboards and runbooks that act on it.
     headers::strip_vmesh(resp.headers_mut(), |_| false);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = on_upgrade {
+        if let Some((client, idle)) = tunnel {
             let upstream = hyper::upgrade::on(&mut resp);
             let in_flight = completion.endpoint.take();
             if let Some(ep) = &in_flight {
@@ -380,7 +383,12 @@ fn respond(
             tokio::spawn(async move {
                 let _in_flight = in_flight;
                 if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                    // A tunnel (WebSocket) ends when either side closes, or after
+                    // `proxy.idle_timeout` with no byte either way, as a TCP connection does.
+                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    if let super::splice::End::Idle = super::splice::splice(&mut client, &mut upstream, idle).await {
+                        tracing::debug!(?idle, "upgrade tunnel idle: closed");
+                    }
                 }
             });
             let (parts, _) = resp.into_parts();

@@ -83,6 +83,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
 }
 
 /// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+/// Whether the request's `Upgrade` protocol (its first, the one a server picks by default) is one
+/// of `allowed` (`proxy.upgrades`), case-insensitively; the version after `/` does not count.
+pub fn upgrade_allowed(h: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(first) = h
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+    else {
+        return false;
+    };
+    let protocol = first.trim().split('/').next().unwrap_or("");
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(protocol))
+}
+
 pub fn is_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION).iter().any(|v| {

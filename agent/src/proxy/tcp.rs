@@ -2,15 +2,9 @@
 //! recorded by the same record stage as HTTP), then copy bytes both ways until either side
 //! closes or the connection idles out.
 
-use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::error::ProxyError;
@@ -91,90 +85,11 @@ pub async fn proxy(
     let _in_flight = in_flight;
     let _ = up.set_nodelay(true);
     let idle = shared.limits.idle_timeout.get();
-    let activity = Arc::new(Activity::new());
-    let mut a = Tracked {
-        io: &mut client,
-        activity: &activity,
-    };
-    let mut b = Tracked {
-        io: &mut up,
-        activity: &activity,
-    };
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut a, &mut b) => {
-            if let Err(e) = r {
-                tracing::debug!(client = %peer, error = %e, "tcp stream ended with an error");
-            }
+    match super::splice::splice(&mut client, &mut up, idle).await {
+        super::splice::End::Closed(Ok(_)) => {}
+        super::splice::End::Closed(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "tcp stream ended with an error");
         }
-        () = activity.idle_for(idle) => {
-            tracing::debug!(client = %peer, ?idle, "tcp connection idle: closed");
-        }
-    }
-}
-
-/// Last time bytes moved, in milliseconds since the connection started.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Resolves once no byte has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) {
-        loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let due = last + idle;
-            if Instant::now() >= due {
-                return;
-            }
-            tokio::time::sleep_until(due.into()).await;
-        }
-    }
-}
-
-/// A stream that records activity on every read or write that moved bytes.
-struct Tracked<'a> {
-    io: &'a mut TcpStream,
-    activity: &'a Activity,
-}
-
-impl AsyncRead for Tracked<'_> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Tracked<'_> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut *self.io).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
+        super::splice::End::Idle => tracing::debug!(client = %peer, ?idle, "tcp connection idle: closed"),
     }
 }

@@ -34,7 +34,11 @@ pub struct Prepared {
 
 /// Rewrites the head of `parts` for an upstream speaking HTTP/2 (`h2`) or HTTP/1.1.
 pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completion) -> Result<Prepared, ProxyError> {
-    let upgrade = parts.version == Version::HTTP_11 && headers::is_upgrade(&parts.headers);
+    // Only the upgrades of `proxy.upgrades` (WebSocket) are tunnelled; any other (h2c, an
+    // unknown protocol) goes on as a plain request with its Upgrade header stripped.
+    let upgrade = parts.version == Version::HTTP_11
+        && headers::is_upgrade(&parts.headers)
+        && headers::upgrade_allowed(&parts.headers, &ctx.shared.limits.upgrades);
     // While the agent drains, HTTP/1.1 clients are told to reconnect (to the next agent on
     // the same socket) after this response, instead of finding their connection closed.
     let close_after =

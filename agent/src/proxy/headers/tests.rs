@@ -204,3 +204,24 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn only_listed_upgrade_protocols_are_allowed() {
+    let allowed = vec!["websocket".to_owned()];
+    for (upgrade, ok) in [
+        ("websocket", true),
+        ("WebSocket", true),
+        ("websocket/13", true),
+        ("h2c", false),
+        ("h2c, websocket", false),
+        ("", false),
+    ] {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::UPGRADE,
+            HeaderValue::from_str(upgrade).unwrap_or_else(|e| panic!("{e}")),
+        );
+        assert_eq!(upgrade_allowed(&h, &allowed), ok, "{upgrade:?}");
+    }
+    assert!(!upgrade_allowed(&HeaderMap::new(), &allowed), "no Upgrade header");
+}
