@@ -348,6 +348,28 @@ fn stop_timeout_exceeds_the_drain_timeout() {
     );
 }
 
+/// The unit's resource bounds fit the proxy's limits: two descriptors per connection for the
+/// default `proxy.max_connections` on a dozen listeners, and memory and tasks bounded.
+#[test]
+fn the_unit_bounds_files_memory_and_tasks() {
+    let service = read(&repo("systemd/vmesh.service"));
+    let value = |key: &str| {
+        service
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key}= missing in vmesh.service"))
+            .to_owned()
+    };
+    let nofile: u64 = value("LimitNOFILE").parse().expect("LimitNOFILE is a number");
+    assert!(
+        nofile >= 2 * 10_000 * 12,
+        "LimitNOFILE={nofile}: below 2 x 10,000 x 12 listeners"
+    );
+    for key in ["MemoryHigh", "MemoryMax", "TasksMax"] {
+        assert!(!value(key).is_empty(), "{key}");
+    }
+}
+
 /// The hardening score of `systemd-analyze security` (offline: no running systemd needed).
 #[test]
 fn systemd_analyze_security_exposure_is_low() {
