@@ -134,11 +134,6 @@ pub mod exit {
     pub const CONFLICT: u8 = 1;
 }
 
-/// The admin address and token for a client command (an error: exit [`exit::FAILED`]).
-pub fn admin_target(args: &AdminArgs) -> anyhow::Result<(SocketAddr, Option<String>)> {
-    Ok((args.admin_addr()?, admin_token(&args.config)))
-}
-
 /// The admin token from the config's `agent.admin_token_file`, if one is set and readable.
 pub fn admin_token(config: &std::path::Path) -> Option<String> {
     let c = crate::config::load(&crate::config::Source::file(config)).ok()?;

@@ -261,7 +261,7 @@ impl Reopening {
         let db = self.current()?;
         let result = op(&db);
         if let Err(e) = &result {
-            if !e.is_corruption() && !matches!(e, StoreError::Decode { .. }) {
+            if !e.is_corruption() {
                 // sled keeps failing after an I/O error until it is opened again; not sooner
                 // than RETRY, so that a full disk does not cost a reopen per write.
                 tracing::warn!(error = %e, "state store write failed: reopening it");

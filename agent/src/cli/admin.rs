@@ -60,6 +60,11 @@ impl AdminClient {
         self.addr
     }
 
+    /// The admin token, for a request this client does not make itself (`/tap`'s stream).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// `GET path` (10 s at most).
     pub async fn get(&self, path: &str) -> anyhow::Result<Answer> {
         self.send(http::Method::GET, path, None, Duration::from_secs(10)).await

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use super::{admin_target, exit, AdminArgs};
+use super::{exit, AdminArgs, AdminClient};
 use crate::telemetry::tap::StatusFilter;
 
 /// `vmesh tap` options.
@@ -76,16 +76,18 @@ fn encode(v: &str) -> String {
 /// token, 429 `TAP_LIMIT`, 400 `TAP_BAD_FILTER`), 3 when the admin API is unreachable or the
 /// stream broke (the agent stopped).
 pub async fn run(args: &TapArgs) -> ExitCode {
-    let (addr, token) = match admin_target(&args.admin) {
-        Ok(t) => t,
+    let admin = match AdminClient::from_args(&args.admin) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::from(exit::FAILED);
         }
     };
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let addr = admin.addr();
+    // A streamed answer, read line by line: not the admin client's whole-body `get`.
     let mut req = http::Request::get(format!("http://{addr}/tap?{}", query(args)));
-    if let Some(t) = &token {
+    if let Some(t) = admin.token() {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
     }
     let req = match req.body(Empty::new()) {

@@ -6,6 +6,7 @@
 use vmesh_cmdb::{Cmdb, CmdbError, ServiceIdentity};
 
 use crate::store::State;
+use crate::telemetry::metrics::CodeLabels;
 use crate::telemetry::Metrics;
 
 /// Where the identity in use came from (`/status` `lifecycle.identity_source`).
@@ -82,7 +83,7 @@ impl IdentityKeeper {
                 self.error = None;
             }
             Err(e) => {
-                metrics.cmdb_errors.get_or_create(&code_label(e.code())).inc();
+                metrics.cmdb_errors.get_or_create(&CodeLabels { code: e.code() }).inc();
                 self.on_error(&e, store, metrics);
                 self.error = Some(if self.current.is_none() {
                     format!("{}: {e}; no cached identity: not registering", e.code())
@@ -129,8 +130,4 @@ impl IdentityKeeper {
             tracing::warn!(error = %e, code = e.code(), "CMDB refresh failed: keeping the current identity");
         }
     }
-}
-
-fn code_label(code: &'static str) -> crate::telemetry::metrics::CodeLabels {
-    crate::telemetry::metrics::CodeLabels { code }
 }

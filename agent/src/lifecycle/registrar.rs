@@ -28,6 +28,7 @@ use crate::ramp::RampBook;
 use crate::registry::{Registration, Registry, RegistryError};
 use crate::route::RouteTable;
 use crate::store::{unix_now, RampRecord, RegistrationRecord, State};
+use crate::telemetry::metrics::{CodeLabels, OpLabels};
 use crate::telemetry::Metrics;
 
 /// What `/status` shows of the lifecycle.
@@ -491,7 +492,10 @@ impl Registrar {
             }
             Err(e) => {
                 tracing::warn!(error = %e, code = e.code(), why, "registry write failed; will retry");
-                self.metrics.registry_errors.get_or_create(&code_label(e.code())).inc();
+                self.metrics
+                    .registry_errors
+                    .get_or_create(&CodeLabels { code: e.code() })
+                    .inc();
                 self.dirty = true;
                 self.set_status(|s| s.registry_error = Some(format!("{}: {e}", e.code())));
             }
@@ -520,7 +524,7 @@ impl Registrar {
     }
 
     fn count_write(&self, op: &'static str) {
-        self.metrics.registry_writes.get_or_create(&op_label(op)).inc();
+        self.metrics.registry_writes.get_or_create(&OpLabels { op }).inc();
     }
 
     /// Consul's TTL check needs a pass within every TTL (etcd's lease has its own keep-alive):
@@ -562,7 +566,7 @@ impl Registrar {
                 tracing::warn!(id = %have.id, "registration missing from the registry (agent restarted?): registering again");
                 self.metrics
                     .registry_writes
-                    .get_or_create(&op_label("anti-entropy"))
+                    .get_or_create(&OpLabels { op: "anti-entropy" })
                     .inc();
                 self.written.send_replace(None);
                 self.dirty = true;
@@ -745,12 +749,4 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn op_label(op: &'static str) -> crate::telemetry::metrics::OpLabels {
-    crate::telemetry::metrics::OpLabels { op }
-}
-
-fn code_label(code: &'static str) -> crate::telemetry::metrics::CodeLabels {
-    crate::telemetry::metrics::CodeLabels { code }
 }
