@@ -56,14 +56,12 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         .with_context(|| format!("{}: [tls] cannot be used", crate::tls::TLS_MATERIAL_INVALID))?;
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&config, None, &metrics)));
     let (drain, drain_watch) = Drain::new();
-    let shared = Arc::new(Shared {
-        routes: routes.clone(),
-        metrics: metrics.clone(),
+    let shared = Arc::new(Shared::new(
+        routes.clone(),
+        metrics.clone(),
         access_log,
-        limits: config.proxy.clone(),
-        draining: AtomicBool::new(false),
-        own_colour: arc_swap::ArcSwapOption::empty(),
-    });
+        config.proxy.clone(),
+    ));
 
     // Bind everything first: a port in use fails the start, before anything is registered.
     let admin_listener = take_or_bind(&mut inherited, config.agent.admin_listen)
@@ -142,8 +140,12 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
         }
     }
 
-    // Drain: mark the instance down and let callers notice, let in-flight requests finish,
-    // deregister, then stop accepting and close connections; all within the drain timeout.
+    // Drain: mark the instance down and let callers notice (requests still arriving are
+    // served, HTTP/1.1 answers carry `Connection: close`), stop accepting (with systemd's
+    // socket the next run takes the backlog), let every connection finish its requests, then
+    // deregister; all within the drain timeout, with a second kept for the deregistration.
+    // Waiting for "no request in flight" while still accepting would never end under steady
+    // load from clients that do not read the registry.
     let timeout = state.config.load().agent.drain_timeout.get();
     let deadline = tokio::time::Instant::now() + timeout;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -156,7 +158,8 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
     }
     drop(rt.drain_watch);
     let holders = drain.holders();
-    match tokio::time::timeout_at(deadline, drain.drain()).await {
+    let connections_deadline = deadline - DEREGISTER_RESERVE.min(timeout / 2);
+    match tokio::time::timeout_at(connections_deadline, drain.drain()).await {
         Ok(()) => tracing::info!("drained: all connections closed"),
         Err(_) => tracing::warn!(
             ?timeout,
@@ -164,8 +167,16 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
             "drain timeout: closing remaining connections"
         ),
     }
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(DEREGISTER_RESERVE);
+    state.lifecycle.deregister_at_exit(left).await;
     Ok(())
 }
+
+/// The part of `agent.drain_timeout` kept for the deregistration at shutdown (and its least
+/// time, when closing the connections used up the rest).
+const DEREGISTER_RESERVE: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Lifecycle {
     handle: Handle,

@@ -42,6 +42,56 @@ pub struct Shared {
     pub draining: std::sync::atomic::AtomicBool,
     /// The colour of this VM's identity (a test lane), stamped on its outbound calls.
     pub own_colour: arc_swap::ArcSwapOption<::http::HeaderValue>,
+    /// Connection slots over all listeners (`proxy.max_connections_total`).
+    pub connections: Arc<tokio::sync::Semaphore>,
+    /// Requests in progress over all listeners (`proxy.max_requests_in_flight`).
+    pub in_flight: Arc<InFlightCap>,
+}
+
+/// Requests in progress over all listeners, and the cap on them.
+#[derive(Debug)]
+pub struct InFlightCap {
+    count: std::sync::atomic::AtomicUsize,
+    cap: usize,
+}
+
+impl InFlightCap {
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            count: std::sync::atomic::AtomicUsize::new(0),
+            cap,
+        })
+    }
+
+    /// Whether `cap` requests are in progress (a soft cap: two threads may both pass at
+    /// `cap - 1`).
+    pub fn full(&self) -> bool {
+        self.count.load(std::sync::atomic::Ordering::Relaxed) >= self.cap
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    pub fn new(
+        routes: Arc<ArcSwap<RouteTable>>,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+        limits: ProxyConfig,
+    ) -> Self {
+        Self {
+            routes,
+            metrics,
+            access_log,
+            connections: Arc::new(tokio::sync::Semaphore::new(limits.max_connections_total)),
+            in_flight: InFlightCap::new(limits.max_requests_in_flight),
+            limits,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            own_colour: arc_swap::ArcSwapOption::empty(),
+        }
+    }
 }
 
 /// One listener's identity and target.
@@ -52,28 +102,60 @@ pub struct ListenerCtx {
 }
 
 /// Requests in progress on one downstream connection, for its idle timeout.
+#[derive(Debug)]
 pub struct ConnActivity {
     start: std::time::Instant,
+    /// The agent-wide count every request of this connection adds to.
+    global: Arc<InFlightCap>,
     active: std::sync::atomic::AtomicU32,
     /// When the last request ended, in milliseconds since `start`.
     last_end_ms: std::sync::atomic::AtomicU64,
+    /// Bumped whenever a request starts or ends or a body frame moves either way: the stall
+    /// watch (`proxy.stream_idle_timeout`) compares it across its period.
+    progress: std::sync::atomic::AtomicU64,
+    /// Set when the stall watch closed the connection: the requests it cut log the reason.
+    stalled: std::sync::atomic::AtomicBool,
 }
 
 /// A request in progress; its drop stamps the connection's last activity.
 pub struct ActiveRequest(Arc<ConnActivity>);
 
 impl ConnActivity {
-    pub fn new() -> Arc<Self> {
+    pub fn new(global: Arc<InFlightCap>) -> Arc<Self> {
         Arc::new(Self {
             start: std::time::Instant::now(),
+            global,
             active: std::sync::atomic::AtomicU32::new(0),
             last_end_ms: std::sync::atomic::AtomicU64::new(0),
+            progress: std::sync::atomic::AtomicU64::new(0),
+            stalled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     pub fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.global.count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.moved();
         ActiveRequest(self.clone())
+    }
+
+    /// Something moved on the connection (a body frame, a request's start or end).
+    pub fn moved(&self) {
+        self.progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn progress(&self) -> u64 {
+        self.progress.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `proxy.max_requests_in_flight` requests are in progress on the agent.
+    pub fn agent_full(&self) -> bool {
+        self.global.full()
+    }
+
+    /// Whether the stall watch closed this connection.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How long the connection has had no request in progress (`None`: one is in progress).
@@ -86,8 +168,17 @@ impl ConnActivity {
     }
 }
 
+impl ActiveRequest {
+    /// The connection this request is on.
+    pub fn conn(&self) -> &ConnActivity {
+        &self.0
+    }
+}
+
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
+        self.0.moved();
+        self.0.global.count.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let ms = u64::try_from(self.0.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last_end_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
         self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -104,6 +195,8 @@ pub struct ConnCtx {
     pub activity: Arc<ConnActivity>,
     /// The caller's verified identity (mutual TLS on the inbound listener), else `None`.
     pub peer: Option<Arc<crate::tls::PeerIdentity>>,
+    /// The connection's slot under the caps; an upgrade tunnel keeps it.
+    pub slot: Arc<listener::ConnSlot>,
 }
 
 impl ListenerCtx {

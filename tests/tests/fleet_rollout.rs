@@ -137,15 +137,22 @@ impl Host {
     /// What went on in the host, for a failing test.
     fn report(&self) -> String {
         format!(
-            "=== {} vmesh.service (journal tail) ===\n{}\n=== {} vmesh.socket ===\n{}\n=== {} fleet-app.service ===\n{}",
+            "=== {} vmesh.service (journal tail, access-log lines left out) ===\n{}\n=== {} vmesh.socket ===\n{}\n=== {} fleet-app.service ===\n{}",
             self.name,
-            self.container.journal("vmesh.service", 40),
+            agent_events(&self.container.journal("vmesh.service", 20_000), 60),
             self.name,
             self.container.journal("vmesh.socket", 10),
             self.name,
             self.container.journal("fleet-app.service", 10)
         )
     }
+}
+
+/// The last `keep` lines of an agent's journal that are not access-log records: the agent's
+/// own events (start, drain, shutdown) are what explains a failed request.
+fn agent_events(journal: &str, keep: usize) -> String {
+    let events: Vec<&str> = journal.lines().filter(|l| !l.contains("\"direction\":")).collect();
+    events[events.len().saturating_sub(keep)..].join("\n")
 }
 
 /// The app unit of a host: the Python upstream named after the host, on `app`.

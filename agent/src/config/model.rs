@@ -264,6 +264,23 @@ pub struct ProxyConfig {
     pub header_read_timeout: Dur,
     /// An HTTP connection with no request in progress for this long is closed.
     pub idle_timeout: Dur,
+    /// A connection with requests in progress on which no request or response body byte
+    /// moves (and no request starts or ends) for this long is closed: a stalled upload, a
+    /// client that stops reading, an HTTP/2 client that never opens its window. Envoy's
+    /// `stream_idle_timeout`.
+    pub stream_idle_timeout: Dur,
+    /// Time a client has to send a whole request body, counted from the request's arrival;
+    /// past it the request is answered 408 `REQUEST_BODY_TIMEOUT` (or cut, once the response
+    /// has begun).
+    pub request_body_timeout: Dur,
+    /// Response bytes buffered per HTTP/2 stream for a client that reads slowly.
+    pub h2_max_send_buffer: ByteSize,
+    /// Open downstream connections over all listeners together; beyond this every listener
+    /// stops accepting until one closes.
+    pub max_connections_total: usize,
+    /// Requests in progress over all listeners together; beyond this a request is answered
+    /// 503 `AGENT_OVERLOADED` at once.
+    pub max_requests_in_flight: usize,
     /// HTTP/2 streams per connection.
     pub h2_max_concurrent_streams: u32,
     /// HTTP/2 streams a client may reset before the connection is closed (rapid-reset guard).
@@ -567,6 +584,11 @@ impl Default for ProxyConfig {
             max_header_bytes: ByteSize(64 << 10),
             header_read_timeout: Dur::secs(10),
             idle_timeout: Dur::secs(60),
+            stream_idle_timeout: Dur::secs(300),
+            request_body_timeout: Dur::secs(300),
+            h2_max_send_buffer: ByteSize(64 << 10),
+            max_connections_total: 20_000,
+            max_requests_in_flight: 20_000,
             h2_max_concurrent_streams: 256,
             h2_max_pending_reset_streams: 64,
             retry_buffer_bytes: ByteSize(64 << 10),

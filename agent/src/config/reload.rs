@@ -96,6 +96,11 @@ fn settle_proxy(old: &ProxyConfig, new: &mut ProxyConfig, kept: &mut Vec<&'stati
         max_header_bytes,
         header_read_timeout,
         idle_timeout,
+        stream_idle_timeout,
+        request_body_timeout,
+        h2_max_send_buffer,
+        max_connections_total,
+        max_requests_in_flight,
         h2_max_concurrent_streams,
         h2_max_pending_reset_streams,
         retry_buffer_bytes: _, // route table
@@ -111,6 +116,36 @@ fn settle_proxy(old: &ProxyConfig, new: &mut ProxyConfig, kept: &mut Vec<&'stati
         header_read_timeout,
     );
     keep(kept, "proxy.idle_timeout", &old.idle_timeout, idle_timeout);
+    keep(
+        kept,
+        "proxy.stream_idle_timeout",
+        &old.stream_idle_timeout,
+        stream_idle_timeout,
+    );
+    keep(
+        kept,
+        "proxy.request_body_timeout",
+        &old.request_body_timeout,
+        request_body_timeout,
+    );
+    keep(
+        kept,
+        "proxy.h2_max_send_buffer",
+        &old.h2_max_send_buffer,
+        h2_max_send_buffer,
+    );
+    keep(
+        kept,
+        "proxy.max_connections_total",
+        &old.max_connections_total,
+        max_connections_total,
+    );
+    keep(
+        kept,
+        "proxy.max_requests_in_flight",
+        &old.max_requests_in_flight,
+        max_requests_in_flight,
+    );
     keep(
         kept,
         "proxy.h2_max_concurrent_streams",

@@ -176,6 +176,27 @@ pub fn validate(config: &Config) -> Problems {
     if proxy.header_read_timeout.get().is_zero() {
         p.push(("proxy.header_read_timeout".into(), "must be greater than 0".into()));
     }
+    for (key, d) in [
+        ("proxy.idle_timeout", proxy.idle_timeout),
+        ("proxy.stream_idle_timeout", proxy.stream_idle_timeout),
+        ("proxy.request_body_timeout", proxy.request_body_timeout),
+    ] {
+        if d.get().is_zero() {
+            p.push((key.into(), "must be greater than 0".into()));
+        }
+    }
+    if !(16 << 10..=16 << 20).contains(&proxy.h2_max_send_buffer.0) {
+        p.push((
+            "proxy.h2_max_send_buffer".into(),
+            format!("{} is out of range 16KiB..=16MiB", proxy.h2_max_send_buffer),
+        ));
+    }
+    if proxy.max_connections_total == 0 {
+        p.push(("proxy.max_connections_total".into(), "must be at least 1".into()));
+    }
+    if proxy.max_requests_in_flight == 0 {
+        p.push(("proxy.max_requests_in_flight".into(), "must be at least 1".into()));
+    }
     if config.telemetry.access_log_buffer == 0 {
         p.push(("telemetry.access_log_buffer".into(), "must be at least 1".into()));
     }

@@ -60,7 +60,11 @@ enum Command {
     Drain(oneshot::Sender<Result<(), LifecycleError>>),
     Undrain(oneshot::Sender<Result<(), LifecycleError>>),
     /// SIGTERM: mark down, wait for callers and in-flight requests, deregister.
+    /// SIGTERM, first half: mark the instance down and wait the grace.
     Shutdown(Duration, oneshot::Sender<()>),
+    /// SIGTERM, second half (connections closed): deregister within the time given; the
+    /// registrar ends.
+    Deregister(Duration, oneshot::Sender<()>),
 }
 
 /// The admin side of the registrar.
@@ -116,9 +120,20 @@ impl Handle {
         self.call(Command::Undrain).await
     }
 
+    /// SIGTERM, first half: marks a serving instance down and waits `agent.drain_grace`
+    /// (at most half of `timeout`) for callers to notice. The listeners keep serving.
     pub async fn shutdown(&self, timeout: Duration) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Command::Shutdown(timeout, tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// SIGTERM, second half, once the connections are closed: deregisters the instance
+    /// (waiting at most `left`); the registrar ends.
+    pub async fn deregister_at_exit(&self, left: Duration) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Command::Deregister(left, tx)).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -225,7 +240,8 @@ impl Registrar {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Drain(reply)) => { let _ = reply.send(self.drain().await); }
                     Some(Command::Undrain(reply)) => { let _ = reply.send(self.undrain().await); }
-                    Some(Command::Shutdown(timeout, reply)) => { self.shutdown(timeout).await; let _ = reply.send(()); return; }
+                    Some(Command::Shutdown(timeout, reply)) => { self.shutdown(timeout).await; let _ = reply.send(()); }
+                    Some(Command::Deregister(left, reply)) => { self.deregister_at_exit(left).await; let _ = reply.send(()); return; }
                     None => return,
                 },
                 changed = health_changed => {
@@ -663,25 +679,25 @@ impl Registrar {
         self.publish();
     }
 
-    /// SIGTERM: marks the instance down, gives callers the grace to notice, waits for
-    /// in-flight requests, deregisters; all within `timeout`, the deregistration included.
+    /// SIGTERM, first half: marks the instance down and gives callers the grace to notice
+    /// (at most half of `timeout`). Requests still arriving are served meanwhile; the agent
+    /// then stops accepting and lets its connections finish before [`Self::deregister_at_exit`].
     async fn shutdown(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let Some(registry) = self.registry.clone() else { return };
-        let Some(have) = self.written() else { return };
+        if self.registry.is_none() || self.written().is_none() {
+            return;
+        }
         if self.drain.shutdown(Instant::now()) {
             self.sync("shutdown").await;
             let grace = self.config.agent.drain_grace.get().min(timeout / 2);
             tracing::info!(?grace, "shutdown: instance marked down; waiting for callers to notice");
             tokio::time::sleep(grace).await;
         }
-        while self.in_flight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        // At least a second for the deregistration, even when the wait used up the timeout.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(1));
+    }
+
+    /// SIGTERM, second half: deregisters within `left`.
+    async fn deregister_at_exit(&mut self, left: Duration) {
+        let Some(registry) = self.registry.clone() else { return };
+        let Some(have) = self.written() else { return };
         let deregister = self.deregister(registry.as_ref(), &have.service, &have.id);
         match tokio::time::timeout(left, deregister).await {
             Ok(Ok(())) => tracing::info!(id = %have.id, "deregistered"),

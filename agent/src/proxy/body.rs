@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -13,14 +14,62 @@ use hyper::body::Incoming;
 
 use super::complete::Completion;
 use super::pool::Conn;
+use super::ConnActivity;
 
 /// The body of a request sent upstream.
 #[derive(Debug)]
 pub enum RequestBody {
-    /// Streamed from the client; cannot be replayed. Counts its bytes when asked to.
-    Stream(Incoming, Option<Arc<AtomicU64>>),
+    /// Streamed from the client; cannot be replayed.
+    Stream(StreamBody),
     /// Held in memory (empty or small): can be sent again on a retry.
     Buffered(Option<Bytes>),
+}
+
+/// A request body streamed from the client: counts its bytes when asked to, marks the
+/// connection's progress for the stall watch, and fails once `proxy.request_body_timeout`
+/// has passed since the request arrived.
+#[derive(Debug)]
+pub struct StreamBody {
+    body: Incoming,
+    counter: Option<Arc<AtomicU64>>,
+    deadline: Instant,
+    activity: Arc<ConnActivity>,
+}
+
+/// The request body did not arrive by `proxy.request_body_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body timeout: the client did not send the whole body in time")]
+pub struct BodyTimedOut;
+
+/// Errors of a request body: the client's connection (`hyper::Error`) or [`BodyTimedOut`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether `e` or an error it wraps is [`BodyTimedOut`].
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<BodyTimedOut>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+impl StreamBody {
+    pub fn new(
+        body: Incoming,
+        counter: Option<Arc<AtomicU64>>,
+        deadline: Instant,
+        activity: Arc<ConnActivity>,
+    ) -> Self {
+        Self {
+            body,
+            counter,
+            deadline,
+            activity,
+        }
+    }
 }
 
 impl RequestBody {
@@ -37,35 +86,59 @@ impl RequestBody {
     }
 }
 
+impl Body for StreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.activity.moved();
+                if Instant::now() > this.deadline {
+                    return Poll::Ready(Some(Err(BodyTimedOut.into())));
+                }
+                if let (Some(counter), Some(d)) = (&this.counter, frame.data_ref()) {
+                    counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut *self {
-            Self::Stream(b, counter) => {
-                let polled = Pin::new(b).poll_frame(cx);
-                if let (Some(counter), Poll::Ready(Some(Ok(frame)))) = (counter, &polled) {
-                    if let Some(d) = frame.data_ref() {
-                        counter.fetch_add(d.len() as u64, Ordering::Relaxed);
-                    }
-                }
-                polled
-            }
+            Self::Stream(b) => Pin::new(b).poll_frame(cx),
             Self::Buffered(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Stream(b, _) => b.is_end_stream(),
+            Self::Stream(b) => b.is_end_stream(),
             Self::Buffered(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Stream(b, _) => b.size_hint(),
+            Self::Stream(b) => b.size_hint(),
             Self::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
@@ -109,6 +182,14 @@ impl ResponseBody {
     }
 
     fn finish(&mut self) {
+        if !self.ended && !self.is_end_stream() {
+            // Cut short: by the client, or by the stall watch (`proxy.stream_idle_timeout`).
+            if let Some(c) = self.completion.as_mut() {
+                if c.active.as_ref().is_some_and(|a| a.conn().stalled()) {
+                    c.set_error("STREAM_IDLE_TIMEOUT");
+                }
+            }
+        }
         if let Some(conn) = self.conn.take() {
             if self.ended || self.is_end_stream() {
                 if let Some(ep) = self.completion.as_ref().and_then(|c| c.endpoint.as_ref()) {
@@ -136,6 +217,9 @@ impl Body for ResponseBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                }
+                if let Some(active) = this.completion.as_ref().and_then(|c| c.active.as_ref()) {
+                    active.conn().moved();
                 }
                 if this.is_end_stream() {
                     this.finish();

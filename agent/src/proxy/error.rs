@@ -40,6 +40,10 @@ pub enum ProxyError {
     UnauthorizedCaller,
     /// The upstream's certificate names another service than the one asked for.
     IdentityMismatch,
+    /// The client did not send the whole request body within `proxy.request_body_timeout`.
+    RequestBodyTimeout,
+    /// `proxy.max_requests_in_flight` requests were already in progress on this agent.
+    AgentOverloaded,
 }
 
 impl ProxyError {
@@ -59,6 +63,8 @@ impl ProxyError {
             Self::Overloaded => "OVERLOADED",
             Self::UnauthorizedCaller => crate::governance::authz::UNAUTHORIZED_CALLER,
             Self::IdentityMismatch => crate::tls::UPSTREAM_IDENTITY_MISMATCH,
+            Self::RequestBodyTimeout => "REQUEST_BODY_TIMEOUT",
+            Self::AgentOverloaded => "AGENT_OVERLOADED",
         }
     }
 
@@ -70,7 +76,9 @@ impl ProxyError {
             | Self::CircuitOpen
             | Self::CircuitFull
             | Self::CircuitPending
-            | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::Overloaded
+            | Self::AgentOverloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RequestBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Self::UnknownService => StatusCode::NOT_FOUND,
@@ -88,7 +96,9 @@ impl ProxyError {
             | Self::CircuitFull
             | Self::CircuitPending
             | Self::Overloaded
+            | Self::AgentOverloaded
             | Self::IdentityMismatch => "14",
+            Self::RequestBodyTimeout => "4",
             Self::UnauthorizedCaller => "7",
             Self::RateLimited => "8",
             Self::Timeout => "4",
@@ -113,6 +123,8 @@ impl ProxyError {
             Self::Overloaded => "overloaded: the adaptive concurrency limit shed this request",
             Self::UnauthorizedCaller => "the caller's identity is not allowed to make this request",
             Self::IdentityMismatch => "the upstream's certificate does not name the service asked for",
+            Self::RequestBodyTimeout => "the request body did not arrive in time",
+            Self::AgentOverloaded => "overloaded: too many requests in progress on this agent",
         }
     }
 

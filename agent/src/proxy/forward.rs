@@ -230,6 +230,8 @@ pub async fn forward(
         cluster.retry_buffer,
         p.upgrade,
         deadline,
+        start + ctx.shared.limits.request_body_timeout.get(),
+        &ctx.activity,
         &mut completion,
     )
     .await
@@ -336,9 +338,11 @@ pub async fn forward(
         let answer = match result {
             Ok((resp, conn)) => {
                 admitted.finish(resp.status().as_u16(), start, answered_at);
-                let tunnel = p
-                    .on_upgrade
-                    .map(|client| (client, ctx.shared.limits.idle_timeout.get()));
+                let tunnel = p.on_upgrade.map(|client| Tunnel {
+                    client,
+                    idle: ctx.shared.limits.idle_timeout.get(),
+                    slot: ctx.slot.clone(),
+                });
                 respond(resp, conn, completion, tunnel, p.close_after)
             }
             // A callee that is not the service asked for is never a fallback's case.
@@ -351,6 +355,9 @@ pub async fn forward(
             Err(TryOutcome::Refused) => {
                 admitted.finish_with_error(fail_or_fallback(ProxyError::CircuitPending, grpc, fallback, completion))
             }
+            Err(TryOutcome::ClientBodyTimeout) => {
+                admitted.finish_with_error(fail(ProxyError::RequestBodyTimeout, grpc, completion))
+            }
             Err(TryOutcome::Timeout | TryOutcome::PerTryTimeout) => {
                 admitted.finish_with_error(fail_or_fallback(ProxyError::Timeout, grpc, fallback, completion))
             }
@@ -360,12 +367,20 @@ pub async fn forward(
     }
 }
 
+/// An upgrade the client asked for, to be joined to the upstream's if it agrees.
+struct Tunnel {
+    client: hyper::upgrade::OnUpgrade,
+    /// `proxy.idle_timeout`: the tunnel closes after this long without a byte either way.
+    idle: std::time::Duration,
+    slot: Arc<super::listener::ConnSlot>,
+}
+
 /// Shapes the upstream response for the client and attaches the completion to its body.
 fn respond(
     mut resp: Response<Incoming>,
     conn: Option<super::pool::Conn>,
     mut completion: Completion,
-    tunnel: Option<(hyper::upgrade::OnUpgrade, std::time::Duration)>,
+    tunnel: Option<Tunnel>,
     close_after: bool,
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
@@ -374,22 +389,32 @@ fn respond(
     // pass for the proxy's own answer with clients, dashboards and runbooks that act on it.
     headers::strip_vmesh(resp.headers_mut(), |_| false);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some((client, idle)) = tunnel {
+        if let Some(Tunnel { client, idle, slot }) = tunnel {
             let upstream = hyper::upgrade::on(&mut resp);
             let in_flight = completion.endpoint.take();
             if let Some(ep) = &in_flight {
                 completion.endpoint = Some(ep.endpoint().start());
             }
             tokio::spawn(async move {
+                // The tunnel keeps the connection's slot (caps, active count) and its drain
+                // watch: shutdown waits for it and closes it.
                 let _in_flight = in_flight;
+                let mut drain = slot.drain.clone();
                 if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
-                    // A tunnel (WebSocket) ends when either side closes, or after
-                    // `proxy.idle_timeout` with no byte either way, as a TCP connection does.
+                    // A tunnel (WebSocket) ends when either side closes, after
+                    // `proxy.idle_timeout` with no byte either way (as a TCP connection does),
+                    // or when the agent shuts down.
                     let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-                    if let super::splice::End::Idle = super::splice::splice(&mut client, &mut upstream, idle).await {
-                        tracing::debug!(?idle, "upgrade tunnel idle: closed");
+                    tokio::select! {
+                        end = super::splice::splice(&mut client, &mut upstream, idle) => {
+                            if let super::splice::End::Idle = end {
+                                tracing::debug!(?idle, "upgrade tunnel idle: closed");
+                            }
+                        }
+                        () = drain.signaled() => tracing::debug!("upgrade tunnel closed: shutting down"),
                     }
                 }
+                drop(slot);
             });
             let (parts, _) = resp.into_parts();
             return Response::from_parts(parts, ResponseBody::full(bytes::Bytes::new(), Some(completion)));

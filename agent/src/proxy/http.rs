@@ -40,6 +40,9 @@ pub fn server_builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_local_error_reset_streams(Some(1024))
         .max_header_list_size(u32::try_from(limits.max_header_bytes.0).unwrap_or(u32::MAX))
+        // hyper's default is 400 KiB per stream: a client that never reads (or opens a zero
+        // window) would hold that much per stream until the stall watch closes it.
+        .max_send_buf_size(usize::try_from(limits.h2_max_send_buffer.0).unwrap_or(64 << 10))
         .keep_alive_interval(Some(limits.idle_timeout.get() / 2))
         .keep_alive_timeout(std::time::Duration::from_secs(20));
     b
@@ -53,6 +56,9 @@ where
 {
     let activity = ctx.activity.clone();
     let idle_timeout = ctx.shared.limits.idle_timeout.get();
+    let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
+    let shared = ctx.shared.clone();
+    let listener = ctx.listener.clone();
     let service = ProxyService(ctx);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -75,10 +81,20 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-        () = idle(&activity, idle_timeout) => {
-            tracing::debug!(?idle_timeout, "downstream connection idle: closing");
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        quiet = quiet(&activity, idle_timeout, stall_timeout) => match quiet {
+            Quiet::Idle => {
+                tracing::debug!(?idle_timeout, "downstream connection idle: closing");
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+            Quiet::Stalled => {
+                // Requests are in progress but nothing has moved for a whole period: the
+                // client stopped sending its body or stopped reading. Closing the connection
+                // (dropping it) frees the stream, its buffers and the upstream connection.
+                tracing::debug!(?stall_timeout, "downstream connection stalled: closing");
+                activity.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
+            }
         }
     }
 }
@@ -86,15 +102,30 @@ where
 /// How long a draining connection may still carry requests before it is shut down.
 const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_millis(1000);
 
-/// Resolves once the connection has had no request in progress for `limit`.
-async fn idle(activity: &super::ConnActivity, limit: std::time::Duration) {
+/// Why a connection's watch ended.
+enum Quiet {
+    /// No request in progress for `proxy.idle_timeout`.
+    Idle,
+    /// Requests in progress, and nothing moved for a whole `proxy.stream_idle_timeout`.
+    Stalled,
+}
+
+/// Resolves once the connection has had no request in progress for `idle`, or has had
+/// requests in progress on which nothing moved for `stall` (found within `stall` to
+/// `2 x stall`: one timer per connection, not one per request or per byte).
+async fn quiet(activity: &super::ConnActivity, idle: std::time::Duration, stall: std::time::Duration) -> Quiet {
     loop {
-        let wait = match activity.idle_for() {
-            Some(d) if d >= limit => return,
-            Some(d) => limit - d,
-            None => limit,
-        };
-        tokio::time::sleep(wait).await;
+        match activity.idle_for() {
+            Some(d) if d >= idle => return Quiet::Idle,
+            Some(d) => tokio::time::sleep((idle - d).min(stall)).await,
+            None => {
+                let seen = activity.progress();
+                tokio::time::sleep(stall).await;
+                if activity.idle_for().is_none() && activity.progress() == seen {
+                    return Quiet::Stalled;
+                }
+            }
+        }
     }
 }
 
@@ -116,6 +147,15 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
 async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<ResponseBody>, InjectedReset> {
     let start = Instant::now();
+    if ctx.activity.agent_full() {
+        ctx.shared.metrics.requests_shed.inc();
+        let grpc = is_grpc(&req);
+        return Ok(fail(
+            ProxyError::AgentOverloaded,
+            grpc,
+            early_completion(ctx, &req, start, None),
+        ));
+    }
     let table = ctx.shared.routes.load_full();
     let cluster = {
         let host = req

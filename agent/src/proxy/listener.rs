@@ -7,7 +7,7 @@ use std::sync::Arc;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use super::{http, tcp, ConnCtx, DrainWatch, ListenerCtx, Shared};
 use crate::config::{Config, Protocol, TlsMode};
@@ -191,9 +191,14 @@ async fn accept_loop(
     let name = target.borrow().ctx.name.clone();
     let (active, total) = shared.metrics.listener(&name);
     loop {
-        // At the connection cap, stop accepting: new clients wait in the kernel's backlog.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        // At this listener's cap or the agent's, stop accepting: new clients wait in the
+        // kernel's backlog.
+        let permits = tokio::select! {
+            p = async {
+                let mine = limit.clone().acquire_owned().await?;
+                let global = shared.connections.clone().acquire_owned().await?;
+                Ok::<_, tokio::sync::AcquireError>((mine, global))
+            } => match p { Ok(p) => p, Err(_) => break },
             () = drain.signaled() => break,
             () = stopped(&mut stop) => break,
         };
@@ -213,22 +218,38 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         total.inc();
         active.inc();
-        let conn_drain = drain.clone();
-        let active = active.clone();
+        let slot = Arc::new(ConnSlot {
+            _permits: permits,
+            active: active.clone(),
+            drain: drain.clone(),
+        });
         let Target { ctx, protocol, mode } = target.borrow().clone();
         let spawn_ctx = (shared.clone(), builder.clone());
         tokio::spawn(async move {
             let (shared, builder) = spawn_ctx;
             if mode == TlsMode::Plaintext || protocol == Protocol::Tcp {
-                serve_conn(stream, peer, protocol, shared, ctx, builder, conn_drain).await;
+                serve_conn(stream, peer, protocol, shared, ctx, builder, slot).await;
             } else {
-                serve_tls_conn(stream, peer, mode, shared, ctx, builder, conn_drain).await;
+                serve_tls_conn(stream, peer, mode, shared, ctx, builder, slot).await;
             }
-            active.dec();
-            drop(permit);
         });
     }
     tracing::info!(listener = %name, "stopped accepting");
+}
+
+/// What one downstream connection holds while it lives, and an upgrade tunnel made from it
+/// after it: its place under the listener's and the agent's connection caps, its count in
+/// `vmesh_downstream_connections_active`, and a drain watch (shutdown waits for it).
+pub struct ConnSlot {
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    active: prometheus_client::metrics::gauge::Gauge,
+    pub drain: DrainWatch,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
 }
 
 async fn serve_conn(
@@ -238,21 +259,24 @@ async fn serve_conn(
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    drain: DrainWatch,
+    slot: Arc<ConnSlot>,
 ) {
     if protocol == Protocol::Tcp {
-        tcp::proxy(stream, peer, &shared, &listener, drain).await;
+        tcp::proxy(stream, peer, &shared, &listener, slot.drain.clone()).await;
         return;
     }
     let client_ip = ::http::HeaderValue::from_str(&peer.ip().to_string())
         .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
+    let activity = super::ConnActivity::new(shared.in_flight.clone());
+    let drain = slot.drain.clone();
     let ctx = Arc::new(ConnCtx {
         shared,
         listener,
         client: peer,
         client_ip,
-        activity: super::ConnActivity::new(),
+        activity,
         peer: None,
+        slot,
     });
     http::serve(builder, stream, ctx, drain).await;
 }
@@ -266,8 +290,9 @@ async fn serve_tls_conn(
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    drain: DrainWatch,
+    slot: Arc<ConnSlot>,
 ) {
+    let drain = slot.drain.clone();
     let accepted = crate::tls::accept(stream, mode, shared.limits.header_read_timeout.get()).await;
     let client_ip = ::http::HeaderValue::from_str(&peer.ip().to_string())
         .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
@@ -277,8 +302,9 @@ async fn serve_tls_conn(
             listener: listener.clone(),
             client: peer,
             client_ip,
-            activity: super::ConnActivity::new(),
+            activity: super::ConnActivity::new(shared.in_flight.clone()),
             peer: identity,
+            slot: slot.clone(),
         })
     };
     match accepted {

@@ -248,7 +248,7 @@ impl Outcome {
             TryOutcome::Timeout | TryOutcome::PerTryTimeout => Self::Timeout,
             TryOutcome::Status(s) => Self::Response(s),
             TryOutcome::Connected => Self::Connected,
-            TryOutcome::Refused => return None,
+            TryOutcome::Refused | TryOutcome::ClientBodyTimeout => return None,
         })
     }
 }

@@ -22,6 +22,9 @@ pub enum TryOutcome {
     /// The breaker's `max_pending_requests` refused to dial a new connection: nothing was
     /// sent, and the endpoint is not to blame.
     Refused,
+    /// The client did not send the request body in time (`proxy.request_body_timeout`): the
+    /// endpoint is not to blame, and the request cannot be sent again.
+    ClientBodyTimeout,
 }
 
 #[derive(Clone, Debug)]
@@ -48,7 +51,11 @@ impl RetryPolicy {
             TryOutcome::ConnectFailed => true,
             TryOutcome::Reset | TryOutcome::PerTryTimeout => self.on_reset && is_idempotent(method),
             TryOutcome::Status(503) => self.on_503 && is_idempotent(method),
-            TryOutcome::Status(_) | TryOutcome::Timeout | TryOutcome::Connected | TryOutcome::Refused => false,
+            TryOutcome::Status(_)
+            | TryOutcome::Timeout
+            | TryOutcome::Connected
+            | TryOutcome::Refused
+            | TryOutcome::ClientBodyTimeout => false,
         }
     }
 }

@@ -89,6 +89,12 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReasonLabels {
+    pub listener: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -126,6 +132,11 @@ pub struct Metrics {
     pub adaptive_limit: Family<ClusterLabels, Gauge>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     pub connections: Family<ListenerLabels, Counter>,
+    /// Downstream connections the agent closed to protect itself, by reason
+    /// (`stream_idle_timeout`).
+    pub downstream_closed: Family<ListenerReasonLabels, Counter>,
+    /// Requests answered 503 `AGENT_OVERLOADED` at `proxy.max_requests_in_flight`.
+    pub requests_shed: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     /// Plaintext connections accepted by a `permissive` listener (callers not yet on mTLS).
     pub inbound_plaintext_connections: Family<ListenerLabels, Counter>,
@@ -224,6 +235,8 @@ impl Metrics {
             connections: Family::default(),
             config_reloads: Family::default(),
             inbound_plaintext_connections: Family::default(),
+            downstream_closed: Family::default(),
+            requests_shed: Counter::default(),
             tls_refused: Family::default(),
             tls_reloads: Family::default(),
             access_log_dropped: Counter::default(),
@@ -303,6 +316,16 @@ impl Metrics {
             "downstream_connections",
             "Downstream connections accepted",
             m.connections.clone(),
+        );
+        registry.register(
+            "downstream_closed",
+            "Downstream connections the agent closed to protect itself, by reason",
+            m.downstream_closed.clone(),
+        );
+        registry.register(
+            "requests_shed",
+            "Requests answered 503 AGENT_OVERLOADED because proxy.max_requests_in_flight were in progress",
+            m.requests_shed.clone(),
         );
         registry.register("config_reloads", "Config reloads by result", m.config_reloads.clone());
         registry.register(
@@ -461,6 +484,16 @@ impl Metrics {
     /// The counter of spans dropped for `reason` (resolved once, by the tracer's start).
     pub fn trace_spans_dropped(&self, reason: &'static str) -> Counter {
         self.trace_spans_dropped.get_or_create(&ReasonLabels { reason }).clone()
+    }
+
+    /// Counts a downstream connection closed for `reason` (rare: resolved when it happens).
+    pub fn downstream_closed(&self, listener: &str, reason: &'static str) {
+        self.downstream_closed
+            .get_or_create(&ListenerReasonLabels {
+                listener: listener.to_owned(),
+                reason,
+            })
+            .inc();
     }
 
     pub fn listener(&self, name: &str) -> (Gauge, Counter) {

@@ -8,7 +8,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
 
-use super::super::body::RequestBody;
+use super::super::body::{is_body_timeout, RequestBody};
 use super::super::pool::{Conn, SendError};
 use crate::balance::Endpoint;
 use crate::resilience::TryOutcome;
@@ -42,7 +42,9 @@ pub async fn send(
                     if crate::tls::identity_mismatch_in(&e) {
                         *identity_mismatch = true;
                     }
-                    Err(if e.is_connect() {
+                    Err(if is_body_timeout(&e) {
+                        TryOutcome::ClientBodyTimeout
+                    } else if e.is_connect() {
                         TryOutcome::ConnectFailed
                     } else {
                         TryOutcome::Reset
@@ -73,6 +75,7 @@ pub async fn send(
                 tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
                 Err(match e {
                     SendError::Connect(_) => TryOutcome::ConnectFailed,
+                    SendError::Http(e) if is_body_timeout(&e) => TryOutcome::ClientBodyTimeout,
                     SendError::Http(_) => TryOutcome::Reset,
                     SendError::Pending(_) => TryOutcome::Refused,
                     // Nothing was sent: like a refused connect, another endpoint may be tried.

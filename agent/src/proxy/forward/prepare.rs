@@ -15,10 +15,10 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::super::body::RequestBody;
+use super::super::body::{is_body_timeout, RequestBody, StreamBody};
 use super::super::complete::{Completion, Received};
 use super::super::error::ProxyError;
-use super::super::{headers, ConnCtx};
+use super::super::{headers, ConnActivity, ConnCtx};
 use crate::governance::colour::DEFAULT_HEADER;
 
 /// A request ready to be routed and sent.
@@ -126,7 +126,10 @@ pub fn set_authority(parts: &mut Parts, h2: bool) {
     }
 }
 
-/// The body: empty and small bodies can be replayed for a retry; others stream once.
+/// The body: empty and small bodies can be replayed for a retry; others stream once. Either
+/// way the client has until `body_deadline` (`proxy.request_body_timeout` after the
+/// request's arrival) to send it all.
+#[allow(clippy::too_many_arguments)] // the body's inputs, each used once
 pub async fn body(
     body: Incoming,
     headers: &http::HeaderMap,
@@ -134,6 +137,8 @@ pub async fn body(
     retry_buffer: u64,
     upgrade: bool,
     deadline: Instant,
+    body_deadline: Instant,
+    activity: &Arc<ConnActivity>,
     completion: &mut Completion,
 ) -> Result<RequestBody, ProxyError> {
     let body = if body.is_end_stream() {
@@ -144,9 +149,12 @@ pub async fn body(
         && retries > 0
         && content_length(headers).is_some_and(|n| n <= retry_buffer)
     {
-        match tokio::time::timeout_at(deadline.into(), body.collect()).await {
+        let stream = StreamBody::new(body, None, body_deadline, activity.clone());
+        match tokio::time::timeout_at(deadline.min(body_deadline).into(), stream.collect()).await {
             Ok(Ok(collected)) => RequestBody::Buffered(Some(collected.to_bytes())),
+            Ok(Err(e)) if is_body_timeout(e.as_ref()) => return Err(ProxyError::RequestBodyTimeout),
             Ok(Err(_)) => return Err(ProxyError::BodyError),
+            Err(_) if body_deadline <= deadline => return Err(ProxyError::RequestBodyTimeout),
             Err(_) => return Err(ProxyError::Timeout),
         }
     } else {
@@ -154,7 +162,7 @@ pub async fn body(
         if let (Some(log), Some(c)) = (completion.log.as_mut(), &counter) {
             log.received = Received::Counted(c.clone());
         }
-        RequestBody::Stream(body, counter)
+        RequestBody::Stream(StreamBody::new(body, counter, body_deadline, activity.clone()))
     };
     if let (Some(log), RequestBody::Buffered(b)) = (completion.log.as_mut(), &body) {
         log.received = Received::Known(b.as_ref().map_or(0, |b| b.len() as u64));
