@@ -5,6 +5,7 @@
 //! gRPC/WebSocket clients in `tests/fixtures/`, and waits with [`assert_eventually!`], never with
 //! fixed sleeps. A missing tool fails the test with a message naming the install script.
 
+pub mod abuse;
 pub mod agent;
 pub mod ansible;
 pub mod binary;
@@ -15,6 +16,7 @@ pub mod drain_load;
 pub mod etcd;
 pub mod eventually;
 pub mod governance;
+pub mod h2raw;
 pub mod http;
 pub mod k8s;
 pub mod keep_alive;

@@ -55,11 +55,17 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = ctx.activity.clone();
+    let head_timeout = ctx.shared.limits.header_read_timeout.get();
     let idle_timeout = ctx.shared.limits.idle_timeout.get();
     let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
     let shared = ctx.shared.clone();
     let listener = ctx.listener.clone();
     let service = ProxyService(ctx);
+    let stream = Greeting {
+        inner: stream,
+        left: GREETING_BYTES,
+        activity: activity.clone(),
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -81,11 +87,21 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-        quiet = quiet(&activity, idle_timeout, stall_timeout) => match quiet {
+        quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => match quiet {
+            Quiet::Silent => {
+                // Version detection (HTTP/1.1 or the HTTP/2 preface) has no deadline of its
+                // own, and hyper's `header_read_timeout` starts only after it.
+                tracing::debug!(?head_timeout, "downstream connection sent no request: closing");
+                shared.metrics.downstream_closed(&listener.name, "header_read_timeout");
+            }
             Quiet::Idle => {
                 tracing::debug!(?idle_timeout, "downstream connection idle: closing");
                 conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+                // An HTTP/2 client that never opens its window keeps finished streams (their
+                // answers buffered) from ending: bounded, then dropped.
+                if tokio::time::timeout(stall_timeout, conn).await.is_err() {
+                    shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
+                }
             }
             Quiet::Stalled => {
                 // Requests are in progress but nothing has moved for a whole period: the
@@ -104,6 +120,8 @@ const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_millis(1000)
 
 /// Why a connection's watch ended.
 enum Quiet {
+    /// Neither a whole HTTP/2 preface nor a request within `proxy.header_read_timeout`.
+    Silent,
     /// No request in progress for `proxy.idle_timeout`.
     Idle,
     /// Requests in progress, and nothing moved for a whole `proxy.stream_idle_timeout`.
@@ -113,8 +131,22 @@ enum Quiet {
 /// Resolves once the connection has had no request in progress for `idle`, or has had
 /// requests in progress on which nothing moved for `stall` (found within `stall` to
 /// `2 x stall`: one timer per connection, not one per request or per byte).
-async fn quiet(activity: &super::ConnActivity, idle: std::time::Duration, stall: std::time::Duration) -> Quiet {
+async fn quiet(
+    activity: &super::ConnActivity,
+    head: std::time::Duration,
+    idle: std::time::Duration,
+    stall: std::time::Duration,
+) -> Quiet {
+    let opened = std::time::Instant::now();
     loop {
+        if !activity.greeted() {
+            let waited = opened.elapsed();
+            if waited >= head {
+                return Quiet::Silent;
+            }
+            tokio::time::sleep((head - waited).min(stall).min(idle)).await;
+            continue;
+        }
         match activity.idle_for() {
             Some(d) if d >= idle => return Quiet::Idle,
             Some(d) => tokio::time::sleep((idle - d).min(stall)).await,
@@ -126,6 +158,81 @@ async fn quiet(activity: &super::ConnActivity, idle: std::time::Duration, stall:
                 }
             }
         }
+    }
+}
+
+/// Whether the request's `Transfer-Encoding` lines, all of them, are exactly one `chunked`.
+fn chunked_once(headers: &http::HeaderMap) -> bool {
+    let mut lines = headers.get_all(header::TRANSFER_ENCODING).iter();
+    match (lines.next(), lines.next()) {
+        (Some(v), None) => v
+            .to_str()
+            .is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked")),
+        _ => false,
+    }
+}
+
+/// The bytes of the HTTP/2 connection preface: a client that has sent this many has finished
+/// the version detection, whatever it speaks.
+const GREETING_BYTES: u8 = 24;
+
+/// The client's stream, noting on the connection's activity when its first
+/// [`GREETING_BYTES`] have arrived (one branch per read after that).
+struct Greeting<S> {
+    inner: S,
+    left: u8,
+    activity: Arc<super::ConnActivity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Greeting<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.left > 0 {
+            let n = u8::try_from(buf.filled().len() - before).unwrap_or(u8::MAX);
+            self.left = self.left.saturating_sub(n);
+            if self.left == 0 {
+                self.activity.greet();
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Greeting<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -156,6 +263,14 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Respon
             early_completion(ctx, &req, start, None),
         ));
     }
+    if req.headers().contains_key(header::TRANSFER_ENCODING) && !chunked_once(req.headers()) {
+        // hyper frames by the last coding only; anything but one `chunked` is refused
+        // (RFC 9112 6.1, 6.3), and the connection closed: its framing cannot be trusted.
+        let mut r = fail(ProxyError::BadRequest, false, early_completion(ctx, &req, start, None));
+        r.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Ok(r);
+    }
     let table = ctx.shared.routes.load_full();
     let cluster = {
         let host = req
@@ -174,6 +289,36 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<Respon
                 grpc,
                 early_completion(ctx, &req, start, None),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunked_once;
+
+    fn headers(te: &[&str]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for v in te {
+            h.append(http::header::TRANSFER_ENCODING, http::HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn only_one_chunked_coding_is_accepted() {
+        assert!(chunked_once(&headers(&["chunked"])));
+        assert!(chunked_once(&headers(&["Chunked"])));
+        assert!(chunked_once(&headers(&[" chunked\t"])));
+        for bad in [
+            &["chunked, chunked"][..],
+            &["identity", "chunked"],
+            &["chunked", "chunked"],
+            &["gzip, chunked"],
+            &["xchunked"],
+            &[""],
+        ] {
+            assert!(!chunked_once(&headers(bad)), "{bad:?}");
         }
     }
 }
