@@ -22,8 +22,9 @@ mod tap;
 
 pub use state::{AgentState, ReloadStatus};
 
-/// Serves the admin API until the process exits.
-pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+/// Serves the admin API on TCP until the process exits; over TLS (the `[tls]` certificate)
+/// with `tls`.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>, tls: bool) {
     let mut backoff = std::time::Duration::from_millis(10);
     loop {
         let stream = match listener.accept().await {
@@ -39,30 +40,114 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
                 continue;
             }
         };
-        let state = state.clone();
         // A handle on the socket for `/tap`, which bounds its send buffer.
         let socket = std::os::fd::AsFd::as_fd(&stream)
             .try_clone_to_owned()
             .ok()
             .map(Arc::new);
+        let state = state.clone();
+        if !tls {
+            tokio::spawn(serve_connection(stream, socket, state, false));
+            continue;
+        }
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let (state, socket) = (state.clone(), socket.clone());
-                async move {
-                    // `/tap` streams; every other answer is whole.
-                    if req.uri().path() == "/tap" {
-                        return Ok::<_, Infallible>(tap::serve(&state, &req, socket.as_deref()));
-                    }
-                    Ok(route(&state, req).await.map(http_body_util::Either::Left))
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let Some(material) = crate::tls::current() else {
+                return;
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(material.admin.clone());
+            match tokio::time::timeout(ADMIN_HEAD_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(tls, socket, state, false).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "admin API: TLS handshake failed"),
+                Err(_) => tracing::debug!("admin API: TLS handshake timed out"),
+            }
         });
     }
+}
+
+/// Serves the admin API on the unix socket `agent.admin_socket` until the process exits: to
+/// callers whose peer credentials are root, the agent's own user or one of `allowed`, which
+/// need no token (the credentials are the authentication); others are closed unanswered.
+pub async fn serve_unix(listener: tokio::net::UnixListener, state: Arc<AgentState>, allowed: Vec<u32>) {
+    let own = own_uid();
+    let mut backoff = std::time::Duration::from_millis(10);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = std::time::Duration::from_millis(10);
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "admin socket: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        let uid = stream.peer_cred().map(|c| c.uid()).ok();
+        if !uid.is_some_and(|u| u == 0 || Some(u) == own || allowed.contains(&u)) {
+            tracing::warn!(?uid, "admin socket: caller refused by its peer credentials");
+            continue;
+        }
+        let socket = std::os::fd::AsFd::as_fd(&stream)
+            .try_clone_to_owned()
+            .ok()
+            .map(Arc::new);
+        tokio::spawn(serve_connection(stream, socket, state.clone(), true));
+    }
+}
+
+/// Binds the admin unix socket at `path` (a stale socket file from an earlier run is
+/// replaced; any other file is not), readable and writable by the agent's user and group.
+pub fn bind_unix(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// The agent's effective user id (the owner of `/proc/self`).
+fn own_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// How long an admin client has for its TLS handshake and each request head.
+const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One admin connection; `trusted` (the unix socket's checked peers) needs no token and no
+/// browser checks (a browser cannot reach a unix socket).
+async fn serve_connection<S>(
+    stream: S,
+    socket: Option<Arc<std::os::fd::OwnedFd>>,
+    state: Arc<AgentState>,
+    trusted: bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let (state, socket) = (state.clone(), socket.clone());
+        async move {
+            // `/tap` streams; every other answer is whole.
+            if req.uri().path() == "/tap" {
+                return Ok::<_, Infallible>(tap::serve(&state, &req, socket.as_deref(), trusted));
+            }
+            Ok(route(&state, req, trusted).await.map(http_body_util::Either::Left))
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEAD_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 /// Browser-borne requests are refused: a `Host` that is not an IP address, `localhost` or the
@@ -110,7 +195,10 @@ fn host_name(host: &str) -> &str {
     }
 }
 
-async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AgentState, req: Request<Incoming>, trusted: bool) -> Response<Full<Bytes>> {
+    if trusted {
+        return dispatch(state, req).await;
+    }
     if let Err(r) = check_origin(state, &req) {
         return *r;
     }
@@ -120,6 +208,11 @@ async fn route(state: &AgentState, req: Request<Incoming>) -> Response<Full<Byte
             return *r;
         }
     }
+    dispatch(state, req).await
+}
+
+/// The answer of an admin call that passed the checks.
+async fn dispatch(state: &AgentState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if let Some(service) = req.uri().path().strip_prefix("/shift/").filter(|s| !s.is_empty()) {
         let service = service.to_owned();
         return shift(state, req, &service).await;

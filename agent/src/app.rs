@@ -66,6 +66,12 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
     // Bind everything first: a port in use fails the start, before anything is registered.
     let admin_listener = take_or_bind(&mut inherited, config.agent.admin_listen)
         .with_context(|| format!("agent.admin_listen: cannot bind {}", config.agent.admin_listen))?;
+    let admin_socket = match &config.agent.admin_socket {
+        Some(path) => Some(
+            admin::bind_unix(path).with_context(|| format!("agent.admin_socket: cannot bind {}", path.display()))?,
+        ),
+        None => None,
+    };
     let prepared = prepare(config.clone(), None, &[], &mut inherited).map_err(anyhow::Error::msg)?;
     inherited.release_unclaimed_stored();
     if !inherited.is_empty() {
@@ -123,7 +129,14 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
     };
     rt.commit(prepared);
     let mut events = signals::spawn().context("cannot install signal handlers")?;
-    tokio::spawn(admin::serve(admin_listener, state.clone()));
+    tokio::spawn(admin::serve(admin_listener, state.clone(), config.agent.admin_tls));
+    if let Some(unix) = admin_socket {
+        tokio::spawn(admin::serve_unix(
+            unix,
+            state.clone(),
+            config.agent.admin_socket_uids.clone(),
+        ));
+    }
     // READY=1 once the first registration was attempted (systemd Type=notify).
     let _ = lifecycle.ready.await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -1,8 +1,11 @@
 //! The one client of the local admin API that the commands share: GET, POST and PUT (with the
 //! admin token on the calls that change something), a bounded wait, and the answer with the
-//! stable error code the agent puts in `x-vmesh-error`.
+//! stable error code the agent puts in `x-vmesh-error`. With `agent.admin_socket` in the
+//! config the calls go through the unix socket (where the caller's user, not a token, is
+//! checked), falling back to `admin_listen` when the socket cannot be opened.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +20,8 @@ use super::AdminArgs;
 #[derive(Clone, Debug)]
 pub struct AdminClient {
     addr: SocketAddr,
+    /// `agent.admin_socket`, when the config names one that exists.
+    socket: Option<PathBuf>,
     token: Option<String>,
 }
 
@@ -47,13 +52,55 @@ impl Answer {
 
 impl AdminClient {
     pub fn new(addr: SocketAddr, token: Option<String>) -> Self {
-        Self { addr, token }
+        Self {
+            addr,
+            socket: None,
+            token,
+        }
     }
 
-    /// The address of `--admin` or the config's `agent.admin_listen`, and the config's admin
-    /// token when it can be read.
+    /// The address of `--admin`, else the config's `agent.admin_socket` (when it exists) and
+    /// `agent.admin_listen`; and the config's admin token when it can be read.
     pub fn from_args(args: &AdminArgs) -> anyhow::Result<Self> {
-        Ok(Self::new(args.admin_addr()?, super::admin_token(&args.config)))
+        let token = super::admin_token(&args.config);
+        if let Some(addr) = args.admin {
+            return Ok(Self::new(addr, token));
+        }
+        let config =
+            crate::config::load(&crate::config::Source::file(&args.config)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(Self {
+            addr: config.agent.admin_listen,
+            socket: config.agent.admin_socket.filter(|p| p.exists()),
+            token,
+        })
+    }
+
+    /// Sends `req` (a path-only URI) through the admin socket, or to `admin_listen` when
+    /// there is none or it cannot be opened (another user's socket).
+    pub async fn request<B>(&self, mut req: http::Request<B>) -> Result<http::Response<hyper::body::Incoming>, String>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(path) = &self.socket {
+            if let Ok(stream) = tokio::net::UnixStream::connect(path).await {
+                req.headers_mut()
+                    .insert(http::header::HOST, http::HeaderValue::from_static("localhost"));
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::spawn(conn);
+                return sender.send_request(req).await.map_err(|e| e.to_string());
+            }
+        }
+        let addr = self.addr;
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        *req.uri_mut() = format!("http://{addr}{path}")
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| e.to_string())?;
+        let client: Client<_, B> = Client::builder(TokioExecutor::new()).build_http();
+        client.request(req).await.map_err(|e| e.to_string())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -89,10 +136,7 @@ impl AdminClient {
         wait: Duration,
     ) -> anyhow::Result<Answer> {
         let addr = self.addr;
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let mut req = http::Request::builder()
-            .method(method.clone())
-            .uri(format!("http://{addr}{path}"));
+        let mut req = http::Request::builder().method(method.clone()).uri(path);
         if method != http::Method::GET {
             if let Some(t) = &self.token {
                 req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
@@ -102,7 +146,7 @@ impl AdminClient {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let resp = tokio::time::timeout(wait, client.request(req))
+        let resp = tokio::time::timeout(wait, self.request(req))
             .await
             .map_err(|_| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr} did not answer in {wait:?}"))?
             .map_err(|e| anyhow::anyhow!("ADMIN_UNREACHABLE: admin API at {addr}: {e}"))?;

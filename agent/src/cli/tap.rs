@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use super::{exit, AdminArgs, AdminClient};
@@ -83,21 +81,20 @@ pub async fn run(args: &TapArgs) -> ExitCode {
             return ExitCode::from(exit::FAILED);
         }
     };
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let addr = admin.addr();
     // A streamed answer, read line by line: not the admin client's whole-body `get`.
-    let mut req = http::Request::get(format!("http://{addr}/tap?{}", query(args)));
+    let mut req = http::Request::get(format!("/tap?{}", query(args)));
     if let Some(t) = admin.token() {
         req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
     }
-    let req = match req.body(Empty::new()) {
+    let req = match req.body(Empty::<Bytes>::new()) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(exit::FAILED);
         }
     };
-    let resp = match tokio::time::timeout(HEAD_WAIT, client.request(req)).await {
+    let resp = match tokio::time::timeout(HEAD_WAIT, admin.request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             eprintln!("error: ADMIN_UNREACHABLE: admin API at {addr}: {e}");

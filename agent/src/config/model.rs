@@ -71,6 +71,14 @@ pub struct AgentConfig {
     pub admin_listen: SocketAddr,
     /// File holding the token that mutating admin calls must present (absent: none needed).
     pub admin_token_file: Option<PathBuf>,
+    /// Serve the admin API over TLS with the `[tls]` certificate (clients are not asked for
+    /// one). Required, with a token, for an `admin_listen` off loopback.
+    pub admin_tls: bool,
+    /// A unix socket serving the admin API too (mode 0660), to callers whose peer credentials
+    /// are root, the agent's own user or one of `admin_socket_uids`; they need no token.
+    pub admin_socket: Option<PathBuf>,
+    /// Further user ids allowed on `admin_socket`.
+    pub admin_socket_uids: Vec<u32>,
     /// Proxy worker threads; default: the number of CPUs. 1 runs a single-threaded runtime.
     pub worker_threads: Option<usize>,
     /// On SIGTERM, how long in-flight requests may take to finish before the agent exits.
@@ -509,6 +517,9 @@ impl Default for AgentConfig {
             data_dir: PathBuf::from("/var/lib/vmesh"),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9901)),
             admin_token_file: None,
+            admin_tls: false,
+            admin_socket: None,
+            admin_socket_uids: Vec::new(),
             worker_threads: None,
             drain_timeout: Dur::secs(30),
             drain_grace: Dur::secs(5),

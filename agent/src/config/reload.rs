@@ -75,6 +75,9 @@ fn settle_agent(old: &AgentConfig, new: &mut AgentConfig, kept: &mut Vec<&'stati
         data_dir,
         admin_listen,
         admin_token_file: _, // read on each admin call
+        admin_tls,
+        admin_socket,
+        admin_socket_uids,
         worker_threads,
         drain_timeout: _, // read at shutdown
         drain_grace,
@@ -83,6 +86,14 @@ fn settle_agent(old: &AgentConfig, new: &mut AgentConfig, kept: &mut Vec<&'stati
     keep(kept, "agent.node", &old.node, node);
     keep(kept, "agent.data_dir", &old.data_dir, data_dir);
     keep(kept, "agent.admin_listen", &old.admin_listen, admin_listen);
+    keep(kept, "agent.admin_tls", &old.admin_tls, admin_tls);
+    keep(kept, "agent.admin_socket", &old.admin_socket, admin_socket);
+    keep(
+        kept,
+        "agent.admin_socket_uids",
+        &old.admin_socket_uids,
+        admin_socket_uids,
+    );
     keep(kept, "agent.worker_threads", &old.worker_threads, worker_threads);
     keep(kept, "agent.drain_grace", &old.drain_grace, drain_grace);
     keep(kept, "agent.log_level", &old.log_level, log_level);

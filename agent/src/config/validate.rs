@@ -21,6 +21,26 @@ pub fn validate(config: &Config) -> Problems {
 
     let agent = &config.agent;
     claim(&mut p, agent.admin_listen, "agent.admin_listen".into());
+    let admin_locked = agent.admin_tls && agent.admin_token_file.is_some();
+    if !(agent.admin_listen.ip().is_loopback() || admin_locked) {
+        // Off loopback the admin API (drain, undrain, the shift dial, the tap) is reachable
+        // from the network: it must not be plaintext or open.
+        p.push((
+            "agent.admin_listen".into(),
+            format!(
+                "{} is not a loopback address: set agent.admin_tls = true and agent.admin_token_file, or keep it on 127.0.0.1 (agent.admin_socket for local tools)",
+                agent.admin_listen
+            ),
+        ));
+    }
+    if let Some(path) = &agent.admin_socket {
+        if !path.is_absolute() {
+            p.push((
+                "agent.admin_socket".into(),
+                format!("{} is not an absolute path", path.display()),
+            ));
+        }
+    }
     if let Some(n) = agent.worker_threads {
         if n == 0 || n > 1024 {
             p.push(("agent.worker_threads".into(), format!("{n} is out of range 1..=1024")));
@@ -336,6 +356,9 @@ fn tls_problems(config: &Config) -> Problems {
     use super::{Protocol, TlsMode};
     let mut lines = Vec::new();
     let mut needed_by = None;
+    if config.agent.admin_tls {
+        needed_by = Some("agent.admin_tls".to_owned());
+    }
     if let Some(inb) = &config.inbound {
         if inb.mode != TlsMode::Plaintext {
             needed_by = Some("inbound.mode".to_owned());

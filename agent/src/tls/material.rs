@@ -18,6 +18,9 @@ use super::TlsConfig;
 pub struct Material {
     /// Inbound: requires a client certificate chaining to the mesh CA.
     pub server: Arc<ServerConfig>,
+    /// The admin API (`agent.admin_tls`): the same certificate, no client certificate asked
+    /// (operators and scrapers authenticate with the admin token), ALPN `http/1.1`.
+    pub admin: Arc<ServerConfig>,
     /// Outbound HTTP/1.1 (ALPN `http/1.1`).
     pub client_h1: Arc<ClientConfig>,
     /// Outbound HTTP/2 and gRPC (ALPN `h2`).
@@ -91,6 +94,14 @@ impl Material {
         // force when it was made.
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 
+        let mut admin = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(TLS13)
+            .map_err(tls)?
+            .with_no_client_auth()
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(tls)?;
+        admin.alpn_protocols = vec![b"http/1.1".to_vec()];
+
         let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .build()
             .map_err(|e| LoadError::Tls(e.to_string()))?;
@@ -115,6 +126,7 @@ impl Material {
         let own = SpiffeId::from_cert(leaf).filter(|id| *id.trust_domain == *c.trust_domain);
         Ok(Self {
             server: Arc::new(server),
+            admin: Arc::new(admin),
             client_h1: client(b"http/1.1")?,
             client_h2: client(b"h2")?,
             trust_domain: c.trust_domain.as_str().into(),
