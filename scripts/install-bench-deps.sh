@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install what tests/bench/run.sh needs: nginx (upstream and peer proxy), HAProxy (peer proxy),
-# wrk (HTTP/1.1 load), h2load (HTTP/2 load, from nghttp2-client), procps, curl and python3.
+# wrk (HTTP/1.1 load), h2load (HTTP/2 load, from nghttp2-client), procps, curl and python3; and
+# perf (linux-perf) for scripts/flamegraph.sh. The fixed-rate client (tests/bench/paced-load)
+# and the hyper floor (tests/bench/bare-hyper) are built by run.sh with cargo; inferno (the flame
+# graph renderer) is installed by scripts/flamegraph.sh with `cargo install inferno`.
 #
 # Idempotent: packages whose command is already on PATH are skipped, and apt is only called
 # when something is missing. Debian/Ubuntu only. Runs apt through sudo when not root.
@@ -54,8 +57,13 @@ need_nginx=0
 if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
     need_nginx=1
 fi
+# perf is `linux-perf` on Debian; Ubuntu ships it per kernel (linux-tools-<release>), handled below.
+need_perf=0
+if ! command -v perf >/dev/null 2>&1; then
+    need_perf=1
+fi
 
-if [[ ${#missing[@]} -eq 0 && $need_nginx -eq 0 ]]; then
+if [[ ${#missing[@]} -eq 0 && $need_nginx -eq 0 && $need_perf -eq 0 ]]; then
     log "all benchmark dependencies present"
     exit 0
 fi
@@ -70,6 +78,21 @@ if [[ $need_nginx -eq 1 ]]; then
     else
         missing+=(nginx)
     fi
+fi
+
+if [[ $need_perf -eq 1 ]]; then
+    if has_candidate linux-perf; then
+        missing+=(linux-perf)
+    elif has_candidate "linux-tools-$(uname -r)"; then
+        missing+=("linux-tools-$(uname -r)")
+    else
+        log "perf: no linux-perf package here; scripts/flamegraph.sh will not run (the benchmark does not need it)"
+    fi
+fi
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    log "done"
+    exit 0
 fi
 
 # De-duplicate (ps and pgrep both map to procps).

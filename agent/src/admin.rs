@@ -25,18 +25,15 @@ pub use state::{AgentState, ReloadStatus};
 /// Serves the admin API on TCP until the process exits; over TLS (the `[tls]` certificate)
 /// with `tls`.
 pub async fn serve(listener: TcpListener, state: Arc<AgentState>, tls: bool) {
-    let mut backoff = std::time::Duration::from_millis(10);
+    let mut backoff = Backoff::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
-                backoff = std::time::Duration::from_millis(10);
+                backoff.reset();
                 stream
             }
             Err(e) => {
-                // EMFILE and friends: back off (10 ms doubling to 1 s) instead of spinning.
-                tracing::warn!(error = %e, ?backoff, "admin API: accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                backoff.wait("admin API", &e).await;
                 continue;
             }
         };
@@ -69,17 +66,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>, tls: bool) {
 /// need no token (the credentials are the authentication); others are closed unanswered.
 pub async fn serve_unix(listener: tokio::net::UnixListener, state: Arc<AgentState>, allowed: Vec<u32>) {
     let own = own_uid();
-    let mut backoff = std::time::Duration::from_millis(10);
+    let mut backoff = Backoff::default();
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
-                backoff = std::time::Duration::from_millis(10);
+                backoff.reset();
                 stream
             }
             Err(e) => {
-                tracing::warn!(error = %e, ?backoff, "admin socket: accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                backoff.wait("admin socket", &e).await;
                 continue;
             }
         };
@@ -93,6 +88,29 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, state: Arc<AgentStat
             .ok()
             .map(Arc::new);
         tokio::spawn(serve_connection(stream, socket, state.clone(), true));
+    }
+}
+
+/// The pause after a failed `accept` (EMFILE and friends), instead of spinning: 10 ms,
+/// doubling to 1 s, back to 10 ms after a success.
+struct Backoff(std::time::Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(std::time::Duration::from_millis(10))
+    }
+}
+
+impl Backoff {
+    fn reset(&mut self) {
+        *self = Self::default();
+    }
+
+    async fn wait(&mut self, what: &str, e: &std::io::Error) {
+        let backoff = self.0;
+        tracing::warn!(error = %e, ?backoff, "{what}: accept failed");
+        tokio::time::sleep(backoff).await;
+        self.0 = (backoff * 2).min(std::time::Duration::from_secs(1));
     }
 }
 

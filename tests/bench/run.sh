@@ -3,12 +3,14 @@
 #
 # Usage: tests/bench/run.sh [--duration 10s] [--rounds 3] [--conns 64] [--pin auto|none]
 #                           [--no-accesslog] [--no-h2] [--no-bare] [--only-peers]
+#                           [--fixed-rate RPS | --no-fixed-rate] [--idle-conns 10000]
+#                           [--slow-requests 1000] [--no-memory]
 #
 # What it does (all traffic on 127.0.0.1, ports picked free at start, everything under one
 # mktemp dir, every process stopped by the EXIT trap):
 #   1. builds `cargo build --release -p vmesh-agent`, unless VMESH_BIN points at a binary
-#      (or --only-peers is given: then vmesh is not run at all), and tests/bench/bare-hyper
-#      (unless --no-bare or --only-peers);
+#      (or --only-peers is given: then vmesh is not run at all), tests/bench/bare-hyper
+#      (unless --no-bare or --only-peers) and tests/bench/paced-load (unless --no-fixed-rate);
 #   2. starts ONE nginx upstream (single process, one worker, `return 200` with a fixed small
 #      body, access log off, huge keepalive_requests), plus an h2c (prior-knowledge) listener on
 #      a second port when this nginx has the http_v2 module, used as the HTTP/2 baseline;
@@ -33,14 +35,36 @@
 #        RSS            VmRSS of the proxy's process tree (master + workers), idle = after start
 #                       before any request, peak = max of samples every 200 ms during the
 #                       <conns>-connection runs;
-#   5. h2load -c 16 -m 10 -n 100000 (HTTP/2 prior knowledge) through vmesh's outbound port,
+#   5. fixed-rate latency (unless --no-fixed-rate): open-loop load at half of HAProxy's
+#      median rps@<conns> from step 4 (or --fixed-rate RPS), <rounds> interleaved rounds of
+#      <duration>/<rounds> seconds per row, by tests/bench/paced-load (wrk2's model: request i
+#      is due at start + i/rate on <conns> keep-alive connections, and its latency runs from
+#      that scheduled time, so queueing behind a stall counts; no coordinated omission):
+#      p50/p99/p99.9 per row and added over direct at the same rate;
+#   6. h2load -c 16 -m 10 -n 100000 (HTTP/2 prior knowledge) through vmesh's outbound port,
 #      and straight to the upstream's h2c listener as the baseline (skipped, with a note, when
-#      nginx lacks http_v2);
-#   6. prints the table, and writes it as markdown to target/bench/results.md, with: each
+#      nginx lacks http_v2), <rounds> interleaved rounds, median per row;
+#   7. memory per connection (unless --no-memory), on FRESH instances of vmesh, hyper-bare,
+#      HAProxy and nginx (one worker each, limits raised for the count: vmesh
+#      proxy.max_connections, header_read_timeout and idle_timeout 300s so idle keep-alive
+#      connections stay open; HAProxy maxconn; nginx worker_connections), one instance per
+#      phase, measured by tests/bench/idle_conns.py:
+#        idle           RSS after start, then with <idle-conns> keep-alive client connections
+#                       open and idle, each after one request to the nginx upstream (at most 64
+#                       at once, so the upstream pool holds <= 64 connections) -> KiB per idle
+#                       connection over the fresh RSS
+#        in flight      RSS with <slow-requests> requests held in flight by
+#                       tests/fixtures/upstream.py's /gate (each on its own client connection,
+#                       so one client and one upstream connection per request) -> KiB per
+#                       in-flight request over the fresh RSS; then they are released and
+#                       every answer is checked;
+#      the open-file limit is raised to its hard limit first (the client holds <idle-conns>
+#      sockets, each proxy as many plus its upstream side);
+#   8. prints the tables, and writes them as markdown to target/bench/results.md, with: each
 #      proxy's CPU use during the <conns>-connection run (~100% = the proxy was the bottleneck)
 #      and its CPU time per request (comparable even when the load side was the bottleneck),
 #      process/thread counts, access-log lines written vs requests (and drops from /metrics),
-#      and the issue-2 targets as met/MISSED (informational).
+#      and the ratios issue 10's targets name, as met/MISSED (informational).
 #
 # CPU placement (--pin, default auto): every proxy runs under `taskset -c 0`, alone on that
 # core, so each proxy gets exactly the same single core and never fights the client or the
@@ -71,8 +95,13 @@ ONLY_PEERS=0
 BARE=1
 WARMUP=2s
 H2_ARGS=(-c 16 -m 10 -n 100000)
+FIXED=1
+FIXED_RATE=
+MEMORY=1
+IDLE_CONNS=10000
+SLOW_REQUESTS=1000
 
-usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; }
 
 CMDLINE=$(printf '%q ' "$0" "$@")
 CMDLINE=${CMDLINE% }
@@ -94,6 +123,14 @@ while [[ $# -gt 0 ]]; do
         --no-h2) H2=0; shift ;;
         --only-peers) ONLY_PEERS=1; shift ;;
         --no-bare) BARE=0; shift ;;
+        --fixed-rate) FIXED_RATE=${2:?--fixed-rate needs a value}; shift 2 ;;
+        --fixed-rate=*) FIXED_RATE=${1#*=}; shift ;;
+        --no-fixed-rate) FIXED=0; shift ;;
+        --idle-conns) IDLE_CONNS=${2:?--idle-conns needs a value}; shift 2 ;;
+        --idle-conns=*) IDLE_CONNS=${1#*=}; shift ;;
+        --slow-requests) SLOW_REQUESTS=${2:?--slow-requests needs a value}; shift 2 ;;
+        --slow-requests=*) SLOW_REQUESTS=${1#*=}; shift ;;
+        --no-memory) MEMORY=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) printf 'bench: unknown argument %q\n' "$1" >&2; usage >&2; exit 2 ;;
     esac
@@ -117,6 +154,9 @@ duration_secs() {
 DUR_S=$(duration_secs "$DURATION")
 ((DUR_S <= 60)) || die "--duration is capped at 60s so the whole run stays bounded"
 [[ $ROUNDS =~ ^[1-9]$|^10$ ]] || die "--rounds must be 1..10, got '$ROUNDS'"
+[[ -z $FIXED_RATE || $FIXED_RATE =~ ^[1-9][0-9]*$ ]] || die "--fixed-rate must be a positive integer (requests/s), got '$FIXED_RATE'"
+[[ $IDLE_CONNS =~ ^[1-9][0-9]*$ ]] || die "--idle-conns must be a positive integer, got '$IDLE_CONNS'"
+[[ $SLOW_REQUESTS =~ ^[1-9][0-9]*$ ]] || die "--slow-requests must be a positive integer, got '$SLOW_REQUESTS'"
 # Each round runs every row for an equal share of --duration (at least 2 s).
 ROUND_S=$((DUR_S / ROUNDS))
 ((ROUND_S >= 2)) || ROUND_S=2
@@ -130,6 +170,24 @@ for tool in nginx haproxy wrk curl python3 ps timeout; do
 done
 if ((H2)) && ! command -v h2load >/dev/null 2>&1; then
     die "h2load not found: run scripts/install-bench-deps.sh (or pass --no-h2)"
+fi
+
+# Open files: in the memory phase the client holds --idle-conns sockets, and each proxy as many
+# plus its upstream side. Take the hard limit (raising that needs privileges this script does
+# not ask for) and lower the counts to fit, with a note, when it is too small.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+MEM_LIMIT_NOTE=
+if ((MEMORY)) && [[ $FD_LIMIT =~ ^[0-9]+$ ]]; then
+    if ((IDLE_CONNS + 1000 > FD_LIMIT)); then
+        MEM_LIMIT_NOTE+="--idle-conns lowered from $IDLE_CONNS to $((FD_LIMIT - 1000)) (open-file hard limit $FD_LIMIT); "
+        IDLE_CONNS=$((FD_LIMIT - 1000))
+    fi
+    if ((2 * SLOW_REQUESTS + 1000 > FD_LIMIT)); then
+        MEM_LIMIT_NOTE+="--slow-requests lowered from $SLOW_REQUESTS to $(((FD_LIMIT - 1000) / 2)) (open-file hard limit $FD_LIMIT); "
+        SLOW_REQUESTS=$(((FD_LIMIT - 1000) / 2))
+    fi
+    ((IDLE_CONNS > 0 && SLOW_REQUESTS > 0)) || die "open-file limit $FD_LIMIT is too low for the memory phase (pass --no-memory)"
 fi
 
 # === processes and cleanup ===
@@ -329,7 +387,9 @@ fi
 
 # === ports ===
 
-mapfile -t PORTS < <(python3 - 9 <<'EOF'
+# pick_ports N: N distinct loopback ports free at this moment, one a line.
+pick_ports() {
+    python3 - "$1" <<'EOF'
 import socket, sys
 socks = []
 for _ in range(int(sys.argv[1])):
@@ -339,7 +399,8 @@ for _ in range(int(sys.argv[1])):
 for s in socks:
     print(s.getsockname()[1])
 EOF
-)
+}
+mapfile -t PORTS < <(pick_ports 9)
 [[ ${#PORTS[@]} -eq 9 ]] || die "could not pick free ports"
 UP_PORT=${PORTS[0]}
 UP_H2_PORT=${PORTS[1]}
@@ -371,6 +432,14 @@ if ((!ONLY_PEERS && BARE)); then
         --manifest-path "$REPO_ROOT/tests/bench/bare-hyper/Cargo.toml" || die "building bare-hyper failed"
     BARE_BIN=$BARE_TARGET/release/bare-hyper
 fi
+PACED_BIN=
+if ((FIXED)); then
+    say "building: tests/bench/paced-load (cargo build --release, its own workspace)"
+    PACED_TARGET=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/paced-load
+    CARGO_TARGET_DIR=$PACED_TARGET cargo build --release --quiet \
+        --manifest-path "$REPO_ROOT/tests/bench/paced-load/Cargo.toml" || die "building paced-load failed"
+    PACED_BIN=$PACED_TARGET/release/paced-load
+fi
 
 # === upstream nginx ===
 
@@ -385,12 +454,12 @@ if nginx -V 2>&1 | grep -q -- '--with-http_v2_module'; then
     NGINX_HAS_H2=1
 fi
 
-nginx_common() { # $1 = name
+nginx_common() { # $1 = name, $2 = worker_connections (default 4096)
     cat <<EOF
 $NGINX_USER
 pid $TMP/$1.pid;
 error_log $TMP/$1.error.log warn;
-events { worker_connections 4096; }
+events { worker_connections ${2:-4096}; }
 EOF
 }
 nginx_http_common() { # $1 = name
@@ -704,11 +773,80 @@ for name in "${NAMES[@]}"; do
         die "could not parse wrk output for $name (raw output in $TMP with KEEP_TMP=1)"
 done
 
+# kv FILE KEY: the value of KEY in FILE's key=value report line (paced-load, idle_conns.py).
+kv() { awk -v k="$2" '{ for (i = 1; i <= NF; i++) if (index($i, k "=") == 1) { print substr($i, length(k) + 2); exit } }' "$1"; }
+
+# Fixed-rate latency: open-loop load at half of HAProxy's maximum, interleaved like the rows
+# above. Every row gets the same rate, so the direct row is the floor of the client and the
+# upstream at that rate and +pN is what each proxy adds to it.
+declare -A FR_P50=() FR_P99=() FR_P999=() FR_ACH=() FR_LAG=()
+declare -A FR_P50_R=() FR_P99_R=() FR_P999_R=() FR_ACH_R=() FR_LAG_R=()
+declare -A FR_TICKS=() FR_NS=() FR_REQS=()
+FR_RATE=
+FR_RATE_NOTE=
+if ((FIXED)); then
+    if [[ -n $FIXED_RATE ]]; then
+        FR_RATE=$FIXED_RATE
+        FR_RATE_NOTE="--fixed-rate $FIXED_RATE"
+    else
+        FR_RATE=$((RPS[haproxy] / 2))
+        FR_RATE_NOTE="50% of HAProxy's median rps@$CONNS (${RPS[haproxy]}) in this run"
+    fi
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for name in "${NAMES[@]}"; do
+            out="$TMP/fixed.$name.r$round.txt"
+            say "round $round/$ROUNDS: $name: fixed rate $FR_RATE/s for ${ROUND_S}s, $CONNS connections"
+            if [[ $name != direct ]]; then
+                t0=$(date +%s%N)
+                c0=$(cpu_ticks "${PID_OF[$name]}")
+            fi
+            run_load "$out" "${LOAD_CPU[@]}" timeout $((ROUND_S + 30)) "$PACED_BIN" \
+                "127.0.0.1:${PORT_OF[$name]}" --rate "$FR_RATE" --duration "$ROUND_S" --conns "$CONNS" ||
+                { cat "$out" >&2; die "paced-load against $name failed"; }
+            if [[ $name != direct ]]; then
+                c1=$(cpu_ticks "${PID_OF[$name]}")
+                t1=$(date +%s%N)
+                FR_TICKS[$name]=$((${FR_TICKS[$name]:-0} + c1 - c0))
+                FR_NS[$name]=$((${FR_NS[$name]:-0} + t1 - t0))
+                FR_REQS[$name]=$((${FR_REQS[$name]:-0} + $(kv "$out" completed)))
+            fi
+            FR_P50_R[$name]+="$(kv "$out" p50_us) "
+            FR_P99_R[$name]+="$(kv "$out" p99_us) "
+            FR_P999_R[$name]+="$(kv "$out" p999_us) "
+            FR_ACH_R[$name]+="$(kv "$out" achieved_rps) "
+            FR_LAG_R[$name]+="$(kv "$out" lag_p99_us) "
+            bad=$(awk '/ scheduled=/ { for (i = 1; i <= NF; i++) { split($i, f, "=")
+                    if ((f[1] == "non2xx" || f[1] == "errors" || f[1] == "incomplete") && f[2] > 0) printf "%s %s; ", f[1], f[2] } }' "$out")
+            if [[ -n $bad ]]; then
+                NOTES[$name]+="fixed rate, round $round: ${bad%; } (first error: $(sed -n 's/.*first_error="\([^"]*\)".*/\1/p' "$out")); "
+            fi
+        done
+    done
+    for name in "${NAMES[@]}"; do
+        # shellcheck disable=SC2086 # word splitting of the per-round lists is intended
+        FR_P50[$name]=$(median ${FR_P50_R[$name]})
+        # shellcheck disable=SC2086
+        FR_P99[$name]=$(median ${FR_P99_R[$name]})
+        # shellcheck disable=SC2086
+        FR_P999[$name]=$(median ${FR_P999_R[$name]})
+        # shellcheck disable=SC2086
+        FR_ACH[$name]=$(median ${FR_ACH_R[$name]})
+        # shellcheck disable=SC2086
+        FR_LAG[$name]=$(median ${FR_LAG_R[$name]})
+        [[ ${FR_P50[$name]} =~ ^[0-9]+$ && ${FR_P99[$name]} =~ ^[0-9]+$ && ${FR_P999[$name]} =~ ^[0-9]+$ ]] ||
+            die "could not parse paced-load output for $name (raw output in $TMP with KEEP_TMP=1)"
+    done
+fi
+
 ACCESSLOG_NOTE=
 if ((!ONLY_PEERS && ACCESSLOG)); then
     sent=0
     for f in "$TMP"/vmesh+accesslog.*.txt; do
         sent=$((sent + $(wrk_requests "$f")))
+    done
+    for f in "$TMP"/fixed.vmesh+accesslog.*.txt; do
+        [[ -f $f ]] || continue
+        sent=$((sent + $(kv "$f" completed)))
     done
     sent=$((sent + 1)) # the sanity request
     lines=0
@@ -717,13 +855,15 @@ if ((!ONLY_PEERS && ACCESSLOG)); then
     fi
     dropped=$(curl -sf --max-time 2 "http://127.0.0.1:$VMESHLOG_ADMIN/metrics" |
         awk '$1 ~ /^vmesh_access_log_dropped_total/ { n += $2 } END { printf "%d", n }') || dropped="?"
-    ACCESSLOG_NOTE="vmesh+accesslog wrote $lines access-log lines for ~$sent requests completed by wrk (wrk does not count requests still in flight at the end); vmesh_access_log_dropped_total = $dropped"
+    ACCESSLOG_NOTE="vmesh+accesslog wrote $lines access-log lines for ~$sent requests completed by wrk and paced-load (wrk does not count requests still in flight at the end); vmesh_access_log_dropped_total = $dropped"
 fi
 
 # HTTP/2: h2load through vmesh, and straight to the upstream's h2c listener.
+# Interleaved like the HTTP/1.1 rows: <rounds> rounds of vmesh then direct, median per label.
 H2_LINES=()
-h2_run() { # $1 = label, $2 = port, $3 = pid to sample ("" for none)
-    local label=$1 port=$2 pid=$3 out="$TMP/h2.$1.txt" rps reqs peak=""
+declare -A H2_RPS=() H2_RPS_R=() H2_REQS=() H2_PEAK=()
+h2_run() { # $1 = label, $2 = port, $3 = pid to sample ("" for none), $4 = round
+    local label=$1 port=$2 pid=$3 out="$TMP/h2.$1.r$4.txt" rps peak
     if [[ -n $pid ]]; then
         sampler_start "$pid" "$TMP/h2.$label.peak"
     fi
@@ -731,24 +871,221 @@ h2_run() { # $1 = label, $2 = port, $3 = pid to sample ("" for none)
         { cat "$out" >&2; die "h2load against $label failed"; }
     if [[ -n $pid ]]; then
         sampler_stop
-        peak=", $label RSS peak $(kib_to_mib "$(<"$TMP/h2.$label.peak")") MiB"
+        peak=$(<"$TMP/h2.$label.peak")
+        ((peak > ${H2_PEAK[$label]:-0})) && H2_PEAK[$label]=$peak
     fi
     rps=$(awk '/^finished in/ { gsub(/,/, "", $4); printf "%.0f", $4 }' "$out")
-    reqs=$(awk '/^requests:/ { sub(/^requests: */, ""); print; exit }' "$out")
     [[ -n $rps ]] || { cat "$out" >&2; die "could not parse h2load output for $label"; }
-    H2_LINES+=("h2load ${H2_ARGS[*]} $label: $rps req/s ($reqs$peak)")
+    H2_RPS_R[$label]+="$rps "
+    # the last round's counts ("100000 total, ... 0 failed, 0 errored, 0 timeout")
+    H2_REQS[$label]=$(awk '/^requests:/ { sub(/^requests: */, ""); print; exit }' "$out")
 }
 if ((H2)); then
-    if ((!ONLY_PEERS)); then
-        say "vmesh: h2load ${H2_ARGS[*]} (HTTP/2 prior knowledge)"
-        h2_run vmesh "$VMESH_PORT" "${PID_OF[vmesh]}"
-    fi
-    if ((NGINX_HAS_H2)); then
-        say "direct: h2load ${H2_ARGS[*]} against the upstream's h2c listener"
-        h2_run direct "$UP_H2_PORT" ""
-    else
+    H2_LABELS=()
+    ((ONLY_PEERS)) || H2_LABELS+=(vmesh)
+    ((NGINX_HAS_H2)) && H2_LABELS+=(direct)
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for label in "${H2_LABELS[@]}"; do
+            if [[ $label == vmesh ]]; then
+                say "round $round/$ROUNDS: vmesh: h2load ${H2_ARGS[*]} (HTTP/2 prior knowledge)"
+                h2_run vmesh "$VMESH_PORT" "${PID_OF[vmesh]}" "$round"
+            else
+                say "round $round/$ROUNDS: direct: h2load ${H2_ARGS[*]} against the upstream's h2c listener"
+                h2_run direct "$UP_H2_PORT" "" "$round"
+            fi
+        done
+    done
+    for label in "${H2_LABELS[@]}"; do
+        # shellcheck disable=SC2086 # word splitting of the per-round list is intended
+        H2_RPS[$label]=$(median ${H2_RPS_R[$label]})
+        line="h2load ${H2_ARGS[*]} $label: ${H2_RPS[$label]} req/s, median of ${H2_RPS_R[$label]% } (last round: ${H2_REQS[$label]}"
+        if [[ -n ${H2_PEAK[$label]:-} ]]; then
+            line+=", $label RSS peak $(kib_to_mib "${H2_PEAK[$label]}") MiB"
+        fi
+        H2_LINES+=("$line)")
+    done
+    if ((!NGINX_HAS_H2)); then
         H2_LINES+=("h2load direct baseline skipped: this nginx has no http_v2 module (no h2c listener)")
     fi
+fi
+
+# === memory per connection: fresh instances, one per proxy and phase ===
+
+# mem_start NAME UPSTREAM_PORT PORT ADMIN_PORT: a fresh instance of proxy NAME (vmesh,
+# hyper-bare, haproxy, nginx) on PORT, one worker, limits raised for the connection counts;
+# its process is PID_OF[mem]. ADMIN_PORT is vmesh's.
+MEM_MAXCONN=$((IDLE_CONNS > SLOW_REQUESTS ? IDLE_CONNS + 1000 : SLOW_REQUESTS + 1000))
+mem_start() {
+    local name=$1 up=$2 port=$3 admin=$4 conf
+    case $name in
+        vmesh)
+            rm -rf "$TMP/mem-data" && mkdir -p "$TMP/mem-data"
+            conf=$TMP/mem-vmesh.toml
+            # header_read_timeout also bounds the idle time between keep-alive requests (10 s
+            # by default), idle_timeout closes idle connections (60 s): both would close the
+            # idle connections before they are all open on a busy machine.
+            cat >"$conf" <<EOF
+[agent]
+node = "bench-mem"
+data_dir = "$TMP/mem-data"
+admin_listen = "127.0.0.1:$admin"
+worker_threads = 1
+
+[registry]
+kind = "none"
+
+[telemetry]
+access_log = "off"
+
+[proxy]
+max_connections = $MEM_MAXCONN
+header_read_timeout = "300s"
+idle_timeout = "300s"
+
+[[outbound]]
+service = "bench"
+listen = "127.0.0.1:$port"
+protocol = "http"
+balancer = "round-robin"
+timeout = "120s"
+endpoints = ["127.0.0.1:$up"]
+EOF
+            start mem "${PROXY_CPU[@]}" "${VMESH_ENV[@]}" "$VMESH_BIN" run --config "$conf"
+            ;;
+        hyper-bare)
+            start mem "${PROXY_CPU[@]}" "$BARE_BIN" "127.0.0.1:$port" "127.0.0.1:$up"
+            ;;
+        haproxy)
+            conf=$TMP/mem-haproxy.cfg
+            # HAProxy reserves two fds per connection (client and server side) and, with
+            # strict-limits (its default), refuses to start when the hard limit is below that;
+            # the idle connections share a few server connections, so the limit is enough.
+            cat >"$conf" <<EOF
+global
+    nbthread 1
+    maxconn $MEM_MAXCONN
+    no strict-limits
+
+defaults
+    mode http
+    maxconn $MEM_MAXCONN
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-request 300s
+    timeout http-keep-alive 300s
+
+frontend bench
+    bind 127.0.0.1:$port
+    default_backend upstream
+
+backend upstream
+    server up1 127.0.0.1:$up
+EOF
+            start mem "${PROXY_CPU[@]}" haproxy -db -f "$conf"
+            ;;
+        nginx)
+            conf=$TMP/mem-nginx.conf
+            {
+                echo "daemon off; master_process on; worker_processes 1;"
+                nginx_common mem-nginx "$MEM_MAXCONN"
+                echo "http {"
+                nginx_http_common mem-nginx
+                cat <<EOF
+    upstream bench {
+        server 127.0.0.1:$up;
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location / {
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_read_timeout 300s;
+        }
+    }
+}
+EOF
+            } >"$conf"
+            start mem "${PROXY_CPU[@]}" nginx -p "$TMP" -e "$TMP/mem-nginx.error.log" -c "$conf"
+            ;;
+    esac
+    wait_listen mem "$port"
+}
+mem_stop() {
+    if [[ -n ${PID_OF[mem]:-} ]]; then
+        stop_pid "${PID_OF[mem]}"
+        wait "${PID_OF[mem]}" 2>/dev/null || true
+        unset 'PID_OF[mem]'
+    fi
+}
+
+MEM_NAMES=()
+declare -A MEM_FRESH=() MEM_IDLE=() MEM_IDLE_HELD=() MEM_SLOW_FRESH=() MEM_SLOW=() MEM_SLOW_HELD=()
+if ((MEMORY)); then
+    if ((!ONLY_PEERS)); then
+        MEM_NAMES+=(vmesh)
+    fi
+    if [[ -n $BARE_BIN ]]; then
+        MEM_NAMES+=(hyper-bare)
+    fi
+    MEM_NAMES+=(haproxy nginx)
+    mapfile -t MEM_PORTS < <(pick_ports $((2 * ${#MEM_NAMES[@]} + 2)))
+    SLOW_UP_PORT=${MEM_PORTS[0]}
+    MEM_ADMIN=${MEM_PORTS[1]}
+    say "starting the slow upstream (tests/fixtures/upstream.py) on 127.0.0.1:$SLOW_UP_PORT"
+    start slow-upstream "${UPSTREAM_CPU[@]}" python3 "$REPO_ROOT/tests/fixtures/upstream.py" \
+        --port "$SLOW_UP_PORT" --name slow
+    wait_http slow-upstream "http://127.0.0.1:$SLOW_UP_PORT/healthz"
+    i=2
+    for name in "${MEM_NAMES[@]}"; do
+        for mode in idle slow; do
+            port=${MEM_PORTS[i]}
+            i=$((i + 1))
+            out="$TMP/mem-$name.$mode.txt"
+            if [[ $mode == idle ]]; then
+                up=$UP_PORT
+                args=(idle --conns "$IDLE_CONNS")
+                say "$name (fresh): RSS with $IDLE_CONNS idle keep-alive connections"
+            else
+                up=$SLOW_UP_PORT
+                args=(slow --requests "$SLOW_REQUESTS" --upstream "$SLOW_UP_PORT")
+                say "$name (fresh): RSS with $SLOW_REQUESTS requests in flight"
+            fi
+            mem_start "$name" "$up" "$port" "$MEM_ADMIN"
+            sleep 1 # start-up settles, as for the idle RSS above
+            run_load "$out" "${LOAD_CPU[@]}" timeout 300 python3 "$REPO_ROOT/tests/bench/idle_conns.py" \
+                "${args[@]}" --port "$port" --pid "${PID_OF[mem]}" ||
+                { cat "$out" >&2; fail_with_log mem "idle_conns.py $mode against $name failed"; }
+            mem_stop
+            held=$(($(kv "$out" "${args[1]#--}") - $(kv "$out" failed)))
+            if [[ $mode == idle ]]; then
+                MEM_FRESH[$name]=$(kv "$out" rss_before_kib)
+                MEM_IDLE[$name]=$(kv "$out" rss_kib)
+                MEM_IDLE_HELD[$name]=$held
+                if (($(kv "$out" open) < held)); then
+                    NOTES[$name]+="memory: only $(kv "$out" open) of $held idle connections were still open when measured; "
+                fi
+            else
+                MEM_SLOW_FRESH[$name]=$(kv "$out" rss_before_kib)
+                MEM_SLOW[$name]=$(kv "$out" rss_kib)
+                MEM_SLOW_HELD[$name]=$held
+                if (($(kv "$out" in_flight) < held || $(kv "$out" ok) < held)); then
+                    NOTES[$name]+="memory: $(kv "$out" in_flight) of $held requests in flight when measured, $(kv "$out" ok) answered 2xx; "
+                fi
+            fi
+            if (($(kv "$out" failed) > 0)); then
+                NOTES[$name]+="memory ($mode): $(kv "$out" failed) connections failed (first error: $(sed -n 's/.*first_error="\([^"]*\)".*/\1/p' "$out")); "
+            fi
+        done
+    done
+    stop_pid "${PID_OF[slow-upstream]}"
+    unset 'PID_OF[slow-upstream]'
 fi
 
 BUSY_AFTER=$(cpu_busy_pct)
@@ -779,6 +1116,7 @@ fi
 RPS_DIRECT=${RPS[direct]}
 BASE50=${P50[direct]}
 BASE99=${P99[direct]}
+# shellcheck disable=SC2034 # read through a nameref in text_table/md_table
 HEADERS=(name "rps@$CONNS" "p50 us" "p99 us" "+p50 us" "+p99 us" "RSS idle MiB" "RSS peak MiB")
 ROWS=()
 for name in "${NAMES[@]}"; do
@@ -820,45 +1158,114 @@ for name in "${NAMES[@]}"; do
     fi
 done
 
-print_text_table() {
-    local fmt="%-16s %9s %8s %8s %8s %8s %13s %13s\n" row
-    # shellcheck disable=SC2059 # the format is a constant above
-    printf "$fmt" "${HEADERS[@]}"
-    for row in "${ROWS[@]}"; do
+# Fixed-rate rows: the achieved rate, the percentiles and what each proxy adds over direct.
+# shellcheck disable=SC2034 # read through a nameref in text_table/md_table
+FR_HEADERS=(name "rate/s" "p50 us" "p99 us" "p99.9 us" "+p50 us" "+p99 us" "+p99.9 us")
+FR_ROWS=()
+if ((FIXED)); then
+    for name in "${NAMES[@]}"; do
+        if [[ $name == direct ]]; then
+            a50=-; a99=-; a999=-
+        else
+            a50=$((FR_P50[$name] - FR_P50[direct]))
+            a99=$((FR_P99[$name] - FR_P99[direct]))
+            a999=$((FR_P999[$name] - FR_P999[direct]))
+        fi
+        FR_ROWS+=("$name|${FR_ACH[$name]}|${FR_P50[$name]}|${FR_P99[$name]}|${FR_P999[$name]}|$a50|$a99|$a999")
+    done
+fi
+
+# per_kib RSS_KIB BASE_KIB COUNT: KiB per connection (or request) over the base, one decimal.
+per_kib() { awk -v r="$1" -v b="$2" -v n="$3" 'BEGIN { if (n > 0) printf "%.1f", (r - b) / n; else printf "n/a" }'; }
+# shellcheck disable=SC2034 # read through a nameref in text_table/md_table
+MEM_HEADERS=(name "fresh MiB" "$IDLE_CONNS idle MiB" "KiB/idle conn" "$SLOW_REQUESTS in flight MiB" "KiB/in-flight req")
+MEM_ROWS=()
+declare -A MEM_PER_IDLE=()
+for name in "${MEM_NAMES[@]}"; do
+    MEM_PER_IDLE[$name]=$(per_kib "${MEM_IDLE[$name]}" "${MEM_FRESH[$name]}" "${MEM_IDLE_HELD[$name]}")
+    MEM_ROWS+=("$name|$(kib_to_mib "${MEM_FRESH[$name]}")|$(kib_to_mib "${MEM_IDLE[$name]}")|${MEM_PER_IDLE[$name]}|$(kib_to_mib "${MEM_SLOW[$name]}")|$(per_kib "${MEM_SLOW[$name]}" "${MEM_SLOW_FRESH[$name]}" "${MEM_SLOW_HELD[$name]}")")
+done
+
+# text_table FORMAT HEADERS_VAR ROWS_VAR and md_table HEADERS_VAR ROWS_VAR: one table, the rows
+# as "|"-separated fields.
+text_table() {
+    local fmt=$1 row
+    local -n hdr=$2 rows=$3
+    # shellcheck disable=SC2059 # the format is a constant of the caller
+    printf "$fmt" "${hdr[@]}"
+    for row in "${rows[@]}"; do
         IFS='|' read -r -a f <<<"$row"
         # shellcheck disable=SC2059
         printf "$fmt" "${f[@]}"
     done
 }
-print_md_table() {
-    local row
-    printf '| %s ' "${HEADERS[@]}"
-    printf '|\n|:--|--:|--:|--:|--:|--:|--:|--:|\n'
-    for row in "${ROWS[@]}"; do
+md_table() {
+    local row i
+    local -n hdr=$1 rows=$2
+    printf '| %s ' "${hdr[@]}"
+    printf '|\n|:--'
+    for ((i = 1; i < ${#hdr[@]}; i++)); do
+        printf '|--:'
+    done
+    printf '|\n'
+    for row in "${rows[@]}"; do
         IFS='|' read -r -a f <<<"$row"
         printf '| %s ' "${f[@]}"
         printf '|\n'
     done
 }
+print_text_table() { text_table "%-16s %9s %8s %8s %8s %8s %13s %13s\n" HEADERS ROWS; }
+print_md_table() { md_table HEADERS ROWS; }
 
-# Targets from issue 2, informational only (never an exit code).
+# The ratios issue 10's targets name, informational only (never an exit code).
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
+verdict() { awk -v c="$1" 'BEGIN { print ((c + 0) ? "met" : "MISSED") }'; }
 targets() {
-    local v=vmesh p50 p99 n50
-    p50=${P50[$v]}
-    p99=${P99[$v]}
-    n50=${P50[nginx]}
-    awk -v r="${RPS[$v]}" -v h="${RPS[haproxy]}" -v n="${RPS[nginx]}" \
-        -v a50="$((p50 - BASE50))" -v a99="$((p99 - BASE99))" -v n50="$((n50 - BASE50))" \
-        -v idle="${IDLE_KIB[$v]}" -v peak="${PEAK_KIB[$v]}" '
-        function verdict(ok) { return ok ? "met" : "MISSED" }
-        BEGIN {
-            printf "- throughput vs HAProxy: %.2fx (target >= 1.00x): %s\n", r / h, verdict(r >= h)
-            printf "- throughput vs nginx: %.2fx (target >= 1.00x): %s\n", r / n, verdict(r >= n)
-            printf "- added p50: %d us vs nginx %d us (target <= nginx): %s\n", a50, n50, verdict(a50 <= n50)
-            printf "- added p99: %d us (target <= 150 us): %s\n", a99, verdict(a99 <= 150)
-            printf "- RSS idle: %.1f MiB (target <= 20 MiB): %s\n", idle / 1024, verdict(idle <= 20 * 1024)
-            printf "- RSS peak: %.1f MiB (target <= 64 MiB): %s\n", peak / 1024, verdict(peak <= 64 * 1024)
-        }'
+    local v=vmesh r a50 n50 a99 h99 ah an
+    r=$(ratio "${RPS[$v]}" "${RPS[haproxy]}")
+    printf -- '- throughput at %d connections vs HAProxy: %sx (target >= 1.10x): %s\n' "$CONNS" "$r" \
+        "$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 1.10) }')")"
+    r=$(ratio "${RPS[$v]}" "${RPS[nginx]}")
+    printf -- '- throughput at %d connections vs nginx: %sx (target >= 1.10x): %s\n' "$CONNS" "$r" \
+        "$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 1.10) }')")"
+    if ((ACCESSLOG)); then
+        r=$(ratio "${RPS[vmesh+accesslog]}" "${RPS[$v]}")
+        printf -- '- access log on vs off: %sx of the throughput (target >= 0.95x): %s\n' "$r" \
+            "$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 0.95) }')")"
+    else
+        printf -- '- access log on vs off: not measured (--no-accesslog)\n'
+    fi
+    a50=$((P50[$v] - BASE50))
+    n50=$((P50[nginx] - BASE50))
+    printf -- '- added p50 at one connection: %d us vs nginx %d us (target <= nginx): %s\n' "$a50" "$n50" \
+        "$(verdict $((a50 <= n50)))"
+    if ((FIXED)); then
+        a99=$((FR_P99[$v] - FR_P99[direct]))
+        h99=$((FR_P99[haproxy] - FR_P99[direct]))
+        printf -- '- added p99 at 50%% load (%s/s open loop): %d us vs HAProxy %d us (target <= HAProxy): %s\n' \
+            "$FR_RATE" "$a99" "$h99" "$(verdict $((a99 <= h99)))"
+    else
+        printf -- '- added p99 at 50%% load: not measured (--no-fixed-rate)\n'
+    fi
+    if [[ -n ${H2_RPS[$v]:-} && -n ${H2_RPS[direct]:-} ]]; then
+        r=$(ratio "${H2_RPS[$v]}" "${H2_RPS[direct]}")
+        printf -- '- HTTP/2 (h2load) through vmesh vs direct: %sx (target >= 0.95x): %s\n' "$r" \
+            "$(verdict "$(awk -v r="$r" 'BEGIN { print (r >= 0.95) }')")"
+    else
+        printf -- '- HTTP/2 through vmesh vs direct: not measured (--no-h2, or nginx without http_v2)\n'
+    fi
+    printf -- '- RSS idle: %s MiB (target <= 20 MiB): %s\n' "$(kib_to_mib "${IDLE_KIB[$v]}")" \
+        "$(verdict $((IDLE_KIB[$v] <= 20 * 1024)))"
+    printf -- '- RSS peak under the benchmark (%d connections): %s MiB (target <= 64 MiB): %s\n' "$CONNS" \
+        "$(kib_to_mib "${PEAK_KIB[$v]}")" "$(verdict $((PEAK_KIB[$v] <= 64 * 1024)))"
+    if ((MEMORY)); then
+        ah=${MEM_PER_IDLE[$v]}
+        an=${MEM_PER_IDLE[nginx]}
+        printf -- '- memory per idle connection: %s KiB vs nginx %s KiB, %sx (target <= nginx): %s\n' "$ah" "$an" \
+            "$(ratio "$ah" "$an")" "$(verdict "$(awk -v a="$ah" -v n="$an" 'BEGIN { print (a <= n) }')")"
+    else
+        printf -- '- memory per idle connection: not measured (--no-memory)\n'
+    fi
 }
 
 notes() {
@@ -877,12 +1284,32 @@ notes() {
     if [[ -n $ACCESSLOG_NOTE ]]; then
         printf -- '- %s\n' "$ACCESSLOG_NOTE"
     fi
+    if [[ -n $MEM_LIMIT_NOTE ]]; then
+        printf -- '- memory: %s\n' "${MEM_LIMIT_NOTE%; }"
+    fi
     if ((ONLY_PEERS)); then
         printf -- '- --only-peers: vmesh not run\n'
     fi
     if [[ -n $BARE_BIN ]]; then
         printf -- '- hyper-bare: tests/bench/bare-hyper, a hyper 1.x proxy with no features (hyper-util client, one current_thread runtime): the floor of the stack vmesh is built on; vmesh minus hyper-bare is what its features cost\n'
     fi
+}
+
+# fixed_rate_lines: the proxies' CPU and the client's own numbers behind the fixed-rate table.
+fixed_rate_lines() {
+    local name line="proxy CPU at the fixed rate (100% = one core; a proxy near 100% queues, and its latency is queueing):"
+    for name in "${NAMES[@]}"; do
+        if [[ $name != direct ]]; then
+            line+=" $name $(awk -v t="${FR_TICKS[$name]}" -v hz="$CLK_TCK" -v ns="${FR_NS[$name]}" -v n="${FR_REQS[$name]}" \
+                'BEGIN { printf "%.0f%% (%.1f us/request)", (ns > 0 ? t / hz * 1e11 / ns : 0), (n > 0 ? t / hz * 1e6 / n : 0) }')"
+        fi
+    done
+    printf '%s\n' "$line"
+    line="fixed-rate client: p99 of the send lag (scheduled time -> request written: queueing behind busy connections plus the client's own wake-up delay), median over rounds:"
+    for name in "${NAMES[@]}"; do
+        line+=" $name ${FR_LAG[$name]} us"
+    done
+    printf '%s\n' "$line"
 }
 
 header() {
@@ -893,6 +1320,12 @@ command: $CMDLINE
 load: wrk -t1, warm-up $WARMUP, then $ROUNDS interleaved rounds of throughput -c$CONNS -d${ROUND_S}s and latency -c1 -d${ROUND_S}s --latency per row; medians over the rounds
 cpu placement: $PIN_NOTE
 EOF
+    if ((FIXED)); then
+        echo "fixed rate: tests/bench/paced-load, open loop at $FR_RATE requests/s ($FR_RATE_NOTE) on $CONNS connections, $ROUNDS interleaved rounds of ${ROUND_S}s per row, latency from each request's scheduled send time; medians over the rounds"
+    fi
+    if ((MEMORY)); then
+        echo "memory: tests/bench/idle_conns.py on fresh instances, one worker each: $IDLE_CONNS idle keep-alive connections after one request each; $SLOW_REQUESTS requests held in flight by tests/fixtures/upstream.py /gate; open-file limit $FD_LIMIT"
+    fi
 }
 
 mkdir -p "$OUT_DIR"
@@ -901,15 +1334,28 @@ mkdir -p "$OUT_DIR"
     header
     echo
     print_text_table
+    if ((FIXED)); then
+        echo
+        echo "fixed rate, open loop at $FR_RATE/s ($FR_RATE_NOTE):"
+        text_table "%-16s %8s %8s %8s %9s %8s %8s %9s\n" FR_HEADERS FR_ROWS
+    fi
+    if ((MEMORY)); then
+        echo
+        echo "memory (fresh instances; KiB per connection or request over the fresh RSS):"
+        text_table "%-12s %10s %16s %14s %18s %18s\n" MEM_HEADERS MEM_ROWS
+    fi
     echo
     echo "$CPU_LINE"
     echo "$CPU_REQ_LINE"
     echo "$THREADS_LINE"
+    if ((FIXED)); then
+        fixed_rate_lines
+    fi
     printf '%s\n' "${H2_LINES[@]}"
     notes
     if ((!ONLY_PEERS)); then
         echo
-        echo "targets (issue 2, informational):"
+        echo "targets (issue 10, informational):"
         targets
     fi
 }
@@ -920,23 +1366,41 @@ mkdir -p "$OUT_DIR"
     header | sed 's/^/    /'
     echo
     print_md_table
+    if ((FIXED)); then
+        echo
+        echo "Fixed rate, open loop at $FR_RATE/s ($FR_RATE_NOTE):"
+        echo
+        md_table FR_HEADERS FR_ROWS
+    fi
+    if ((MEMORY)); then
+        echo
+        echo "Memory (fresh instances; KiB per connection or request over the fresh RSS):"
+        echo
+        md_table MEM_HEADERS MEM_ROWS
+    fi
     echo
     printf -- '- %s\n' "$CPU_LINE"
     printf -- '- %s\n' "$CPU_REQ_LINE"
     printf -- '- %s\n' "$THREADS_LINE"
+    if ((FIXED)); then
+        fixed_rate_lines | sed 's/^/- /'
+    fi
     for line in "${H2_LINES[@]}"; do
         printf -- '- %s\n' "$line"
     done
     notes
     if ((!ONLY_PEERS)); then
         echo
-        echo "Targets (issue 2, informational):"
+        echo "Targets (issue 10, informational):"
         echo
         targets
     fi
     echo
     echo "rps@$CONNS: wrk requests/s at $CONNS connections; p50/p99: wrk latency at 1 connection;"
     echo "+p50/+p99: minus the direct path; RSS: VmRSS of the proxy's process tree, idle after"
-    echo "start-up, peak sampled every 200 ms during the $CONNS-connection run."
+    echo "start-up, peak sampled every 200 ms during the $CONNS-connection run. Fixed rate: rate/s is"
+    echo "the achieved rate, pN the latency from the scheduled send time, +pN minus direct at the"
+    echo "same rate. Memory: fresh instances, RSS after start-up, with the idle connections open,"
+    echo "and (another fresh instance) with the requests in flight."
 } >"$OUT_DIR/results.md"
 say "markdown written to ${OUT_DIR#"$REPO_ROOT"/}/results.md"
