@@ -503,3 +503,55 @@ fn sigterm_marks_the_instance_down_then_deregisters_and_exits_zero() {
         "expected a maintenance write before the deregistration, got {order:?}"
     );
 }
+
+/// A registry that hangs (every call held 30 s, past the registrar's 15 s call deadline): the
+/// agent keeps proxying, a drain made meanwhile is kept (the flag is local), and once the
+/// registry answers again the instance is written in maintenance and never shows as passing.
+#[test]
+fn a_hanging_registry_keeps_the_proxy_serving_and_a_drain_made_meanwhile_holds() {
+    let consul = ConsulDouble::spawn();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let app = Upstream::python("app").spawn();
+    let agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "0s"), &consul).start();
+    wait_passing(&consul, "orders", &["orders-web-01"]);
+
+    consul.control("delay?ms=30000&count=100000");
+    // Proxying does not wait on the registry.
+    let started = Instant::now();
+    let r = vmesh_tests::http::get(agent.inbound_addr(), "/").expect("request through the inbound");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the request waited on the registry"
+    );
+    // A drain while the registry hangs: the flag is set at once; the write waits for the registry.
+    let drained = cli(&agent, &["drain", "--timeout", "5s"]);
+    assert_ne!(agent.lifecycle()["drain"], "serving", "drain ignored: {drained}");
+
+    consul.control("clear-faults");
+    eventually(
+        Duration::from_secs(60),
+        "the maintenance written once the registry answers",
+        || {
+            let lifecycle = agent.lifecycle();
+            match (
+                lifecycle["registry_error"].is_null(),
+                all_ids(&consul, "orders").as_slice(),
+                passing_ids(&consul, "orders").is_empty(),
+            ) {
+                (true, [id], true) if id == "orders-web-01" && lifecycle["drain"] == "drained" => Ok(()),
+                other => Err(format!("{other:?} {lifecycle}")),
+            }
+        },
+    );
+    // And it stays out: a TTL pass or anti-entropy must not bring it back.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        assert!(
+            passing_ids(&consul, "orders").is_empty(),
+            "a drained instance showed as passing after the registry came back"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

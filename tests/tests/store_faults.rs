@@ -106,6 +106,65 @@ fn a_read_only_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_withou
     assert!(disk.dir.join("state").exists(), "the store is created in place");
 }
 
+/// A full disk (ENOSPC) under `data_dir`, as a small tmpfs filled to the last byte: not taken
+/// for corruption (nothing moved aside), the proxy serves, nothing is registered while the store
+/// cannot be written, and once space is freed the store opens in place and the instance
+/// registers, without a restart.
+#[test]
+fn a_full_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_when_space_is_freed() {
+    let consul = ConsulDouble::spawn();
+    let disk = Tmpfs::mount("4m");
+    let filler = disk.dir.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("create the filler");
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let identity = Identity::orders().write_in(dir.path());
+    let app = Upstream::python("app").spawn();
+    let upstream = Upstream::python("pay").spawn();
+    let agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "0s"), &consul)
+        .data_dir(&disk.dir)
+        .outbound(Outbound::new("payments").endpoint(upstream.addr()))
+        .start();
+
+    let why = eventually(DEFAULT_WAIT, "/status to report the unusable store", || {
+        store_error(&agent).ok_or_else(|| agent.admin_json("/status").to_string())
+    });
+    assert!(why.starts_with("STORE_ERROR"), "{why}");
+    let r = Curl::get(agent.outbound_url("payments", "/")).run();
+    assert_eq!((r.status, r.header("x-upstream-name")), (200, Some("pay")), "{r}");
+    eventually(DEFAULT_WAIT, "the agent to run 6 s on the full disk", || {
+        let up = agent.admin_json("/status")["uptime_seconds"].as_u64().unwrap_or(0);
+        if up >= 6 {
+            Ok(())
+        } else {
+            Err(format!("uptime {up} s"))
+        }
+    });
+    assert!(store_error(&agent).is_some());
+    assert!(
+        all_ids(&consul, "orders").is_empty(),
+        "registered with a store it cannot write"
+    );
+    let moved_aside = std::fs::read_dir(&disk.dir)
+        .expect("list the data dir")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+    assert!(!moved_aside, "a full disk was taken for corruption");
+
+    std::fs::remove_file(&filler).expect("free the space");
+    eventually(DEFAULT_WAIT, "the agent to open the store and register", || {
+        match (store_error(&agent), passing_ids(&consul, "orders").as_slice()) {
+            (None, [id]) if id == "orders-web-01" => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}
+
 #[test]
 fn a_drained_instance_whose_store_cannot_be_read_at_start_is_never_passing() {
     let consul = ConsulDouble::spawn();
