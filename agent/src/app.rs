@@ -52,7 +52,8 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
     // `get_or_create` in the same one would wait for it forever.
     let ok = metrics.tls_reloads.get_or_create(&result_label("ok")).clone();
     let failed = metrics.tls_reloads.get_or_create(&result_label("failed")).clone();
-    crate::tls::start(&config.tls, crate::tls::ReloadCounters { ok, failed })
+    // With `tls.source = "consul"` the certificate comes later (`follow_connect`, below).
+    let tls = crate::tls::start(&config.tls, crate::tls::ReloadCounters { ok, failed })
         .with_context(|| format!("{}: [tls] cannot be used", crate::tls::TLS_MATERIAL_INVALID))?;
     let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&config, None, &metrics)));
     let (drain, drain_watch) = Drain::new();
@@ -87,6 +88,8 @@ pub async fn run(source: Source, config: Config, mut inherited: Inherited) -> an
             .ok()
             .and_then(|s| s.identity.as_ref().map(|i| i.service.clone()))
     });
+    // Connect's leaf is the identity's service's: fetched once the registrar knows it.
+    tls.follow_connect(registry.as_ref(), service.clone(), config.registry.watch_wait.get());
     crate::telemetry::trace::start(&config.tracing, &config.node_name(), &metrics, service)?;
     let zone_of = lifecycle.handle.status.clone();
     let zone: discovery::ZoneFn = Arc::new(move || {

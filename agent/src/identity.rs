@@ -165,10 +165,18 @@ mod tests {
             (1, Some(&[SourceKind::Consul, SourceKind::Kubernetes][..])),
             "the whole ConfigMap was read"
         );
-        assert!(
-            page.contains("\"--admin\", \"127.0.0.1:9901\""),
-            "the preStop hook names the admin port"
+        // Off loopback the admin API is locked down: TLS for the probes, and the preStop hook
+        // goes through the admin socket the config names.
+        assert!(config.agent.admin_tls && config.agent.admin_token_file.is_some());
+        assert_eq!(
+            config.agent.admin_socket.as_deref(),
+            Some(std::path::Path::new("/run/vmesh/admin.sock"))
         );
+        assert!(
+            page.contains("\"drain\", \"--config\", \"/etc/vmesh/vmesh.toml\""),
+            "the preStop hook reads the config (and so finds the admin socket)"
+        );
+        assert!(page.contains("scheme: HTTPS"), "the probe speaks TLS");
         let id = cmdb(&config, &src.env)
             .unwrap()
             .unwrap()

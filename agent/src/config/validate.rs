@@ -389,6 +389,17 @@ fn tls_problems(config: &Config) -> Problems {
         }
     }
     config.tls.validate(needed_by.as_deref(), &mut lines);
+    if config.tls.source == crate::tls::TlsSource::Consul {
+        if config.registry.kind != RegistryKind::Consul {
+            lines.push("tls.source: \"consul\" fetches certificates through the Consul client: needs [registry] kind = \"consul\"".to_owned());
+        }
+        if config.cmdb.kind == CmdbKind::File && config.cmdb.path.is_none() {
+            lines.push(
+                "tls.source: \"consul\" fetches the leaf of the workload's service: needs an identity from [cmdb]"
+                    .to_owned(),
+            );
+        }
+    }
     crate::governance::keyed(lines)
 }
 

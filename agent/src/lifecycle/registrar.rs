@@ -460,6 +460,18 @@ impl Registrar {
         plan::desired(&self.config, self.identity.current()?, &self.ramp, now)
     }
 
+    /// With certificates from Consul Connect and an inbound in a TLS mode, until the first
+    /// leaf is in force.
+    fn awaiting_certificate(&self) -> bool {
+        self.config.tls.source == crate::tls::TlsSource::Consul
+            && self
+                .config
+                .inbound
+                .as_ref()
+                .is_some_and(|i| i.mode != crate::tls::TlsMode::Plaintext)
+            && crate::tls::current().is_none()
+    }
+
     fn written(&self) -> Option<Registration> {
         self.written.borrow().clone()
     }
@@ -473,6 +485,12 @@ impl Registrar {
             self.dirty = false;
             return;
         };
+        if self.awaiting_certificate() {
+            // Callers in mutual TLS would find no certificate: wait (retried every RETRY)
+            // rather than advertise an instance that cannot complete a handshake.
+            self.dirty = true;
+            return;
+        }
         let Some(want) = self.desired() else {
             // Nothing to advertise (no identity): remove what an earlier identity registered.
             self.withdraw(registry.as_ref()).await;

@@ -1,8 +1,11 @@
 //! Consul's HTTP API on reqwest: agent service register/deregister/maintenance, TTL checks,
-//! and blocking queries on health, catalog and KV (see shared/consul-api.md for the contract).
+//! blocking queries on health, catalog and KV, and Connect's CA (the service's leaf
+//! certificate and the roots, for `tls.source = "consul"`) (see shared/consul-api.md for the
+//! contract).
 
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{backoff, BoxFuture, Recovered, Registration, Registry, RegistryError};
@@ -228,6 +231,123 @@ impl Consul {
             ))),
         }
     }
+
+    /// `GET /v1/agent/connect/ca/leaf/<service>` as a blocking query on `index` (0: answer at
+    /// once): the leaf certificate of `service` and its key, which the Consul agent signs,
+    /// caches and renews before it expires or when the roots change (the query returns then).
+    pub async fn connect_leaf(
+        &self,
+        service: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Watched<ConnectLeaf>, RegistryError> {
+        let path = format!("/v1/agent/connect/ca/leaf/{}", path_segment(service));
+        self.connect_get(&path, index, wait).await
+    }
+
+    /// `GET /v1/agent/connect/ca/roots` as a blocking query on `index` (0: answer at once):
+    /// the CA roots of the cluster and its trust domain.
+    pub async fn connect_roots(&self, index: u64, wait: Duration) -> Result<Watched<ConnectRoots>, RegistryError> {
+        self.connect_get("/v1/agent/connect/ca/roots", index, wait).await
+    }
+
+    async fn connect_get<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Watched<T>, RegistryError> {
+        let mut body = Vec::new();
+        let a = self
+            .blocking_get_into(path, index, wait, MAX_CONNECT_ANSWER, &mut body)
+            .await?;
+        if !a.found {
+            return Err(RegistryError::BadResponse(format!("GET {path}: 404")));
+        }
+        let value =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::BadResponse(format!("GET {path}: {e}")))?;
+        Ok(Watched { value, index: a.index })
+    }
+}
+
+/// Largest Connect CA answer read (a leaf or the roots: a few KiB each).
+const MAX_CONNECT_ANSWER: usize = 1 << 20;
+
+/// `service` as one URL path segment: characters outside `A-Za-z0-9-._~` percent-encoded.
+fn path_segment(service: &str) -> String {
+    use std::fmt::Write;
+    service.bytes().fold(String::with_capacity(service.len()), |mut s, b| {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            s.push(char::from(b));
+        } else {
+            let _ = write!(s, "%{b:02X}");
+        }
+        s
+    })
+}
+
+/// A blocking query's decoded answer and its `X-Consul-Index`.
+pub struct Watched<T> {
+    pub value: T,
+    pub index: u64,
+}
+
+/// `GET /v1/agent/connect/ca/leaf/<service>` (the fields used). No `Debug`: it holds a key.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+pub struct ConnectLeaf {
+    /// Colon-separated hex, e.g. `"3e:a1:..."`.
+    #[serde(rename = "SerialNumber")]
+    pub serial_number: String,
+    /// The leaf, then the intermediates it needs.
+    #[serde(rename = "CertPEM")]
+    pub cert_pem: String,
+    #[serde(rename = "PrivateKeyPEM")]
+    pub private_key_pem: String,
+    #[serde(rename = "Service", default)]
+    pub service: String,
+    /// `spiffe://<trust-domain>/ns/<namespace>/dc/<dc>/svc/<service>`.
+    #[serde(rename = "ServiceURI", default)]
+    pub service_uri: String,
+    /// RFC 3339.
+    #[serde(rename = "ValidAfter", default)]
+    pub valid_after: String,
+    /// RFC 3339.
+    #[serde(rename = "ValidBefore", default)]
+    pub valid_before: String,
+}
+
+/// `GET /v1/agent/connect/ca/roots` (the fields used).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ConnectRoots {
+    #[serde(rename = "ActiveRootID", default)]
+    pub active_root_id: String,
+    /// e.g. `"7f42f496-fbc7-8692-05ed-334aa5340c1e.consul"`.
+    #[serde(rename = "TrustDomain")]
+    pub trust_domain: String,
+    #[serde(rename = "Roots", default, deserialize_with = "null_as_empty")]
+    pub roots: Vec<ConnectRoot>,
+}
+
+/// One CA root of [`ConnectRoots`].
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct ConnectRoot {
+    #[serde(rename = "ID", default)]
+    pub id: String,
+    #[serde(rename = "RootCert")]
+    pub root_cert: String,
+    #[serde(rename = "IntermediateCerts", default, deserialize_with = "null_as_empty")]
+    pub intermediate_certs: Vec<String>,
+    #[serde(rename = "Active", default)]
+    pub active: bool,
+}
+
+/// Go encodes an empty slice as `null`.
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// Largest registry answer read (a bigger one is refused, the previous state kept).
@@ -342,5 +462,45 @@ mod tests {
         assert_eq!(next_index(10, 12), 12);
         assert_eq!(next_index(10, 10), 10);
         assert_eq!(next_index(10, 3), 0, "an index that goes backwards resets");
+    }
+
+    #[test]
+    fn connect_answers_decode_as_consul_writes_them() {
+        // The shapes of Consul's docs (agent/connect): `IntermediateCerts` null, extra fields.
+        let roots: ConnectRoots = serde_json::from_str(
+            r#"{"ActiveRootID": "15:bf", "TrustDomain": "a1499528-fbf6-df7b-05e5-ae81e1873fc4.consul",
+                "Roots": [{"ID": "15:bf", "Name": "Consul CA Root Cert", "SerialNumber": 7,
+                           "RootCert": "-----BEGIN CERTIFICATE-----\n", "IntermediateCerts": null,
+                           "Active": true, "CreateIndex": 8, "ModifyIndex": 8}]}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(roots.trust_domain, "a1499528-fbf6-df7b-05e5-ae81e1873fc4.consul");
+        assert_eq!(roots.roots.len(), 1);
+        assert!(roots.roots[0].active && roots.roots[0].intermediate_certs.is_empty());
+        let empty: ConnectRoots =
+            serde_json::from_str(r#"{"TrustDomain": "", "Roots": null}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert!(empty.roots.is_empty());
+        let leaf: ConnectLeaf = serde_json::from_str(
+            r#"{"SerialNumber": "08", "CertPEM": "c", "PrivateKeyPEM": "k", "Service": "web",
+                "ServiceURI": "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/web",
+                "ValidAfter": "2018-05-21T16:33:28Z", "ValidBefore": "2018-05-24T16:33:28Z",
+                "Namespace": "default", "CreateIndex": 5, "ModifyIndex": 5}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (
+                leaf.serial_number.as_str(),
+                leaf.service.as_str(),
+                leaf.valid_before.as_str()
+            ),
+            ("08", "web", "2018-05-24T16:33:28Z")
+        );
+        assert!(serde_json::from_str::<ConnectLeaf>(r#"{"SerialNumber": "08"}"#).is_err());
+    }
+
+    #[test]
+    fn a_service_name_is_one_path_segment() {
+        assert_eq!(path_segment("web-1.a_b~"), "web-1.a_b~");
+        assert_eq!(path_segment("a/b?c d"), "a%2Fb%3Fc%20d");
     }
 }

@@ -1,5 +1,7 @@
 //! SPIFFE workload identities: `spiffe://<trust-domain>/ns/<environment>/sa/<service>`, made
-//! from the CMDB identity (service, environment) and read from a verified certificate's URI SAN.
+//! from the CMDB identity (service, environment) and read from a verified certificate's URI SAN;
+//! Consul Connect's form `spiffe://<trust-domain>/ns/<namespace>/dc/<dc>/svc/<service>` is read
+//! too (its namespace is the environment), so certificates from Connect's CA name services alike.
 
 use std::sync::Arc;
 
@@ -10,8 +12,13 @@ use rustls::pki_types::CertificateDer;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SpiffeId {
     pub trust_domain: Box<str>,
+    /// vmesh's `ns` (the CMDB environment), or Consul's namespace.
     pub environment: Box<str>,
+    /// vmesh's `sa`, or Consul's `svc`.
     pub service: Box<str>,
+    /// Consul Connect's form: the datacenter of `.../dc/<dc>/svc/<service>`; `None`: vmesh's
+    /// `.../sa/<service>` form. Kept so the identity prints as the certificate wrote it.
+    pub datacenter: Option<Box<str>>,
 }
 
 /// The verified identity of the peer of one connection, in the forms the request path uses.
@@ -33,6 +40,15 @@ impl SpiffeId {
             trust_domain: trust_domain.into(),
             environment: environment.into(),
             service: service.into(),
+            datacenter: None,
+        }
+    }
+
+    /// Consul Connect's identity of `service` in `namespace` of datacenter `dc`.
+    pub fn connect(trust_domain: &str, namespace: &str, dc: &str, service: &str) -> Self {
+        Self {
+            datacenter: Some(dc.into()),
+            ..Self::new(trust_domain, namespace, service)
         }
     }
 
@@ -41,18 +57,25 @@ impl SpiffeId {
         Self::new(trust_domain, &id.environment, &id.service)
     }
 
-    /// Parses `spiffe://td/ns/env/sa/service`; anything else (other paths, odd characters) is
-    /// `None`.
+    /// Parses `spiffe://td/ns/env/sa/service` (vmesh's form) or
+    /// `spiffe://td/ns/namespace/dc/dc/svc/service` (Consul Connect's); anything else (other
+    /// paths, odd characters, Consul's admin-partition form) is `None`.
     pub fn parse(uri: &str) -> Option<Self> {
         let rest = uri.strip_prefix("spiffe://")?;
         let (td, path) = rest.split_once('/')?;
-        let mut parts = path.split('/');
-        let (Some("ns"), Some(env), Some("sa"), Some(service), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        if !valid_trust_domain(td) {
             return None;
-        };
-        (valid_trust_domain(td) && valid_segment(env) && valid_segment(service)).then(|| Self::new(td, env, service))
+        }
+        let parts: Vec<&str> = path.split('/').take(7).collect();
+        match parts[..] {
+            ["ns", env, "sa", service] if valid_segment(env) && valid_segment(service) => {
+                Some(Self::new(td, env, service))
+            }
+            ["ns", ns, "dc", dc, "svc", service] if [ns, dc, service].into_iter().all(valid_segment) => {
+                Some(Self::connect(td, ns, dc, service))
+            }
+            _ => None,
+        }
     }
 
     /// The first SPIFFE identity among the URI SANs of `cert` (a certificate rustls verified).
@@ -65,11 +88,18 @@ impl SpiffeId {
 
 impl std::fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "spiffe://{}/ns/{}/sa/{}",
-            self.trust_domain, self.environment, self.service
-        )
+        match &self.datacenter {
+            None => write!(
+                f,
+                "spiffe://{}/ns/{}/sa/{}",
+                self.trust_domain, self.environment, self.service
+            ),
+            Some(dc) => write!(
+                f,
+                "spiffe://{}/ns/{}/dc/{}/svc/{}",
+                self.trust_domain, self.environment, dc, self.service
+            ),
+        }
     }
 }
 
@@ -115,6 +145,26 @@ mod tests {
     }
 
     #[test]
+    fn consul_connect_identities_round_trip_with_the_namespace_as_environment() {
+        let uri = "spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/web";
+        let id = SpiffeId::parse(uri).unwrap_or_else(|| panic!("not parsed"));
+        assert_eq!(&*id.trust_domain, "11111111-2222-3333-4444-555555555555.consul");
+        assert_eq!(&*id.environment, "default");
+        assert_eq!(&*id.service, "web");
+        assert_eq!(id.datacenter.as_deref(), Some("dc1"));
+        assert_eq!(
+            id,
+            SpiffeId::connect("11111111-2222-3333-4444-555555555555.consul", "default", "dc1", "web")
+        );
+        assert_eq!(id.to_string(), uri);
+        // The two forms of one service are not the same identity, but name the same service.
+        let vmesh = SpiffeId::new(&id.trust_domain, "default", "web");
+        assert_ne!(id, vmesh);
+        assert_eq!(id.service, vmesh.service);
+        assert_eq!(PeerIdentity::new(id).header, uri);
+    }
+
+    #[test]
     fn other_shapes_are_not_identities() {
         for bad in [
             "https://corp.example/ns/prod/sa/orders",
@@ -125,6 +175,14 @@ mod tests {
             "spiffe://corp.example/ns/../sa/orders",
             "spiffe://corp.example/ns/prod/sa/or\"ders",
             "spiffe:///ns/prod/sa/orders",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/web/extra",
+            "spiffe://td.consul/ns/default/dc/dc1/sa/web",
+            "spiffe://td.consul/ns/default/svc/web",
+            "spiffe://td.consul/ns/default/dc//svc/web",
+            "spiffe://td.consul/ap/part/ns/default/dc/dc1/svc/web",
+            "spiffe://td.consul/ns/default/dc/dc1/svc/w%20eb",
+            "spiffe://td.consul/agent/client/dc/dc1/id/0000",
+            "spiffe://TD.consul/ns/default/dc/dc1/svc/web",
         ] {
             assert_eq!(SpiffeId::parse(bad), None, "{bad}");
         }

@@ -1,12 +1,13 @@
-//! Loading `[tls]` files into the server and client configs every handshake uses: TLS 1.3 on
-//! ring, client certificates required by the server, ALPN `h2` and `http/1.1`.
+//! Loading `[tls]` files (or PEM text from Consul Connect) into the server and client configs
+//! every handshake uses: TLS 1.3 on ring, client certificates required by the server, ALPN `h2`
+//! and `http/1.1`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -49,6 +50,9 @@ pub enum LoadError {
     },
     #[error("tls: {0}")]
     Tls(String),
+    /// Material from Consul Connect (the leaf or the roots) that cannot be used.
+    #[error("consul connect: {0}")]
+    Connect(String),
 }
 
 /// The crypto provider of every vmesh TLS config: ring (no aws-lc, no openssl).
@@ -77,7 +81,64 @@ impl Material {
                 what: e.to_string(),
             })?;
         }
+        Self::build(chain, key, Arc::new(roots), c.trust_domain())
+    }
+
+    /// The material of a Consul Connect leaf (`CertPEM`: the leaf, then any intermediates;
+    /// `PrivateKeyPEM`) and of the roots' `RootCert`s, in `trust_domain` (the roots'
+    /// `TrustDomain`).
+    pub fn from_connect(
+        cert_pem: &str,
+        key_pem: &str,
+        root_pems: &[&str],
+        trust_domain: &str,
+    ) -> Result<Self, LoadError> {
+        let connect = |what: String| LoadError::Connect(what);
+        let chain = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| connect(format!("the leaf's CertPEM: {e}")))?;
+        if chain.is_empty() {
+            return Err(connect("the leaf's CertPEM holds no PEM certificate".to_owned()));
+        }
+        let key = match rustls_pemfile::private_key(&mut key_pem.as_bytes()) {
+            Ok(Some(k)) => k,
+            Ok(None) => return Err(connect("the leaf's PrivateKeyPEM holds no PEM private key".to_owned())),
+            Err(e) => return Err(connect(format!("the leaf's PrivateKeyPEM: {e}"))),
+        };
+        let mut roots = RootCertStore::empty();
+        for (i, pem) in root_pems.iter().enumerate() {
+            let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| connect(format!("Roots[{i}].RootCert: {e}")))?;
+            for ca in certs {
+                roots
+                    .add(ca)
+                    .map_err(|e| connect(format!("Roots[{i}].RootCert: {e}")))?;
+            }
+        }
+        if roots.is_empty() {
+            return Err(connect("the CA roots hold no certificate".to_owned()));
+        }
+        // A leaf and roots from two moments of a CA rotation may not fit: install only a pair
+        // that peers will accept (the roots stay in force until the leaf that fits arrives).
         let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| LoadError::Tls(e.to_string()))?;
+        verifier
+            .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            .map_err(|e| connect(format!("the leaf does not verify against the CA roots: {e}")))?;
+        Self::build(chain, key, roots, trust_domain)
+    }
+
+    /// The configs of one certificate generation: `chain` (leaf first) with `key`, peers
+    /// checked against `roots`.
+    fn build(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Arc<RootCertStore>,
+        trust_domain: &str,
+    ) -> Result<Self, LoadError> {
         let tls = |e: rustls::Error| LoadError::Tls(e.to_string());
 
         let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -118,18 +179,17 @@ impl Material {
             c.resumption = rustls::client::Resumption::disabled();
             Ok(Arc::new(c))
         };
-        let leaf = chain.first().ok_or_else(|| LoadError::Content {
-            key: "tls.cert_file",
-            path: cert_path.to_owned(),
-            what: "no certificate".to_owned(),
-        })?;
-        let own = SpiffeId::from_cert(leaf).filter(|id| *id.trust_domain == *c.trust_domain);
+        // The callers checked that the chain is not empty.
+        let leaf = chain
+            .first()
+            .ok_or_else(|| LoadError::Tls("no certificate".to_owned()))?;
+        let own = SpiffeId::from_cert(leaf).filter(|id| *id.trust_domain == *trust_domain);
         Ok(Self {
             server: Arc::new(server),
             admin: Arc::new(admin),
             client_h1: client(b"http/1.1")?,
             client_h2: client(b"h2")?,
-            trust_domain: c.trust_domain.as_str().into(),
+            trust_domain: trust_domain.into(),
             own,
             serial: serial(leaf),
         })
