@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: installs the test prerequisites, builds the vmesh binary the end-to-end
-# tests start, then runs every test of the workspace (two test binaries at a time). Extra
-# arguments make it a filtered `cargo test` run instead.
+# tests start, then runs every test of the workspace (two test binaries at a time) and, after
+# them, the bounded fuzz run of the upstream HTTP/1.1 client. Extra arguments make it a filtered
+# `cargo test` run instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,18 @@ if [ "$#" -gt 0 ]; then
 else
     # Everything: the doc tests, then every test binary, two at a time (scripts/run-tests.py):
     # the end-to-end tests mostly wait on real processes, so the suite takes about half as long.
-    cargo test --workspace --doc
-    python3 scripts/run-tests.py
+    status=0
+    cargo test --workspace --doc || status=1
+    python3 scripts/run-tests.py || status=1
+    # Then the bounded fuzz run of the upstream HTTP/1.1 client (scripts/fuzz.sh: 45 s per
+    # target after a build of a few minutes), after the tests so that it loads no timing margin.
+    mkdir -p target/test-logs
+    if bash scripts/fuzz.sh 45 > target/test-logs/fuzz.log 2>&1; then
+        tail -n 1 target/test-logs/fuzz.log
+    else
+        echo "===== fuzz failed: target/test-logs/fuzz.log =====" >&2
+        tail -n 60 target/test-logs/fuzz.log >&2
+        status=1
+    fi
+    exit "$status"
 fi

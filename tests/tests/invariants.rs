@@ -13,6 +13,10 @@ fn sources(dir: &str) -> Vec<(PathBuf, String)> {
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
+                // Build output (a fuzz crate's own `target/`) is not source.
+                if p.file_name().is_some_and(|n| n == "target") {
+                    continue;
+                }
                 walk(&p, out);
             } else if p.extension().is_some_and(|x| x == "rs") {
                 let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));

@@ -1,0 +1,357 @@
+//! Response heads parsed on httparse with hyper's client strictness, and request heads encoded
+//! into a reused buffer without the formatter.
+//!
+//! Parsing follows hyper 1.x's client (`proto/h1/role.rs`) so that what reaches the caller is
+//! what hyper would have let through: httparse's default configuration (no obs-fold, no space
+//! before a colon, no HTTP/0.9), at most [`MAX_HEADERS`] fields and `max_head_bytes` in all, a
+//! status code of 100-999, header names valid for `http`, values valid for `HeaderValue`. Header
+//! values are slices of one frozen buffer, not copies.
+
+use std::mem::MaybeUninit;
+
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Uri, Version};
+use hyper::ext::ReasonPhrase;
+
+use super::framing::{ChunkedHeader, HeaderEdits};
+use super::Limits;
+
+/// The most header fields a response head may carry (hyper's default).
+pub const MAX_HEADERS: usize = 100;
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub version: Version,
+    pub status: StatusCode,
+    /// The reason phrase when it is not the status's canonical one (hyper keeps it the same
+    /// way, and its server repeats it downstream).
+    pub reason: Option<ReasonPhrase>,
+    pub headers: HeaderMap,
+    /// Whether the upstream lets the connection carry another request after this response:
+    /// HTTP/1.1 unless a `Connection` field says `close`, HTTP/1.0 only with `keep-alive`.
+    pub keep_alive: bool,
+}
+
+/// Why a response head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Not HTTP/1.x syntax (status line, field syntax, obs-fold, a space before a colon...).
+    #[error("malformed response head: {0}")]
+    Syntax(httparse::Error),
+    #[error("response head larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("more than {0} response header fields")]
+    TooManyHeaders(usize),
+    #[error("status code outside 100-999")]
+    Status,
+    #[error("invalid response header field")]
+    Field,
+}
+
+/// Parses the response heads arriving on one connection. Keeps how far the buffer was looked at,
+/// so that a head arriving in many reads is parsed once it is complete (hyper's fast end check),
+/// not once per read.
+#[derive(Debug, Clone)]
+pub struct HeadParser {
+    limits: Limits,
+    /// Length of the buffer at the last incomplete parse.
+    partial: Option<usize>,
+    /// Where the fields of the head being parsed are; kept from head to head (no allocation
+    /// per response once it has grown to the usual count).
+    fields: Vec<Field>,
+}
+
+// === impl ResponseHead ===
+
+impl ResponseHead {
+    /// The head as an `http::Response` around `body` (the reason phrase as hyper's extension).
+    pub fn into_response<B>(self, body: B) -> Response<B> {
+        let mut resp = Response::new(body);
+        *resp.status_mut() = self.status;
+        *resp.version_mut() = self.version;
+        *resp.headers_mut() = self.headers;
+        if let Some(reason) = self.reason {
+            resp.extensions_mut().insert(reason);
+        }
+        resp
+    }
+}
+
+// === impl HeadParser ===
+
+impl HeadParser {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            partial: None,
+            fields: Vec::new(),
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Forgets an incomplete head (a new exchange starts).
+    pub fn reset(&mut self) {
+        self.partial = None;
+    }
+
+    /// Parses the head at the front of `buf`. Complete: the head is removed from `buf` (what
+    /// follows stays). Incomplete: `Ok(None)` and `buf` untouched; more bytes are needed, unless
+    /// `buf` already holds `max_head_bytes`, which is `TooLarge`.
+    pub fn parse(&mut self, buf: &mut BytesMut) -> Result<Option<ResponseHead>, HeadError> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        if let Some(prev) = self.partial {
+            if !has_end_after(buf, prev) {
+                return self.incomplete(buf.len());
+            }
+        }
+        match parse_head(buf, &self.limits, &mut self.fields)? {
+            Some(head) => {
+                self.partial = None;
+                Ok(Some(head))
+            }
+            None => self.incomplete(buf.len()),
+        }
+    }
+
+    fn incomplete(&mut self, len: usize) -> Result<Option<ResponseHead>, HeadError> {
+        if len >= self.limits.max_head_bytes {
+            return Err(HeadError::TooLarge(self.limits.max_head_bytes));
+        }
+        self.partial = Some(len);
+        Ok(None)
+    }
+}
+
+/// Whether bytes from `prev` on (with the 3 before, where an end may have begun) hold the end of
+/// a head: `\n\n` or `\n\r\n`. A head never completes without one, so parsing can wait for it.
+fn has_end_after(buf: &[u8], prev: usize) -> bool {
+    let tail = buf.get(prev.saturating_sub(3)..).unwrap_or_default();
+    tail.windows(2)
+        .enumerate()
+        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && tail.get(i + 2) == Some(&b'\n')))
+}
+
+/// Where one field's name and value are in the head's bytes.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// One head at the front of `buf`: removed from it and returned when complete.
+fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> Result<Option<ResponseHead>, HeadError> {
+    let max_headers = limits.max_headers.min(MAX_HEADERS);
+    fields.clear();
+    let (len, code, reason, version) = {
+        // httparse fills what it parses; nothing to initialise (3 KiB of zeroes per head).
+        let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let slots = headers.get_mut(..max_headers).unwrap_or_default();
+        let mut res = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut res, buf, slots) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders(max_headers)),
+            Err(e) => return Err(HeadError::Syntax(e)),
+        };
+        if len > limits.max_head_bytes {
+            return Err(HeadError::TooLarge(limits.max_head_bytes));
+        }
+        let base = buf.as_ptr() as usize;
+        // Offsets of slices httparse took from `buf`: each lies inside it.
+        let offset = |s: &[u8]| (s.as_ptr() as usize).saturating_sub(base);
+        for h in res.headers.iter() {
+            // hyper refuses names of 64 KiB or more as too large (so does `HeaderName`).
+            if h.name.len() >= 1 << 16 {
+                return Err(HeadError::TooLarge(limits.max_head_bytes));
+            }
+            let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
+            fields.push(Field {
+                name: (n, n.saturating_add(h.name.len())),
+                value: (v, v.saturating_add(h.value.len())),
+            });
+        }
+        // A reason phrase httparse found invalid or absent is empty, and not in `buf`.
+        let reason = res.reason.unwrap_or_default();
+        let reason = (!reason.is_empty()).then(|| {
+            let r = offset(reason.as_bytes());
+            (r, r.saturating_add(reason.len()))
+        });
+        let version = if res.version == Some(1) {
+            Version::HTTP_11
+        } else {
+            Version::HTTP_10
+        };
+        (len, res.code.unwrap_or(0), reason, version)
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| HeadError::Status)?;
+    let head = buf.split_to(len).freeze();
+
+    let reason = match reason {
+        // hyper keeps an empty phrase too: it differs from every canonical one.
+        None => Some(ReasonPhrase::from_static(b"")),
+        Some((a, b)) => match head.get(a..b) {
+            Some(text) if status.canonical_reason().map(str::as_bytes) == Some(text) => None,
+            Some(_) => ReasonPhrase::try_from(head.slice(a..b)).ok(),
+            None => return Err(HeadError::Field),
+        },
+    };
+
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    let mut saw_close = false;
+    for f in fields.iter() {
+        let name = head.get(f.name.0..f.name.1).ok_or(HeadError::Field)?;
+        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::Field)?;
+        // Checked before `slice`, which panics out of range (httparse's slices are in range).
+        if head.get(f.value.0..f.value.1).is_none() {
+            return Err(HeadError::Field);
+        }
+        let value = HeaderValue::from_maybe_shared(head.slice(f.value.0..f.value.1)).map_err(|_| HeadError::Field)?;
+        if name == header::CONNECTION {
+            // Once any `Connection` field says close, a later keep-alive does not undo it.
+            if saw_close || has_token(&value, "close") {
+                saw_close = true;
+                keep_alive = false;
+            } else if !keep_alive {
+                keep_alive = has_token(&value, "keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    Ok(Some(ResponseHead {
+        version,
+        status,
+        reason,
+        headers,
+        keep_alive,
+    }))
+}
+
+/// Whether a comma-separated field value lists `token` (case-insensitively).
+pub(super) fn has_token(value: &HeaderValue, token: &str) -> bool {
+    value
+        .to_str()
+        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Appends the request head to `dst`: the request line (the target as `Uri`'s `Display` writes
+/// it), the fields in `headers` order with `edits` applied (the framing fields), the blank line.
+/// Byte copies only: no formatter, no allocation beyond `dst`'s growth. Returns whether a
+/// `Connection` field asks to close the connection after this exchange.
+pub fn encode_request(
+    dst: &mut Vec<u8>,
+    method: &Method,
+    uri: &Uri,
+    version: Version,
+    headers: &HeaderMap,
+    edits: &HeaderEdits,
+) -> bool {
+    dst.reserve(64 + headers.len() * 32);
+    dst.extend_from_slice(method.as_str().as_bytes());
+    dst.push(b' ');
+    if let Some(scheme) = uri.scheme_str() {
+        dst.extend_from_slice(scheme.as_bytes());
+        dst.extend_from_slice(b"://");
+    }
+    if let Some(authority) = uri.authority() {
+        dst.extend_from_slice(authority.as_str().as_bytes());
+    }
+    dst.extend_from_slice(uri.path().as_bytes());
+    if let Some(query) = uri.query() {
+        dst.push(b'?');
+        dst.extend_from_slice(query.as_bytes());
+    }
+    // hyper writes HTTP/2 requests as HTTP/1.1 (and panics on the others).
+    dst.extend_from_slice(if version == Version::HTTP_10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+
+    let append_chunked = edits.chunked == Some(ChunkedHeader::Append);
+    let te_count = if append_chunked {
+        headers.get_all(header::TRANSFER_ENCODING).iter().count()
+    } else {
+        0
+    };
+    let mut te_seen = 0;
+    let mut length_written = false;
+    let mut close = false;
+    for (name, value) in headers {
+        if *name == header::CONNECTION {
+            close |= has_token(value, "close");
+        } else if *name == header::TRANSFER_ENCODING {
+            if edits.drop_transfer_encoding {
+                continue;
+            }
+            te_seen += 1;
+            if append_chunked && te_seen == te_count {
+                field(dst, name.as_str().as_bytes(), value.as_bytes());
+                dst.truncate(dst.len().saturating_sub(2));
+                dst.extend_from_slice(b", chunked\r\n");
+                continue;
+            }
+        } else if *name == header::CONTENT_LENGTH {
+            if edits.drop_content_length {
+                continue;
+            }
+            if let Some(len) = edits.set_content_length {
+                // The first field takes the length, the others go (`HeaderMap::insert`).
+                if !length_written {
+                    length_written = true;
+                    content_length(dst, len);
+                }
+                continue;
+            }
+        }
+        field(dst, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let (Some(len), false) = (edits.set_content_length, length_written) {
+        content_length(dst, len);
+    }
+    if edits.chunked == Some(ChunkedHeader::Add) {
+        dst.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+    close
+}
+
+fn field(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    dst.extend_from_slice(name);
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value);
+    dst.extend_from_slice(b"\r\n");
+}
+
+fn content_length(dst: &mut Vec<u8>, len: u64) {
+    dst.extend_from_slice(b"content-length: ");
+    push_decimal(dst, len);
+    dst.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal.
+pub(super) fn push_decimal(dst: &mut Vec<u8>, mut n: u64) {
+    // 20 places hold u64::MAX.
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    for slot in digits.iter_mut().rev() {
+        // `n % 10` is one digit.
+        *slot = b'0' + (n % 10) as u8;
+        n /= 10;
+        start -= 1;
+        if n == 0 {
+            break;
+        }
+    }
+    dst.extend_from_slice(digits.get(start..).unwrap_or_default());
+}
+
+#[cfg(test)]
+mod tests;
