@@ -1,4 +1,4 @@
 //! Upstream clients below `route` and `balance`: today the HTTP/1.1 exchange driven in the
-//! request's own task (`h1`), not yet wired into the request path (`proxy::pool` still serves it).
+//! request's own task (`h1`), driven by `proxy::pool` for every HTTP/1.1 upstream request.
 
 pub mod h1;

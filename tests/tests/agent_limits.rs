@@ -96,6 +96,22 @@ fn connections_over_max_connections_total_wait_until_one_closes() {
         .outbound(Outbound::new("a").endpoint(up.addr()))
         .outbound(Outbound::new("b").endpoint(up.addr()))
         .start();
+    // The start-up check's probe connections hold slots until the agent has seen them close
+    // (on a loaded machine that can take a while): begin with both listeners empty.
+    let open = |l: &str| {
+        agent
+            .metric(&format!(
+                "vmesh_downstream_connections_active{{listener=\"outbound:{l}\"}}"
+            ))
+            .unwrap_or(0.0)
+    };
+    eventually(Duration::from_secs(30), "the probe connections closed", || {
+        if open("a") + open("b") == 0.0 {
+            Ok(())
+        } else {
+            Err(format!("a {} b {}", open("a"), open("b")))
+        }
+    });
     // One keep-alive connection on each listener: the agent's two slots.
     let mut first = send(agent.outbound_addr("a"), &get("/one"));
     assert!(read_head(&mut first).starts_with("HTTP/1.1 200"));

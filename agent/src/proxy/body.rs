@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::complete::Completion;
-use super::pool::Conn;
+use super::pool::H1Body;
 use super::ConnActivity;
 
 /// The body of a request sent upstream.
@@ -144,29 +144,37 @@ impl Body for RequestBody {
     }
 }
 
+/// The body of an upstream response: HTTP/1.1 from the endpoint's pool (it hands its
+/// connection back to the pool once read to the end; abandoned halfway, the connection
+/// closes), or HTTP/2 from the cluster's client.
+pub enum UpstreamBody {
+    H1(H1Body),
+    H2(Incoming),
+}
+
 /// The body of a response sent to the client.
 pub struct ResponseBody {
     inner: Inner,
     bytes: u64,
     completion: Option<Completion>,
-    /// The upstream HTTP/1.1 connection, back to its endpoint's pool once the body has been
-    /// read to the end (a body abandoned halfway leaves the connection unusable: it closes).
-    conn: Option<Conn>,
     ended: bool,
 }
 
 enum Inner {
-    Upstream(Incoming),
+    H1(H1Body),
+    H2(Incoming),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, completion: Option<Completion>, conn: Option<Conn>) -> Self {
+    pub fn upstream(body: UpstreamBody, completion: Option<Completion>) -> Self {
         Self {
-            inner: Inner::Upstream(body),
+            inner: match body {
+                UpstreamBody::H1(b) => Inner::H1(b),
+                UpstreamBody::H2(b) => Inner::H2(b),
+            },
             bytes: 0,
             completion,
-            conn,
             ended: false,
         }
     }
@@ -176,7 +184,6 @@ impl ResponseBody {
             inner: Inner::Full((!data.is_empty()).then_some(data)),
             bytes: 0,
             completion,
-            conn: None,
             ended: false,
         }
     }
@@ -190,13 +197,6 @@ impl ResponseBody {
                 }
             }
         }
-        if let Some(conn) = self.conn.take() {
-            if self.ended || self.is_end_stream() {
-                if let Some(ep) = self.completion.as_ref().and_then(|c| c.endpoint.as_ref()) {
-                    ep.endpoint().pool.put(conn);
-                }
-            }
-        }
         if let Some(c) = self.completion.take() {
             c.finish(self.bytes);
         }
@@ -205,12 +205,13 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Inner::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             Inner::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
         };
         match &polled {
@@ -230,7 +231,6 @@ impl Body for ResponseBody {
                 this.finish();
             }
             Poll::Ready(Some(Err(_))) => {
-                this.conn = None;
                 if let Some(c) = this.completion.as_mut() {
                     c.set_error("UPSTREAM_RESET");
                 }
@@ -243,14 +243,16 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.inner {
-            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::H1(b) => b.is_end_stream(),
+            Inner::H2(b) => b.is_end_stream(),
             Inner::Full(b) => b.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
-            Inner::Upstream(b) => b.size_hint(),
+            Inner::H1(b) => b.size_hint(),
+            Inner::H2(b) => b.size_hint(),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }

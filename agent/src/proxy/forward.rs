@@ -19,7 +19,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::ResponseBody;
+use super::body::{ResponseBody, UpstreamBody};
 use super::complete::{Completion, LogParts, Received};
 use super::error::ProxyError;
 use super::headers;
@@ -318,7 +318,7 @@ pub async fn forward(
 
         // Stage record.
         let outcome = match &result {
-            Ok((r, _)) => TryOutcome::Status(r.status().as_u16()),
+            Ok(r) => TryOutcome::Status(r.status().as_u16()),
             Err(o) => *o,
         };
         record::try_ended(&cluster, &set, endpoint, outcome, rtt, answered_at);
@@ -336,14 +336,14 @@ pub async fn forward(
 
         completion.endpoint = Some(in_flight);
         let answer = match result {
-            Ok((resp, conn)) => {
+            Ok(resp) => {
                 admitted.finish(resp.status().as_u16(), start, answered_at);
                 let tunnel = p.on_upgrade.map(|client| Tunnel {
                     client,
                     idle: ctx.shared.limits.idle_timeout.get(),
                     slot: ctx.slot.clone(),
                 });
-                respond(resp, conn, completion, tunnel, p.close_after)
+                respond(resp, completion, tunnel, p.close_after)
             }
             // A callee that is not the service asked for is never a fallback's case.
             Err(TryOutcome::ConnectFailed) if identity_mismatch => {
@@ -377,8 +377,7 @@ struct Tunnel {
 
 /// Shapes the upstream response for the client and attaches the completion to its body.
 fn respond(
-    mut resp: Response<Incoming>,
-    conn: Option<super::pool::Conn>,
+    mut resp: Response<UpstreamBody>,
     mut completion: Completion,
     tunnel: Option<Tunnel>,
     close_after: bool,
@@ -389,8 +388,12 @@ fn respond(
     // pass for the proxy's own answer with clients, dashboards and runbooks that act on it.
     headers::strip_vmesh(resp.headers_mut(), |_| false);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(Tunnel { client, idle, slot }) = tunnel {
-            let upstream = hyper::upgrade::on(&mut resp);
+        // The upstream's side of a 101 is the HTTP/1.1 connection, past the response head.
+        let upstream = match (tunnel.is_some(), resp.body_mut()) {
+            (true, UpstreamBody::H1(b)) => b.take_upgraded(),
+            _ => None,
+        };
+        if let (Some(Tunnel { client, idle, slot }), Some(mut upstream)) = (tunnel, upstream) {
             let in_flight = completion.endpoint.take();
             if let Some(ep) = &in_flight {
                 completion.endpoint = Some(ep.endpoint().start());
@@ -400,11 +403,11 @@ fn respond(
                 // watch: shutdown waits for it and closes it.
                 let _in_flight = in_flight;
                 let mut drain = slot.drain.clone();
-                if let (Ok(client), Ok(upstream)) = tokio::join!(client, upstream) {
+                if let Ok(client) = client.await {
                     // A tunnel (WebSocket) ends when either side closes, after
                     // `proxy.idle_timeout` with no byte either way (as a TCP connection does),
                     // or when the agent shuts down.
-                    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+                    let mut client = TokioIo::new(client);
                     tokio::select! {
                         end = super::splice::splice(&mut client, &mut upstream, idle) => {
                             if let super::splice::End::Idle = end {
@@ -427,5 +430,5 @@ fn respond(
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    Response::from_parts(parts, ResponseBody::upstream(body, Some(completion), conn))
+    Response::from_parts(parts, ResponseBody::upstream(body, Some(completion)))
 }

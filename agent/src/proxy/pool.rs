@@ -6,30 +6,45 @@
 //! body was abandoned is closed, never reused). There is no per-request hashing, spawning or
 //! boxing: the request path pays one short uncontended lock to pop and one to push.
 //!
+//! The exchange is `upstream::h1`'s, driven by the request's own task: no connection task and
+//! no dispatch channel. A connection the upstream closed while idle is seen when popped
+//! (`is_reusable`) and skipped; one it closes just as the request goes out (the keep-alive
+//! race) sends the request again, once, on a new connection when the body can be replayed.
+//!
 //! HTTP/2 clusters use `client.rs` (one multiplexed connection serves every request).
 //!
 //! An upstream in `mode = "strict"` dials mutual TLS (`tls::connect`, identity checked at the
 //! handshake); idle connections remember whether they are TLS, so a reload that changes the
 //! mode never reuses a connection of the other kind.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
+use crate::upstream::h1;
 
-/// A sender on one upstream HTTP/1.1 connection, and whether it is mutual TLS.
+/// An upstream HTTP/1.1 connection (driven in the request's own task, no connection task).
+pub type Conn = h1::Conn<Stream>;
+
+/// The body of an HTTP/1.1 upstream response: reads in the caller's task and hands its
+/// connection back to the pool after the last byte.
+pub type H1Body = h1::ResponseBody<Stream, RequestBody, Return>;
+
+/// The transport of an upstream HTTP/1.1 connection: plain TCP, or mutual TLS.
 #[derive(Debug)]
-pub struct Conn {
-    sender: http1::SendRequest<RequestBody>,
-    tls: bool,
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 /// Idle connections of one endpoint.
@@ -43,7 +58,15 @@ pub struct ConnPool {
 #[derive(Debug)]
 struct Idle {
     conn: Conn,
+    /// Whether the connection is mutual TLS.
+    tls: bool,
     since: Instant,
+}
+
+/// Hands a connection whose response was read to the end back to its endpoint's pool.
+#[derive(Debug)]
+pub struct Return {
+    pool: Arc<ConnPool>,
 }
 
 /// Why a request could not be sent.
@@ -54,7 +77,7 @@ pub enum SendError {
     Connect(std::io::Error),
     /// The connection failed while the request was on it (reset, closed, bad response).
     #[error("{0}")]
-    Http(hyper::Error),
+    Http(h1::Error),
     /// A new connection was needed and the breaker's `max_pending_requests` refused it.
     #[error("{0}")]
     Pending(crate::resilience::breaker::Rejected),
@@ -77,55 +100,65 @@ impl ConnPool {
         }
     }
 
-    /// Sends `req` on an idle connection, or a new one. A pooled connection found closed
-    /// before the request went out is dropped and the request goes on the next one. With a
-    /// `breaker`, a request that must dial counts as pending while it dials (Envoy's
+    /// Sends `req` on an idle connection, or a new one, and waits for the response head.
+    /// Pooled connections the upstream closed (or sent something on) while idle are skipped.
+    /// A pooled connection the upstream closes without a byte of answer (the keep-alive
+    /// race) sends the request once more on a new connection, when its body can be replayed.
+    /// With a `breaker`, a request that must dial counts as pending while it dials (Envoy's
     /// `max_pending_requests`: requests waiting for a connection). With `tls` (the service an
     /// mTLS upstream must prove to be), connections are mutual TLS.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
         connect_timeout: Duration,
         breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
         tls: Option<&Arc<str>>,
-    ) -> Result<(Response<Incoming>, Conn), SendError> {
-        loop {
-            let (mut conn, reused) = match self.pop(tls.is_some()) {
-                Some(c) => (c, true),
-                None => {
-                    let _pending = breaker.map(|b| b.pending()).transpose().map_err(SendError::Pending)?;
-                    (self.connect(connect_timeout, tls).await?, false)
+    ) -> Result<Response<H1Body>, SendError> {
+        let dial = || async {
+            let _pending = breaker.map(|b| b.pending()).transpose().map_err(SendError::Pending)?;
+            self.connect(connect_timeout, tls).await
+        };
+        let Some(conn) = self.pop(tls.is_some()) else {
+            let conn = dial().await?;
+            return conn.send(req, self.giver()).await.map_err(SendError::Http);
+        };
+        // A copy for the keep-alive race, when the body can be sent again.
+        let again = req.body().replay().map(|body| {
+            let mut r = Request::new(body);
+            *r.method_mut() = req.method().clone();
+            *r.uri_mut() = req.uri().clone();
+            *r.version_mut() = req.version();
+            *r.headers_mut() = req.headers().clone();
+            r
+        });
+        match conn.send(req, self.giver()).await {
+            Ok(resp) => Ok(resp),
+            Err(e) if e.is_closed_without_answer() => match again {
+                Some(req) => {
+                    tracing::debug!(upstream = %self.addr, "pooled connection closed unanswered: sent again");
+                    let conn = dial().await?;
+                    conn.send(req, self.giver()).await.map_err(SendError::Http)
                 }
-            };
-            if let Err(e) = conn.sender.ready().await {
-                if reused {
-                    continue;
-                }
-                // A new connection that closed before its first request: a failed connect.
-                return Err(SendError::Connect(std::io::Error::other(e)));
-            }
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
-                    // Never written: safe to send again on another connection.
-                    Some(r) if reused => req = r,
-                    _ => return Err(SendError::Http(e.into_error())),
-                },
-            }
+                None => Err(SendError::Http(e)),
+            },
+            Err(e) => Err(SendError::Http(e)),
         }
+    }
+
+    fn giver(self: &Arc<Self>) -> Return {
+        Return { pool: self.clone() }
     }
 
     /// Returns a connection whose last response was read to the end.
     pub fn put(self: &Arc<Self>, conn: Conn) {
-        if conn.sender.is_closed() {
-            return;
-        }
+        let tls = matches!(conn.get_ref(), Stream::Tls(_));
         let Ok(mut idle) = self.idle.lock() else { return };
         if idle.len() >= MAX_IDLE {
             return;
         }
         idle.push(Idle {
             conn,
+            tls,
             since: Instant::now(),
         });
         drop(idle);
@@ -147,8 +180,8 @@ impl ConnPool {
 
     fn pop(&self, tls: bool) -> Option<Conn> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(i) = idle.pop() {
-            if !i.conn.sender.is_closed() && i.conn.tls == tls {
+        while let Some(mut i) = idle.pop() {
+            if i.tls == tls && i.conn.is_reusable() {
                 return Some(i.conn);
             }
         }
@@ -171,40 +204,62 @@ impl ConnPool {
             let tls = crate::tls::connect(stream, self.addr, false, service)
                 .await
                 .map_err(SendError::Tls)?;
-            return self.handshake(tls, true).await;
+            return Ok(h1::Conn::new(Stream::Tls(Box::new(tls))));
         }
-        self.handshake(stream, false).await
-    }
-
-    async fn handshake<S>(&self, stream: S, tls: bool) -> Result<Conn, SendError>
-    where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        // Flattened writes, as on the downstream side (see http.rs).
-        let (conn, driver) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(SendError::Http)?;
-        let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = driver.with_upgrades().await {
-                tracing::debug!(upstream = %addr, error = %e, "upstream connection error");
-            }
-        });
-        Ok(Conn { sender: conn, tls })
+        Ok(h1::Conn::new(Stream::Plain(stream)))
     }
 
     /// Closes connections idle for longer than `IDLE_TIMEOUT`; returns how many are left.
     fn expire(&self, now: Instant) -> usize {
         let Ok(mut idle) = self.idle.lock() else { return 0 };
         // The stack is oldest first: the expired ones are a prefix.
-        let expired = idle
-            .iter()
-            .take_while(|i| now.duration_since(i.since) >= IDLE_TIMEOUT || i.conn.sender.is_closed())
-            .count();
+        let mut expired = 0;
+        for i in idle.iter_mut() {
+            if now.duration_since(i.since) < IDLE_TIMEOUT && i.conn.is_reusable() {
+                break;
+            }
+            expired += 1;
+        }
         idle.drain(..expired);
         idle.len()
+    }
+}
+
+impl h1::Recycle<Stream> for Return {
+    fn recycle(self, conn: Conn) {
+        self.pool.put(conn);
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
     }
 }
 
@@ -269,7 +324,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn body(resp: Response<Incoming>) -> String {
+    async fn body(resp: Response<H1Body>) -> String {
         use http_body_util::BodyExt;
         String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
@@ -279,9 +334,8 @@ mod tests {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
         for _ in 0..3 {
-            let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+            let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
             assert_eq!(body(resp).await, "conn1");
-            pool.put(conn);
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
         assert_eq!(pool.idle(), 1);
@@ -291,11 +345,49 @@ mod tests {
     async fn a_connection_not_returned_is_not_reused() {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
-        drop((resp, conn));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        drop(resp);
+        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
         assert_eq!(body(resp).await, "conn2");
-        pool.put(conn);
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    /// An upstream that answers one request per connection, then closes it without a word.
+    async fn one_shot_server() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut have = Vec::new();
+                    while !have.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(r) => have.extend_from_slice(&buf[..r]),
+                        }
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    // Waits for the next request, then closes without answering it.
+                    let _ = s.read(&mut buf).await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_unanswered_sends_again_on_a_new_one() {
+        let (addr, conns) = one_shot_server().await;
+        let pool = Arc::new(ConnPool::new(addr));
+        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        assert_eq!(body(resp).await, "ok");
+        assert_eq!(pool.idle(), 1);
+        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        assert_eq!(body(resp).await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
 
@@ -316,9 +408,8 @@ mod tests {
     async fn expired_connections_are_closed() {
         let (addr, _) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let (resp, conn) = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
         body(resp).await;
-        pool.put(conn);
         assert_eq!(pool.expire(Instant::now()), 1);
         assert_eq!(pool.expire(Instant::now() + IDLE_TIMEOUT), 0);
         assert_eq!(pool.idle(), 0);
@@ -341,14 +432,13 @@ mod tests {
         assert!(matches!(err, SendError::Pending(_)), "{err:?}");
         drop(dialling);
         // ...while one that finds an idle connection needs no pending slot.
-        let (resp, conn) = pool
+        let resp = pool
             .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();
         body(resp).await;
-        pool.put(conn);
         let _dialling = breaker.pending().unwrap();
-        let (resp, _) = pool
+        let resp = pool
             .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();

@@ -6,16 +6,16 @@ use std::time::Instant;
 use http::header::{self, HeaderValue};
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
 
-use super::super::body::{is_body_timeout, RequestBody};
-use super::super::pool::{Conn, SendError};
+use super::super::body::{is_body_timeout, RequestBody, UpstreamBody};
+use super::super::pool::SendError;
 use crate::balance::Endpoint;
 use crate::resilience::TryOutcome;
 use crate::route::Cluster;
 
-/// A response and, for HTTP/1.1, the pooled connection it came on.
-pub type Answer = (Response<Incoming>, Option<Conn>);
+/// An upstream response: HTTP/1.1 (its body hands the connection back to the endpoint's pool)
+/// or HTTP/2.
+pub type Answer = Response<UpstreamBody>;
 
 /// Sends `req` (head and body set, URI not yet) to `endpoint`. A connect refused because the
 /// endpoint's certificate names another service sets `identity_mismatch`.
@@ -36,7 +36,7 @@ pub async fn send(
         tokio::time::timeout_at(try_deadline.into(), cluster.client.request(req))
             .await
             .map(|r| match r {
-                Ok(resp) => Ok((resp, None)),
+                Ok(resp) => Ok(resp.map(UpstreamBody::H2)),
                 Err(e) => {
                     tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
                     if crate::tls::identity_mismatch_in(&e) {
@@ -70,12 +70,13 @@ pub async fn send(
         )
         .await
         .map(|r| match r {
-            Ok((resp, conn)) => Ok((resp, Some(conn))),
+            Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
             Err(e) => {
                 tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");
                 Err(match e {
                     SendError::Connect(_) => TryOutcome::ConnectFailed,
                     SendError::Http(e) if is_body_timeout(&e) => TryOutcome::ClientBodyTimeout,
+                    // Closed, reset, or an answer that is not HTTP/1.1 (a 502 all the same).
                     SendError::Http(_) => TryOutcome::Reset,
                     SendError::Pending(_) => TryOutcome::Refused,
                     // Nothing was sent: like a refused connect, another endpoint may be tried.

@@ -107,8 +107,10 @@ pub enum Error {
     Framing(#[from] FramingError),
     #[error("response body: {0}")]
     Body(#[from] BodyError),
+    /// The request body failed (the client's connection, a body timeout): the error is the
+    /// source, so that a cause can be found by walking the chain.
     #[error("request body: {0}")]
-    RequestBody(BoxError),
+    RequestBody(#[source] BoxError),
     #[error("request body ended {missing} bytes short of its content-length")]
     RequestBodyShort { missing: u64 },
     /// `Exchange::into_response` before `read_head` finished.
