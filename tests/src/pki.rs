@@ -1,8 +1,11 @@
 //! A throwaway certificate authority made with the `openssl` command line: a CA and leaf
 //! certificates for loopback servers (and clients), for tests of TLS to the registry and of mTLS.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// A CA in a directory; every certificate it issues lives beside it.
 pub struct Pki {
@@ -191,4 +194,54 @@ fn openssl(args: &[&str]) {
         "openssl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `openssl s_client` to `addr` with `args`, sending one HTTP/1.0 request (the server closes
+/// after its answer, or at once without material): what it printed, stdout then stderr, after
+/// at most 20 s.
+pub fn s_client<S: AsRef<std::ffi::OsStr>>(addr: SocketAddr, args: &[S]) -> String {
+    let mut child = Command::new(crate::tools::require("openssl"))
+        .args(["s_client", "-connect", &addr.to_string(), "-ign_eof"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"GET /s-client HTTP/1.0\r\nHost: test\r\n\r\n");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().expect("wait for s_client").is_some() || Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("s_client output");
+            return format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The serial of the first certificate `openssl s_client -showcerts` printed, if any.
+pub fn leaf_serial(out: &str) -> Option<String> {
+    let begin = out.find("-----BEGIN CERTIFICATE-----")?;
+    let end = out[begin..].find("-----END CERTIFICATE-----")? + begin + "-----END CERTIFICATE-----".len();
+    let mut child = Command::new(crate::tools::require("openssl"))
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(&out.as_bytes()[begin..end]).ok()?;
+    let o = child.wait_with_output().ok()?;
+    Some(
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .trim_start_matches("serial=")
+            .to_owned(),
+    )
 }

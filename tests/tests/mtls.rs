@@ -5,16 +5,14 @@
 //! authorization rules with the caller in the access log and as a rate-limit key, and a
 //! certificate rotation under steady keep-alive load.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use toml::{Table, Value};
-use vmesh_tests::pki::{Leaf, Pki};
+use vmesh_tests::pki::{leaf_serial, s_client, Leaf, Pki};
 use vmesh_tests::{
-    eventually, h2load, tools, Agent, AgentBuilder, Curl, CurlResponse, Inbound, Outbound, Upstream, DEFAULT_WAIT,
+    eventually, h2load, Agent, AgentBuilder, Curl, CurlResponse, Inbound, Outbound, Upstream, DEFAULT_WAIT,
 };
 
 const TD: &str = "mesh.test";
@@ -93,39 +91,6 @@ fn curl_tls(mesh: &Mesh, addr: SocketAddr, path: &str, client: Option<&Leaf>) ->
         ]);
     }
     c
-}
-
-/// `openssl s_client` to `addr` with `args`, sending one HTTP/1.0 GET; its whole output.
-fn s_client(addr: SocketAddr, args: &[&str]) -> String {
-    let mut child = Command::new(tools::require("openssl"))
-        .args(["s_client", "-connect", &addr.to_string(), "-ign_eof"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run openssl s_client");
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"GET /s-client HTTP/1.0\r\nHost: test\r\n\r\n");
-    }
-    // The server closes after its HTTP/1.0 answer (or its alert): the output ends.
-    let out = wait_output(child, Duration::from_secs(20));
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn wait_output(mut child: std::process::Child, limit: Duration) -> std::process::Output {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        if child.try_wait().expect("wait for s_client").is_some() || std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            return child.wait_with_output().expect("s_client output");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn client_cert_args(leaf: &Leaf, ca: &Path) -> Vec<String> {
@@ -521,24 +486,4 @@ fn install(leaf: &Leaf, cert: &PathBuf, key: &PathBuf) {
         std::fs::copy(from, &tmp).expect("copy");
         std::fs::rename(&tmp, to).expect("rename");
     }
-}
-
-/// The serial of the first certificate `openssl s_client -showcerts` printed.
-fn leaf_serial(out: &str) -> Option<String> {
-    let begin = out.find("-----BEGIN CERTIFICATE-----")?;
-    let end = out[begin..].find("-----END CERTIFICATE-----")? + begin + "-----END CERTIFICATE-----".len();
-    let mut child = Command::new(tools::require("openssl"))
-        .args(["x509", "-noout", "-serial"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .ok()?;
-    child.stdin.take()?.write_all(&out.as_bytes()[begin..end]).ok()?;
-    let o = child.wait_with_output().ok()?;
-    Some(
-        String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .trim_start_matches("serial=")
-            .to_owned(),
-    )
 }

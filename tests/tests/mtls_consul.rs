@@ -8,16 +8,15 @@
 //! another service; a `tls.trust_domain` that is not Consul's refuses the material. The double's
 //! two Connect endpoints are checked on their own first.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use toml::Table;
 use vmesh_tests::consul::{consul_index, ConsulDouble};
 use vmesh_tests::lifecycle::{self, Identity};
-use vmesh_tests::pki::{Leaf, Pki};
+use vmesh_tests::pki::{leaf_serial, s_client, Leaf, Pki};
 use vmesh_tests::{eventually, h2load, tools, Agent, AgentBuilder, Curl, Inbound, Outbound, Upstream, DEFAULT_WAIT};
 
 /// The trust domain of the test's Connect CA, shaped like Consul's (`<cluster id>.consul`).
@@ -135,55 +134,6 @@ fn validity(cert: &Path) -> (String, String) {
             .replacen(' ', "T", 1)
     };
     (field("notBefore="), field("notAfter="))
-}
-
-/// `openssl s_client` to `addr` with `args`, sending one HTTP/1.0 GET; its whole output.
-fn s_client(addr: SocketAddr, args: &[String]) -> String {
-    let mut child = Command::new(tools::require("openssl"))
-        .args(["s_client", "-connect", &addr.to_string(), "-ign_eof"])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run openssl s_client");
-    if let Some(mut stdin) = child.stdin.take() {
-        let _ = stdin.write_all(b"GET /s-client HTTP/1.0\r\nHost: test\r\n\r\n");
-    }
-    // The server closes after its HTTP/1.0 answer (or at once without material): the output ends.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().expect("wait for s_client").is_some() || Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("s_client output");
-            return format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The serial of the first certificate `openssl s_client -showcerts` printed, if any.
-fn leaf_serial(out: &str) -> Option<String> {
-    let begin = out.find("-----BEGIN CERTIFICATE-----")?;
-    let end = out[begin..].find("-----END CERTIFICATE-----")? + begin + "-----END CERTIFICATE-----".len();
-    let mut child = Command::new(tools::require("openssl"))
-        .args(["x509", "-noout", "-serial"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .ok()?;
-    child.stdin.take()?.write_all(&out.as_bytes()[begin..end]).ok()?;
-    let o = child.wait_with_output().ok()?;
-    Some(
-        String::from_utf8_lossy(&o.stdout)
-            .trim()
-            .trim_start_matches("serial=")
-            .to_owned(),
-    )
 }
 
 /// The caller's completed requests to "orders", whatever their class.
