@@ -27,21 +27,8 @@ pub use state::{AgentState, ReloadStatus};
 pub async fn serve(listener: TcpListener, state: Arc<AgentState>, tls: bool) {
     let mut backoff = Backoff::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.reset();
-                stream
-            }
-            Err(e) => {
-                backoff.wait("admin API", &e).await;
-                continue;
-            }
-        };
-        // A handle on the socket for `/tap`, which bounds its send buffer.
-        let socket = std::os::fd::AsFd::as_fd(&stream)
-            .try_clone_to_owned()
-            .ok()
-            .map(Arc::new);
+        let (stream, _) = backoff.accept("admin API", || listener.accept()).await;
+        let socket = tap_handle(&stream);
         let state = state.clone();
         if !tls {
             tokio::spawn(serve_connection(stream, socket, state, false));
@@ -68,25 +55,13 @@ pub async fn serve_unix(listener: tokio::net::UnixListener, state: Arc<AgentStat
     let own = own_uid();
     let mut backoff = Backoff::default();
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => {
-                backoff.reset();
-                stream
-            }
-            Err(e) => {
-                backoff.wait("admin socket", &e).await;
-                continue;
-            }
-        };
+        let (stream, _) = backoff.accept("admin socket", || listener.accept()).await;
         let uid = stream.peer_cred().map(|c| c.uid()).ok();
         if !uid.is_some_and(|u| u == 0 || Some(u) == own || allowed.contains(&u)) {
             tracing::warn!(?uid, "admin socket: caller refused by its peer credentials");
             continue;
         }
-        let socket = std::os::fd::AsFd::as_fd(&stream)
-            .try_clone_to_owned()
-            .ok()
-            .map(Arc::new);
+        let socket = tap_handle(&stream);
         tokio::spawn(serve_connection(stream, socket, state.clone(), true));
     }
 }
@@ -102,16 +77,32 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    fn reset(&mut self) {
-        *self = Self::default();
+    /// The next connection `accept` gives, pausing after each failure.
+    async fn accept<T, F, Fut>(&mut self, what: &str, mut accept: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::io::Result<T>>,
+    {
+        loop {
+            match accept().await {
+                Ok(conn) => {
+                    *self = Self::default();
+                    return conn;
+                }
+                Err(e) => {
+                    let backoff = self.0;
+                    tracing::warn!(error = %e, ?backoff, "{what}: accept failed");
+                    tokio::time::sleep(backoff).await;
+                    self.0 = (backoff * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
     }
+}
 
-    async fn wait(&mut self, what: &str, e: &std::io::Error) {
-        let backoff = self.0;
-        tracing::warn!(error = %e, ?backoff, "{what}: accept failed");
-        tokio::time::sleep(backoff).await;
-        self.0 = (backoff * 2).min(std::time::Duration::from_secs(1));
-    }
+/// A handle on a connection's socket for `/tap`, which bounds its send buffer.
+fn tap_handle(stream: &impl std::os::fd::AsFd) -> Option<Arc<std::os::fd::OwnedFd>> {
+    stream.as_fd().try_clone_to_owned().ok().map(Arc::new)
 }
 
 /// Binds the admin unix socket at `path` (a stale socket file from an earlier run is

@@ -17,7 +17,9 @@ use toml::Table;
 use vmesh_tests::consul::{consul_index, ConsulDouble};
 use vmesh_tests::lifecycle::{self, Identity};
 use vmesh_tests::pki::{leaf_serial, s_client, Leaf, Pki};
-use vmesh_tests::{eventually, h2load, tools, Agent, AgentBuilder, Curl, Inbound, Outbound, Upstream, DEFAULT_WAIT};
+use vmesh_tests::{
+    eventually, h2load, tools, Agent, AgentBuilder, Curl, Inbound, Outbound, RunningUpstream, Upstream, DEFAULT_WAIT,
+};
 
 /// The trust domain of the test's Connect CA, shaped like Consul's (`<cluster id>.consul`).
 const TD: &str = "11111111-2222-3333-4444-555555555555.consul";
@@ -98,6 +100,43 @@ impl Connect {
 }
 
 /// `[tls] source = "consul"`; a leaf past its refresh point is asked for every 200 ms.
+impl Connect {
+    /// The callee "orders" (inbound strict, presenting `orders_leaf` in front of `app`) and the
+    /// caller "web" (inbound permissive so that its certificate shows, outbound "orders" in
+    /// strict mode), both with their leaves from the double and presenting them; and a probe
+    /// identity to look with.
+    fn pair(&self, orders_leaf: &Leaf, app: SocketAddr) -> (Agent, Agent, RunningUpstream, Leaf) {
+        let web_leaf = self.issue("web-1", "web");
+        self.hand_leaf("web", &web_leaf);
+        let orders = self.sidecar("orders-01", "orders", app, "strict").start();
+        let front = Upstream::python("front").spawn();
+        let web = self
+            .sidecar("web-01", "web", front.addr(), "permissive")
+            .outbound(
+                Outbound::new("orders")
+                    .endpoint(orders.inbound_addr())
+                    .set("mode", "strict"),
+            )
+            .start();
+        let probe = self.issue("probe", "probe");
+        wait_for_serial(
+            self,
+            orders.inbound_addr(),
+            &probe,
+            &orders_leaf.serial(),
+            "the callee to present its Connect leaf",
+        );
+        wait_for_serial(
+            self,
+            web.inbound_addr(),
+            &probe,
+            &web_leaf.serial(),
+            "the caller to present its Connect leaf",
+        );
+        (orders, web, front, probe)
+    }
+}
+
 fn tls_consul() -> Table {
     let mut tls = Table::new();
     tls.insert("source".into(), "consul".into());
@@ -215,35 +254,8 @@ fn two_sidecars_carry_requests_in_mutual_tls_with_certificates_from_consul_conne
     let connect = Connect::new();
     let orders_leaf = connect.issue("orders-1", "orders");
     connect.hand_leaf("orders", &orders_leaf);
-    let web_leaf = connect.issue("web-1", "web");
-    connect.hand_leaf("web", &web_leaf);
     let app = Upstream::python("app").spawn();
-    let orders = connect.sidecar("orders-01", "orders", app.addr(), "strict").start();
-    let front = Upstream::python("front").spawn();
-    // The caller's own inbound is permissive: its certificate shows when it is in force.
-    let web = connect
-        .sidecar("web-01", "web", front.addr(), "permissive")
-        .outbound(
-            Outbound::new("orders")
-                .endpoint(orders.inbound_addr())
-                .set("mode", "strict"),
-        )
-        .start();
-    let probe = connect.issue("probe", "probe");
-    wait_for_serial(
-        &connect,
-        orders.inbound_addr(),
-        &probe,
-        &orders_leaf.serial(),
-        "the callee to present its Connect leaf",
-    );
-    wait_for_serial(
-        &connect,
-        web.inbound_addr(),
-        &probe,
-        &web_leaf.serial(),
-        "the caller to present its Connect leaf",
-    );
+    let (orders, web, _front, _probe) = connect.pair(&orders_leaf, app.addr());
 
     let r = Curl::get(web.outbound_url("orders", "/connect")).run();
     r.expect_status(200);
@@ -280,34 +292,8 @@ fn a_leaf_rotated_in_consul_is_picked_up_under_keep_alive_load_without_a_failed_
     let connect = Connect::new();
     let first = connect.issue("orders-v1", "orders");
     connect.hand_leaf("orders", &first);
-    let web_leaf = connect.issue("web-1", "web");
-    connect.hand_leaf("web", &web_leaf);
     let app = Upstream::nginx("app").spawn();
-    let orders = connect.sidecar("orders-01", "orders", app.addr(), "strict").start();
-    let front = Upstream::python("front").spawn();
-    let web = connect
-        .sidecar("web-01", "web", front.addr(), "permissive")
-        .outbound(
-            Outbound::new("orders")
-                .endpoint(orders.inbound_addr())
-                .set("mode", "strict"),
-        )
-        .start();
-    let probe = connect.issue("probe", "probe");
-    wait_for_serial(
-        &connect,
-        orders.inbound_addr(),
-        &probe,
-        &first.serial(),
-        "the callee to present the first leaf",
-    );
-    wait_for_serial(
-        &connect,
-        web.inbound_addr(),
-        &probe,
-        &web_leaf.serial(),
-        "the caller to present its leaf",
-    );
+    let (orders, web, _front, probe) = connect.pair(&first, app.addr());
     Curl::get(web.outbound_url("orders", "/warm")).run().expect_status(200);
 
     // Steady keep-alive load through both sidecars, bounded in time (12 s) and connections.

@@ -59,11 +59,12 @@ fn store_error(agent: &Agent) -> Option<String> {
         .map(str::to_owned)
 }
 
-#[test]
-fn a_read_only_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_without_a_restart() {
+/// An agent with `data_dir` on `disk`, which `fault` has made unusable: the store is reported
+/// unusable (`STORE_ERROR`), proxying goes on, the instance counts as drained and registers
+/// nothing over several store retries, nothing is moved aside as corrupt; once `clear` ends the
+/// fault, the store opens in place and the instance registers, without a restart.
+fn survives_a_disk_fault(disk: &Tmpfs, fault: &str, clear: impl FnOnce()) {
     let consul = ConsulDouble::spawn();
-    let disk = Tmpfs::mount("16m");
-    disk.read_only(true);
     let dir = tempfile::tempdir().expect("tempdir");
     let identity = Identity::orders().write_in(dir.path());
     let app = Upstream::python("app").spawn();
@@ -76,13 +77,13 @@ fn a_read_only_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_withou
     let why = eventually(DEFAULT_WAIT, "/status to report the unusable store", || {
         store_error(&agent).ok_or_else(|| agent.admin_json("/status").to_string())
     });
-    assert!(why.starts_with("STORE_ERROR"), "{why}");
+    assert!(why.starts_with("STORE_ERROR"), "{fault}: {why}");
     // Proxying does not need the store.
     let r = Curl::get(agent.outbound_url("payments", "/")).run();
     assert_eq!((r.status, r.header("x-upstream-name")), (200, Some("pay")), "{r}");
-    assert_eq!(agent.admin_json("/status")["lifecycle"]["drain"], "drained");
+    assert_eq!(agent.admin_json("/status")["lifecycle"]["drain"], "drained", "{fault}");
     // Give the registrar several store retries (every 2 s): it must not register meanwhile.
-    eventually(DEFAULT_WAIT, "the agent to run 6 s on the read-only disk", || {
+    eventually(DEFAULT_WAIT, &format!("the agent to run 6 s on the {fault}"), || {
         let up = agent.admin_json("/status")["uptime_seconds"].as_u64().unwrap_or(0);
         if up >= 6 {
             Ok(())
@@ -93,10 +94,15 @@ fn a_read_only_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_withou
     assert!(store_error(&agent).is_some());
     assert!(
         all_ids(&consul, "orders").is_empty(),
-        "registered with an unreadable store"
+        "{fault}: registered with a store it cannot use"
     );
+    let moved_aside = std::fs::read_dir(&disk.dir)
+        .expect("list the data dir")
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
+    assert!(!moved_aside, "the {fault} was taken for corruption");
 
-    disk.read_only(false);
+    clear();
     eventually(DEFAULT_WAIT, "the agent to open the store and register", || {
         match (store_error(&agent), passing_ids(&consul, "orders").as_slice()) {
             (None, [id]) if id == "orders-web-01" => Ok(()),
@@ -106,13 +112,17 @@ fn a_read_only_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_withou
     assert!(disk.dir.join("state").exists(), "the store is created in place");
 }
 
-/// A full disk (ENOSPC) under `data_dir`, as a small tmpfs filled to the last byte: not taken
-/// for corruption (nothing moved aside), the proxy serves, nothing is registered while the store
-/// cannot be written, and once space is freed the store opens in place and the instance
-/// registers, without a restart.
+#[test]
+fn a_read_only_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_without_a_restart() {
+    let disk = Tmpfs::mount("16m");
+    disk.read_only(true);
+    survives_a_disk_fault(&disk, "read-only disk", || disk.read_only(false));
+}
+
+/// A full disk (ENOSPC) under `data_dir`, as a small tmpfs filled to the last byte, freed by
+/// deleting the filler.
 #[test]
 fn a_full_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_when_space_is_freed() {
-    let consul = ConsulDouble::spawn();
     let disk = Tmpfs::mount("4m");
     let filler = disk.dir.join("filler");
     {
@@ -122,46 +132,8 @@ fn a_full_data_dir_keeps_the_proxy_up_registers_nothing_and_recovers_when_space_
         while f.write_all(&block).is_ok() {}
         let _ = f.sync_all();
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let identity = Identity::orders().write_in(dir.path());
-    let app = Upstream::python("app").spawn();
-    let upstream = Upstream::python("pay").spawn();
-    let agent = lifecycle::consul(lifecycle::instance("web-01", &identity, app.addr(), "0s"), &consul)
-        .data_dir(&disk.dir)
-        .outbound(Outbound::new("payments").endpoint(upstream.addr()))
-        .start();
-
-    let why = eventually(DEFAULT_WAIT, "/status to report the unusable store", || {
-        store_error(&agent).ok_or_else(|| agent.admin_json("/status").to_string())
-    });
-    assert!(why.starts_with("STORE_ERROR"), "{why}");
-    let r = Curl::get(agent.outbound_url("payments", "/")).run();
-    assert_eq!((r.status, r.header("x-upstream-name")), (200, Some("pay")), "{r}");
-    eventually(DEFAULT_WAIT, "the agent to run 6 s on the full disk", || {
-        let up = agent.admin_json("/status")["uptime_seconds"].as_u64().unwrap_or(0);
-        if up >= 6 {
-            Ok(())
-        } else {
-            Err(format!("uptime {up} s"))
-        }
-    });
-    assert!(store_error(&agent).is_some());
-    assert!(
-        all_ids(&consul, "orders").is_empty(),
-        "registered with a store it cannot write"
-    );
-    let moved_aside = std::fs::read_dir(&disk.dir)
-        .expect("list the data dir")
-        .filter_map(Result::ok)
-        .any(|e| e.file_name().to_string_lossy().contains("corrupt"));
-    assert!(!moved_aside, "a full disk was taken for corruption");
-
-    std::fs::remove_file(&filler).expect("free the space");
-    eventually(DEFAULT_WAIT, "the agent to open the store and register", || {
-        match (store_error(&agent), passing_ids(&consul, "orders").as_slice()) {
-            (None, [id]) if id == "orders-web-01" => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
+    survives_a_disk_fault(&disk, "full disk", || {
+        std::fs::remove_file(&filler).expect("free the space");
     });
 }
 
