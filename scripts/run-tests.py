@@ -6,14 +6,17 @@ real processes (upstreams, registries, Nautobot, systemd containers) far more th
 so two binaries side by side finish the suite in about half the time on a 2-core machine. Each
 binary still runs its own tests in parallel threads, as under `cargo test`, in its package's
 directory. The longest binaries (from the last run's timings in target/test-times.json) start
-first. Exit 0 only if every binary passed; the output of a failed one is printed in full.
+first. Each binary's libtest lines are printed as cargo test prints them, and the last line
+sums them all in cargo's "test result:" form (also written to target/test-logs/summary.txt).
+Exit 0 only if every binary passed; the output of a failed one is printed in full.
 
-  python3 scripts/run-tests.py [--jobs N]
+  python3 scripts/run-tests.py [--jobs N] [--only tests:errors,tests:http1]
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +25,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMES = ROOT / "target" / "test-times.json"
+# The lines libtest itself prints: "running N tests", "test name ... ok", "test result: ...".
+LIBTEST_LINE = re.compile(r"^(running \d+ tests?$|test .+ \.\.\. |test result: )")
+RESULT_LINE = re.compile(
+    r"^test result: \w+\. (?P<passed>\d+) passed; (?P<failed>\d+) failed; (?P<ignored>\d+) ignored"
+)
 
 
 def test_binaries():
@@ -65,8 +73,12 @@ def conflicts(name, running):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("VMESH_TEST_JOBS", "2")))
+    ap.add_argument("--only", default="", help="comma-separated binary names (e.g. tests:errors)")
     args = ap.parse_args()
     binaries = test_binaries()
+    if args.only:
+        wanted = set(args.only.split(","))
+        binaries = [b for b in binaries if b[0] in wanted]
     try:
         last = json.loads(TIMES.read_text())
     except (OSError, ValueError):
@@ -76,6 +88,7 @@ def main():
     lock = threading.Lock()
     results = {}
     logs = ROOT / "target" / "test-logs"
+    totals = {"passed": 0, "failed": 0, "ignored": 0}
     logs.mkdir(parents=True, exist_ok=True)
 
     running = set()
@@ -99,16 +112,26 @@ def main():
             with open(log, "w") as f:
                 rc = subprocess.run([exe], cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
             took = time.monotonic() - start
-            summary = ""
-            for line in log.read_text(errors="replace").splitlines():
-                if line.startswith("test result:"):
-                    summary = line
+            # libtest's own lines (the count, one line per test, the result), as cargo test
+            # prints them, without what the tests themselves wrote in between.
+            libtest = [
+                line
+                for line in log.read_text(errors="replace").splitlines()
+                if LIBTEST_LINE.match(line)
+            ]
             with lock:
                 running.discard(name)
                 free.notify_all()
                 results[name] = (rc, took, log)
                 state = "ok" if rc == 0 else f"FAILED (exit {rc})"
-                print(f"[{len(results)}/{len(binaries)}] {name}: {state} in {took:.0f} s  {summary}", flush=True)
+                for line in libtest:
+                    m = RESULT_LINE.match(line)
+                    if m:
+                        for key in totals:
+                            totals[key] += int(m.group(key))
+                print(f"\n     Running {name} ({exe})", flush=True)
+                print("\n".join(libtest), flush=True)
+                print(f"[{len(results)}/{len(binaries)}] {name}: {state} in {took:.0f} s", flush=True)
 
     begin = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(max(1, args.jobs))]
@@ -116,15 +139,26 @@ def main():
         t.start()
     for t in threads:
         t.join()
-    TIMES.write_text(json.dumps({n: round(r[1], 1) for n, r in results.items()}, indent=1, sort_keys=True))
+    last.update({n: round(r[1], 1) for n, r in results.items()})
+    TIMES.write_text(json.dumps(last, indent=1, sort_keys=True))
     failed = [(n, r) for n, r in results.items() if r[0] != 0]
     for name, (_, _, log) in failed:
         print(f"\n===== {name} failed: {log} =====")
         print(log.read_text(errors="replace"))
+    took = time.monotonic() - begin
     print(
         f"\n{len(results) - len(failed)} of {len(results)} test binaries passed in "
-        f"{time.monotonic() - begin:.0f} s ({args.jobs} at a time)"
+        f"{took:.0f} s ({args.jobs} at a time)"
     )
+    # One summary of every binary in cargo test's own form; also kept in a file, which
+    # scripts/test.sh prints again as the last line of the whole run.
+    overall = (
+        f"test result: {'FAILED' if failed else 'ok'}. {totals['passed']} passed; "
+        f"{totals['failed']} failed; {totals['ignored']} ignored; 0 measured; "
+        f"0 filtered out; finished in {took:.2f}s"
+    )
+    print(overall, flush=True)
+    (logs / "summary.txt").write_text(overall + "\n")
     sys.exit(1 if failed else 0)
 
 

@@ -34,5 +34,7 @@ else
         tail -n 60 target/test-logs/fuzz.log >&2
         status=1
     fi
+    # The last line of the run: every test binary's result summed in cargo test's own form.
+    cat target/test-logs/summary.txt 2>/dev/null || echo "test result: FAILED. no summary from scripts/run-tests.py"
     exit "$status"
 fi
