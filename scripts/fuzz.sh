@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target of the upstream HTTP/1.1 client (agent/fuzz/fuzz_targets: the
-# response head parser, the body framing) for a bounded time each, and fails on any finding.
+# Runs every cargo-fuzz target of vmesh's own HTTP/1.1 code (agent/fuzz/fuzz_targets: the upstream
+# client's response head parser and body framing, the downstream server's request head parser with
+# the body after it) for a bounded time each, and fails on any finding.
 #
 #   bash scripts/fuzz.sh [SECONDS]     # per target, default 60
 #

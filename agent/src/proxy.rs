@@ -7,6 +7,7 @@ pub mod activation;
 pub mod body;
 pub mod client;
 mod complete;
+pub mod downstream;
 pub mod error;
 mod forward;
 pub mod headers;

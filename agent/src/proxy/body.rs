@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::complete::Completion;
+use super::downstream::ClientBody;
 use super::pool::H1Body;
 use super::ConnActivity;
 
@@ -30,7 +31,7 @@ pub enum RequestBody {
 /// has passed since the request arrived.
 #[derive(Debug)]
 pub struct StreamBody {
-    body: Incoming,
+    body: ClientBody,
     counter: Option<Arc<AtomicU64>>,
     deadline: Instant,
     activity: Arc<ConnActivity>,
@@ -58,7 +59,7 @@ pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
 
 impl StreamBody {
     pub fn new(
-        body: Incoming,
+        body: ClientBody,
         counter: Option<Arc<AtomicU64>>,
         deadline: Instant,
         activity: Arc<ConnActivity>,
@@ -103,7 +104,7 @@ impl Body for StreamBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

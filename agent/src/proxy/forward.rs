@@ -16,11 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use super::body::{ResponseBody, UpstreamBody};
 use super::complete::{Completion, LogParts, Received};
+use super::downstream::{ClientBody, ClientUpgrade};
 use super::error::ProxyError;
 use super::headers;
 use super::record;
@@ -47,16 +46,16 @@ impl std::fmt::Display for InjectedReset {
 impl std::error::Error for InjectedReset {}
 
 /// Whether a request is gRPC (answered with `grpc-status` on proxy errors).
-pub fn is_grpc(req: &Request<Incoming>) -> bool {
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// A completion for a request that ends before reaching a cluster's endpoint.
-pub fn early_completion(
+pub fn early_completion<B>(
     ctx: &ConnCtx,
-    req: &Request<Incoming>,
+    req: &Request<B>,
     start: Instant,
     cluster: Option<Arc<Cluster>>,
 ) -> Completion {
@@ -132,7 +131,7 @@ pub async fn forward(
     ctx: &ConnCtx,
     table: &RouteTable,
     cluster: Arc<Cluster>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     start: Instant,
 ) -> Result<Response<ResponseBody>, InjectedReset> {
     let grpc = is_grpc(&req) || cluster.is_grpc();
@@ -369,7 +368,7 @@ pub async fn forward(
 
 /// An upgrade the client asked for, to be joined to the upstream's if it agrees.
 struct Tunnel {
-    client: hyper::upgrade::OnUpgrade,
+    client: ClientUpgrade,
     /// `proxy.idle_timeout`: the tunnel closes after this long without a byte either way.
     idle: std::time::Duration,
     slot: Arc<super::listener::ConnSlot>,
@@ -403,11 +402,10 @@ fn respond(
                 // watch: shutdown waits for it and closes it.
                 let _in_flight = in_flight;
                 let mut drain = slot.drain.clone();
-                if let Ok(client) = client.await {
+                if let Ok(mut client) = client.upgraded().await {
                     // A tunnel (WebSocket) ends when either side closes, after
                     // `proxy.idle_timeout` with no byte either way (as a TCP connection does),
                     // or when the agent shuts down.
-                    let mut client = TokioIo::new(client);
                     tokio::select! {
                         end = super::splice::splice(&mut client, &mut upstream, idle) => {
                             if let super::splice::End::Idle = end {

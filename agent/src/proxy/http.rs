@@ -6,13 +6,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::BytesMut;
 use http::{header, Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::body::ResponseBody;
+use super::downstream::io::{Prefixed, Transport};
+use super::downstream::{self, ClientBody};
 use super::error::ProxyError;
 use super::forward::{early_completion, fail, forward, is_grpc, InjectedReset};
 use super::{ConnCtx, DrainWatch};
@@ -49,10 +51,11 @@ pub fn server_builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves `stream` (TCP, or TLS over TCP) until it closes, or until draining has let its
-/// in-flight requests finish.
+/// in-flight requests finish: HTTP/2 when the client opens with the HTTP/2 preface (hyper's
+/// server), HTTP/1.1 otherwise (vmesh's own, `downstream/h1.rs`).
 pub async fn serve<S>(builder: Arc<auto::Builder<TokioExecutor>>, stream: S, ctx: Arc<ConnCtx>, mut drain: DrainWatch)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
 {
     let activity = ctx.activity.clone();
     let head_timeout = ctx.shared.limits.header_read_timeout.get();
@@ -60,11 +63,88 @@ where
     let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
     let shared = ctx.shared.clone();
     let listener = ctx.listener.clone();
+
+    // The version: the HTTP/2 preface, or anything else (HTTP/1.1), within the head timeout.
+    let mut stream = stream;
+    let detected = {
+        let first = tokio::time::timeout(head_timeout, detect(&mut stream));
+        tokio::pin!(first);
+        tokio::select! {
+            d = &mut first => d,
+            // A client that connected just before the agent stopped accepting still gets the
+            // drain linger to send its request (answered with `Connection: close`).
+            () = drain.signaled() => match tokio::time::timeout(DRAIN_LINGER, &mut first).await {
+                Ok(d) => d,
+                Err(_) => return,
+            },
+        }
+    };
+    let (h2, prefix) = match detected {
+        Ok(Ok(Some(d))) => d,
+        Ok(Ok(None) | Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(?head_timeout, "downstream connection sent no request: closing");
+            shared.metrics.downstream_closed(&listener.name, "header_read_timeout");
+            return;
+        }
+    };
+    activity.greet();
+
+    if !h2 {
+        let conn = downstream::h1::serve(stream, prefix, &ctx, &Proxy);
+        tokio::pin!(conn);
+        tokio::select! {
+            () = conn.as_mut() => {}
+            () = drain.signaled() => {
+                // Busy connections close after their response (`Connection: close` while the
+                // agent drains); an idle one gets a moment for a last request, then closes.
+                let linger = tokio::time::sleep(DRAIN_LINGER);
+                tokio::pin!(linger);
+                tokio::select! {
+                    () = conn.as_mut() => return,
+                    () = &mut linger => {}
+                }
+                if activity.idle_for().is_some() {
+                    return;
+                }
+                conn.await;
+            }
+            quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => match quiet {
+                Quiet::Silent | Quiet::Idle => {
+                    tracing::debug!(?idle_timeout, "downstream connection idle: closing");
+                }
+                Quiet::Stalled => {
+                    tracing::debug!(?stall_timeout, "downstream connection stalled: closing");
+                    activity.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                    shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
+                }
+            }
+        }
+        return;
+    }
+
+    // Boxed, as is the HTTP/2 path as a whole: an HTTP/1.1 connection's future stays small.
+    Box::pin(serve_h2(builder, stream, prefix, ctx, drain)).await;
+}
+
+/// The HTTP/2 connection, on hyper's server, with the preface already read in `prefix`.
+async fn serve_h2<S: Transport>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: S,
+    prefix: BytesMut,
+    ctx: Arc<ConnCtx>,
+    mut drain: DrainWatch,
+) {
+    let activity = ctx.activity.clone();
+    let head_timeout = ctx.shared.limits.header_read_timeout.get();
+    let idle_timeout = ctx.shared.limits.idle_timeout.get();
+    let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
+    let shared = ctx.shared.clone();
+    let listener = ctx.listener.clone();
     let service = ProxyService(ctx);
-    let stream = Greeting {
-        inner: stream,
-        left: GREETING_BYTES,
-        activity: activity.clone(),
+    let stream = Prefixed {
+        prefix: prefix.freeze(),
+        io: stream,
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -75,9 +155,6 @@ where
             }
         }
         () = drain.signaled() => {
-            // Busy HTTP/1.1 connections close themselves after their next response
-            // (`Connection: close`); give them a moment before closing the idle rest, so a
-            // client rarely sends into a connection that is closing.
             let linger = tokio::time::sleep(DRAIN_LINGER);
             tokio::pin!(linger);
             tokio::select! {
@@ -88,13 +165,7 @@ where
             let _ = conn.await;
         }
         quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => match quiet {
-            Quiet::Silent => {
-                // Version detection (HTTP/1.1 or the HTTP/2 preface) has no deadline of its
-                // own, and hyper's `header_read_timeout` starts only after it.
-                tracing::debug!(?head_timeout, "downstream connection sent no request: closing");
-                shared.metrics.downstream_closed(&listener.name, "header_read_timeout");
-            }
-            Quiet::Idle => {
+            Quiet::Silent | Quiet::Idle => {
                 tracing::debug!(?idle_timeout, "downstream connection idle: closing");
                 conn.as_mut().graceful_shutdown();
                 // An HTTP/2 client that never opens its window keeps finished streams (their
@@ -111,6 +182,33 @@ where
                 activity.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
                 shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
             }
+        }
+    }
+}
+
+/// The HTTP/2 connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the first bytes tell HTTP/2 (the whole preface) from HTTP/1.1 (a byte that
+/// differs from it). `None`: the client closed first. The bytes read are returned (and not
+/// lost). They are read onto the stack first: a connection that closes or resets before
+/// sending anything (a flood, a port scan) never takes a buffer.
+async fn detect<S: Transport>(stream: &mut S) -> std::io::Result<Option<(bool, BytesMut)>> {
+    use tokio::io::AsyncReadExt;
+    let mut first = [0u8; PREFACE.len()];
+    let mut got = 0;
+    loop {
+        let n = stream.read(first.get_mut(got..).unwrap_or_default()).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        got += n;
+        let seen = first.get(..got).unwrap_or_default();
+        let h2 = got == PREFACE.len() && seen == PREFACE;
+        if h2 || seen != PREFACE.get(..got).unwrap_or_default() {
+            let mut buf = downstream::io::take_buffer();
+            buf.extend_from_slice(seen);
+            return Ok(Some((h2, buf)));
         }
     }
 }
@@ -151,10 +249,18 @@ async fn quiet(
             Some(d) if d >= idle => return Quiet::Idle,
             Some(d) => tokio::time::sleep((idle - d).min(stall)).await,
             None => {
+                // Requests in progress: looked at again every `idle` at most (the last one may
+                // end soon), stalled once nothing moved for a whole `stall`.
                 let seen = activity.progress();
-                tokio::time::sleep(stall).await;
-                if activity.idle_for().is_none() && activity.progress() == seen {
-                    return Quiet::Stalled;
+                let since = std::time::Instant::now();
+                loop {
+                    tokio::time::sleep(stall.saturating_sub(since.elapsed()).min(idle)).await;
+                    if activity.idle_for().is_some() || activity.progress() != seen {
+                        break;
+                    }
+                    if since.elapsed() >= stall {
+                        return Quiet::Stalled;
+                    }
                 }
             }
         }
@@ -172,67 +278,16 @@ fn chunked_once(headers: &http::HeaderMap) -> bool {
     }
 }
 
-/// The bytes of the HTTP/2 connection preface: a client that has sent this many has finished
-/// the version detection, whatever it speaks.
-const GREETING_BYTES: u8 = 24;
+/// The request path, for the HTTP/1.1 server.
+struct Proxy;
 
-/// The client's stream, noting on the connection's activity when its first
-/// [`GREETING_BYTES`] have arrived (one branch per read after that).
-struct Greeting<S> {
-    inner: S,
-    left: u8,
-    activity: Arc<super::ConnActivity>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Greeting<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if self.left > 0 {
-            let n = u8::try_from(buf.filled().len() - before).unwrap_or(u8::MAX);
-            self.left = self.left.saturating_sub(n);
-            if self.left == 0 {
-                self.activity.greet();
-            }
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Greeting<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+impl downstream::h1::Handle for Proxy {
+    fn call<'a>(
+        &'a self,
+        ctx: &'a ConnCtx,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, InjectedReset>> + Send + 'a {
+        handle(ctx, req)
     }
 }
 
@@ -248,11 +303,11 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.0.clone();
-        Box::pin(async move { handle(&ctx, req).await })
+        Box::pin(async move { handle(&ctx, req.map(ClientBody::H2)).await })
     }
 }
 
-async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Result<Response<ResponseBody>, InjectedReset> {
+async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Result<Response<ResponseBody>, InjectedReset> {
     let start = Instant::now();
     if ctx.activity.agent_full() {
         ctx.shared.metrics.requests_shed.inc();

@@ -13,10 +13,10 @@ use http::uri::PathAndQuery;
 use http::Version;
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::super::body::{is_body_timeout, RequestBody, StreamBody};
 use super::super::complete::{Completion, Received};
+use super::super::downstream::{ClientBody, ClientUpgrade};
 use super::super::error::ProxyError;
 use super::super::{headers, ConnActivity, ConnCtx};
 use crate::governance::colour::DEFAULT_HEADER;
@@ -27,7 +27,7 @@ pub struct Prepared {
     /// Origin-form target (`/path?query`).
     pub path: PathAndQuery,
     pub upgrade: bool,
-    pub on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    pub on_upgrade: Option<ClientUpgrade>,
     /// Send `Connection: close` after the response (the agent drains).
     pub close_after: bool,
 }
@@ -50,7 +50,7 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         None => return Err(ProxyError::BadRequest),
     };
     let on_upgrade = if upgrade {
-        parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        parts.extensions.remove::<ClientUpgrade>()
     } else {
         None
     };
@@ -131,7 +131,7 @@ pub fn set_authority(parts: &mut Parts, h2: bool) {
 /// request's arrival) to send it all.
 #[allow(clippy::too_many_arguments)] // the body's inputs, each used once
 pub async fn body(
-    body: Incoming,
+    body: ClientBody,
     headers: &http::HeaderMap,
     retries: u32,
     retry_buffer: u64,

@@ -1,0 +1,453 @@
+//! One HTTP/1.1 client connection: read a head, run the request, write the response, again.
+//!
+//! The connection's task does it all; there is no second task and no channel. Between
+//! requests it holds no buffer: it waits for the socket to become readable, then takes a read
+//! buffer from the thread's pool, and gives it back (with the write buffer) once a response is
+//! out and nothing more is buffered. A request body takes the read side with it while it is
+//! read (`body.rs`) and puts it back on its last byte.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+
+use super::body::{ClientBody, H1Body, Return};
+use super::io::{ReadSide, Transport, Upgraded};
+use super::request::{Framing, HeadError, HeadParser, RequestHead};
+use super::response::{self, Answering, Out};
+use crate::proxy::body::ResponseBody;
+use crate::proxy::forward::InjectedReset;
+use crate::proxy::ConnCtx;
+
+/// What runs each request.
+pub trait Handle: Send + Sync {
+    fn call<'a>(
+        &'a self,
+        ctx: &'a ConnCtx,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Result<Response<ResponseBody>, InjectedReset>> + Send + 'a;
+}
+
+/// The client's side of an upgrade (WebSocket): the connection once the 101 is out. (Shared and
+/// taken once: request extensions must be `Clone`.)
+#[derive(Clone)]
+pub struct ClientUpgrade(Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<Upgraded>>>>);
+
+impl ClientUpgrade {
+    /// The client's connection after the 101; an error if no 101 went out.
+    pub async fn upgraded(self) -> Result<Upgraded, tokio::sync::oneshot::error::RecvError> {
+        let rx = self.0.lock().ok().and_then(|mut r| r.take());
+        match rx {
+            Some(rx) => rx.await,
+            None => {
+                // Already taken: behave as a closed channel.
+                let (_, rx) = tokio::sync::oneshot::channel();
+                rx.await
+            }
+        }
+    }
+}
+
+/// Above this much, the write buffer goes out before more of the body is added to it.
+const WRITE_HIGH: usize = 64 * 1024;
+
+/// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it) until the client
+/// closes, a request asks to close, a timeout, or an error. `handle` runs each request.
+pub async fn serve<T, H>(io: T, prefix: BytesMut, ctx: &ConnCtx, handle: &H)
+where
+    T: Transport,
+    H: Handle,
+{
+    let (read, write) = io.split();
+    let mut conn = Conn {
+        ctx,
+        read: Some(ReadSide::new(read, prefix)),
+        write: Some(write),
+        out: Vec::new(),
+        parser: HeadParser::default(),
+        home: None,
+        max_head: usize::try_from(ctx.shared.limits.max_header_bytes.0)
+            .unwrap_or(usize::MAX)
+            .max(8192),
+        timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+    };
+    conn.run(handle).await;
+}
+
+struct Conn<'c, W> {
+    ctx: &'c ConnCtx,
+    /// `None` while a request body holds it, or once it is gone (the connection closes).
+    read: Option<ReadSide>,
+    /// `None` once handed to an upgrade tunnel.
+    write: Option<W>,
+    out: Vec<u8>,
+    parser: HeadParser,
+    /// Where request bodies put the read side back; made at the first request with a body.
+    home: Option<Arc<Return>>,
+    max_head: usize,
+    /// The header-read deadline, reset for each head that has to be waited for.
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// How waiting for a head ended without one.
+enum NoHead {
+    /// The client closed, or the connection cannot read any more.
+    Closed,
+    /// `proxy.header_read_timeout` passed: counted, and a head begun is answered 408.
+    TimedOut,
+    Refused(HeadError),
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
+    async fn run<H>(&mut self, handle: &H)
+    where
+        H: Handle,
+    {
+        let mut served = 0u64;
+        loop {
+            let head = match self.read_head().await {
+                Ok(h) => h,
+                Err(NoHead::Closed) => return,
+                Err(NoHead::TimedOut) => {
+                    let begun = self.read.as_ref().is_some_and(|r| !r.buf.is_empty());
+                    // A head begun and not finished, or a connection that never sent a whole
+                    // request, is counted; a keep-alive connection that stayed idle is not.
+                    if begun || served == 0 {
+                        self.ctx
+                            .shared
+                            .metrics
+                            .downstream_closed(&self.ctx.listener.name, "header_read_timeout");
+                    }
+                    if begun {
+                        self.out.clear();
+                        self.out
+                            .extend_from_slice(&response::refusal(StatusCode::REQUEST_TIMEOUT));
+                        self.flush_out().await;
+                    }
+                    return;
+                }
+                Err(NoHead::Refused(e)) => {
+                    tracing::debug!(error = %e, "malformed request head: refused");
+                    self.out.clear();
+                    self.out.extend_from_slice(&response::refusal(e.status()));
+                    self.flush_out().await;
+                    self.linger_close().await;
+                    return;
+                }
+            };
+            served += 1;
+            // Boxed, one allocation per request: what a request needs while it runs (the
+            // handler's whole state) is not part of an idle connection's future.
+            match Box::pin(self.exchange(head, handle)).await {
+                Next::KeepAlive => {}
+                Next::Close => {
+                    if let Some(w) = self.write.as_mut() {
+                        let _ = w.shutdown().await;
+                    }
+                    return;
+                }
+                Next::Gone => return,
+            }
+        }
+    }
+
+    /// Reads the next head: from what is buffered (a pipelined request), else from the socket,
+    /// within `proxy.header_read_timeout`.
+    async fn read_head(&mut self) -> Result<RequestHead, NoHead> {
+        let Some(side) = self.read.as_mut() else {
+            return Err(NoHead::Closed);
+        };
+        let started = Instant::now();
+        let mut armed = false;
+        loop {
+            match self.parser.parse(&mut side.buf, self.max_head) {
+                Ok(Some(head)) => return Ok(head),
+                Ok(None) => {}
+                Err(e) => return Err(NoHead::Refused(e)),
+            }
+            let out = &mut self.out;
+            let timer = &mut self.timer;
+            let deadline = started + self.ctx.shared.limits.header_read_timeout.get();
+            let filled = poll_fn(|cx| {
+                if side.buf.is_empty() {
+                    // Idle: no buffer held while the client sends nothing.
+                    if out.capacity() > 0 {
+                        super::io::give_out(std::mem::take(out));
+                    }
+                    if let Poll::Ready(r) = side.poll_wait(cx) {
+                        if let Err(e) = r {
+                            return Poll::Ready(Err(Some(e)));
+                        }
+                        match side.poll_fill(cx) {
+                            Poll::Ready(r) => return Poll::Ready(r.map_err(Some)),
+                            Poll::Pending => side.release(),
+                        }
+                    }
+                } else if let Poll::Ready(r) = side.poll_fill(cx) {
+                    return Poll::Ready(r.map_err(Some));
+                }
+                if !armed {
+                    timer.as_mut().reset(deadline.into());
+                    armed = true;
+                }
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(None)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await;
+            match filled {
+                Ok(0) | Err(Some(_)) => return Err(NoHead::Closed),
+                Ok(_) => {}
+                Err(None) => return Err(NoHead::TimedOut),
+            }
+        }
+    }
+
+    /// One request and its response.
+    async fn exchange<H>(&mut self, head: RequestHead, handle: &H) -> Next
+    where
+        H: Handle,
+    {
+        let RequestHead {
+            method,
+            uri,
+            version,
+            headers,
+            framing,
+            keep_alive,
+            expect_continue,
+            upgrade,
+        } = head;
+        let head_request = method == Method::HEAD;
+        let has_body = framing != Framing::Empty;
+        let body = if has_body {
+            let Some(side) = self.read.take() else {
+                return Next::Gone;
+            };
+            let home = self.home.get_or_insert_with(Default::default).clone();
+            ClientBody::H1(Box::new(H1Body::new(side, framing, home, expect_continue)))
+        } else {
+            ClientBody::Empty
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = uri;
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        let upgrade_tx = upgrade.then(|| {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            req.extensions_mut()
+                .insert(ClientUpgrade(Arc::new(std::sync::Mutex::new(Some(rx)))));
+            tx
+        });
+
+        let handler = handle.call(self.ctx, req);
+        tokio::pin!(handler);
+        let mut continue_sent = !expect_continue;
+        let resp = loop {
+            let home = self.home.as_ref().filter(|_| !continue_sent);
+            tokio::select! {
+                biased;
+                r = &mut handler => break r,
+                () = async { match home { Some(h) => h.continue_wanted.notified().await, None => std::future::pending().await } } => {
+                    continue_sent = true;
+                    let Some(w) = self.write.as_mut() else { return Next::Gone };
+                    if w.write_all(response::CONTINUE).await.is_err() || w.flush().await.is_err() {
+                        return Next::Gone;
+                    }
+                }
+            }
+        };
+        let Ok(resp) = resp else {
+            // An injected reset: the connection closes with no answer.
+            return Next::Gone;
+        };
+        let (parts, mut body) = resp.into_parts();
+
+        // The request body must have been read to its end for the connection to carry another.
+        if has_body && self.read.is_none() {
+            self.read = self.home.as_ref().and_then(|h| h.take());
+        }
+        // (A 101 hands the connection over: its `Connection: upgrade` stays as it is.)
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        let closing = !switching && (!keep_alive || self.read.is_none());
+        let answering = Answering {
+            head_request,
+            version,
+            closing,
+        };
+        let body_len = body.size_hint().exact();
+        if self.out.capacity() == 0 {
+            self.out = super::io::take_out();
+        }
+        let (out, closing) = response::encode_head(&mut self.out, &parts, body_len, answering);
+
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            return self.upgrade(upgrade_tx, body).await;
+        }
+        let complete = match out {
+            Out::None => {
+                let written = self.flush_out().await;
+                drop(body);
+                if !written {
+                    return Next::Gone;
+                }
+                true
+            }
+            Out::Framed(mut encoder) => match self.write_body(&mut body, |data, dst| encoder.encode(data, dst)).await {
+                Ok(()) => {
+                    let ended = encoder.finish(&mut self.out).is_ok();
+                    if !self.flush_out().await {
+                        return Next::Gone;
+                    }
+                    ended
+                }
+                Err(()) => return Next::Gone,
+            },
+            Out::Close => {
+                let r = self
+                    .write_body(&mut body, |mut data, dst| {
+                        while data.has_remaining() {
+                            let c = data.chunk();
+                            dst.extend_from_slice(c);
+                            let n = c.len();
+                            data.advance(n);
+                        }
+                    })
+                    .await;
+                let _ = self.flush_out().await;
+                drop(body);
+                return if r.is_ok() { Next::Close } else { Next::Gone };
+            }
+        };
+        if !complete {
+            // The body ended short of its Content-Length: the client must not read on.
+            return Next::Gone;
+        }
+        // `closing` covers a request body not read to its end when the head went out, and the
+        // agent's drain (the request path answers `Connection: close` then). A connection is
+        // never closed after a response that did not say so: the client may have sent its next
+        // request already.
+        if closing {
+            Next::Close
+        } else {
+            Next::KeepAlive
+        }
+    }
+
+    /// Writes the body's frames after the head in the write buffer: frames that are ready are
+    /// gathered into one write; the buffer goes out when the body has nothing ready.
+    async fn write_body(
+        &mut self,
+        body: &mut ResponseBody,
+        mut encode: impl FnMut(Bytes, &mut Vec<u8>),
+    ) -> Result<(), ()> {
+        enum Next {
+            Frame(Option<Result<Frame<Bytes>, crate::proxy::body::BoxError>>),
+            Flush,
+        }
+        loop {
+            let pending_out = !self.out.is_empty();
+            let next = poll_fn(|cx| match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Pending if pending_out => Poll::Ready(Next::Flush),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(f) => Poll::Ready(Next::Frame(f)),
+            })
+            .await;
+            match next {
+                Next::Flush => {
+                    if !self.flush_out().await {
+                        return Err(());
+                    }
+                }
+                Next::Frame(None) => return Ok(()),
+                Next::Frame(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        encode(data, &mut self.out);
+                        if self.out.len() >= WRITE_HIGH && !self.flush_out().await {
+                            return Err(());
+                        }
+                    }
+                    // Trailers: not sent to HTTP/1.1 clients (hyper's default).
+                }
+                Next::Frame(Some(Err(e))) => {
+                    // The upstream failed mid-body: what was sent stays sent, and the client
+                    // sees the connection close before the body's end.
+                    tracing::debug!(error = %e, "response body failed: closing the client connection");
+                    let _ = self.flush_out().await;
+                    return Err(());
+                }
+            }
+        }
+    }
+
+    /// Writes out the write buffer; `false` when the client is gone.
+    async fn flush_out(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = match self.write.as_mut() {
+            Some(w) => w.write_all(&self.out).await.is_ok() && w.flush().await.is_ok(),
+            None => false,
+        };
+        self.out.clear();
+        ok
+    }
+
+    /// A 101 to an upgrade request: the head goes out, then the connection goes to the tunnel.
+    async fn upgrade(&mut self, tx: Option<tokio::sync::oneshot::Sender<Upgraded>>, body: ResponseBody) -> Next {
+        let written = self.flush_out().await;
+        drop(body);
+        let (Some(tx), true) = (tx, written) else {
+            return Next::Gone;
+        };
+        let Some(side) = self.read.take() else {
+            return Next::Gone;
+        };
+        // The write half moves to the tunnel.
+        match self.write.take() {
+            Some(w) => {
+                let _ = tx.send(Upgraded::new(side, Box::pin(w)));
+            }
+            None => return Next::Gone,
+        }
+        Next::Gone
+    }
+
+    /// After a refused head: the answer is out; the write side is shut, and what the client
+    /// still sends is read and dropped for a moment (bounded), so that the close does not
+    /// reset the connection before the client has read the answer.
+    async fn linger_close(&mut self) {
+        if let Some(w) = self.write.as_mut() {
+            let _ = w.shutdown().await;
+        }
+        let Some(side) = self.read.as_mut() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+        let mut seen = 0usize;
+        while seen < 256 * 1024 {
+            side.buf.clear();
+            match tokio::time::timeout_at(deadline, poll_fn(|cx| side.poll_fill(cx))).await {
+                Ok(Ok(n)) if n > 0 => seen += n,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// What the connection does after an exchange.
+enum Next {
+    KeepAlive,
+    /// Shut the write side (FIN) and end.
+    Close,
+    /// End now (the client is gone, or the connection was handed over).
+    Gone,
+}
