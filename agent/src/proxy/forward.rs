@@ -284,15 +284,12 @@ pub async fn forward(
         };
         let next_body = this_body.replay();
         let may_retry = completion.attempts <= retry.attempts && next_body.is_some();
-        let head = if may_retry {
-            p.parts.headers.clone()
-        } else {
-            std::mem::take(&mut p.parts.headers)
+        let out = attempt::Outgoing {
+            parts: &mut p.parts,
+            version: http_version,
+            body: this_body,
+            keep: may_retry,
         };
-        let mut upstream_req = Request::new(this_body);
-        *upstream_req.method_mut() = p.parts.method.clone();
-        *upstream_req.version_mut() = http_version;
-        *upstream_req.headers_mut() = head;
 
         // Stage try.
         let sent_at = Instant::now();
@@ -303,7 +300,7 @@ pub async fn forward(
         let result = attempt::send(
             &cluster,
             endpoint,
-            upstream_req,
+            out,
             &p.path,
             h2,
             try_deadline,

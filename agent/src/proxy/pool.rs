@@ -25,13 +25,14 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::Response;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::body::RequestBody;
 use crate::upstream::h1;
+use crate::upstream::h1::HeadRef;
 
 /// An upstream HTTP/1.1 connection (driven in the request's own task, no connection task).
 pub type Conn = h1::Conn<Stream>;
@@ -100,16 +101,19 @@ impl ConnPool {
         }
     }
 
-    /// Sends `req` on an idle connection, or a new one, and waits for the response head.
+    /// Sends a request (`head`, borrowed: encoded at once, kept by the caller for another try,
+    /// and `body`) on an idle connection, or a new one, and waits for the response head.
     /// Pooled connections the upstream closed (or sent something on) while idle are skipped.
     /// A pooled connection the upstream closes without a byte of answer (the keep-alive
-    /// race) sends the request once more on a new connection, when its body can be replayed.
+    /// race) sends the request once more on a new connection, when its body can be replayed
+    /// (the head is lent again: no copy is kept for it).
     /// With a `breaker`, a request that must dial counts as pending while it dials (Envoy's
     /// `max_pending_requests`: requests waiting for a connection). With `tls` (the service an
     /// mTLS upstream must prove to be), connections are mutual TLS.
     pub async fn send(
         self: &Arc<Self>,
-        req: Request<RequestBody>,
+        head: HeadRef<'_>,
+        body: RequestBody,
         connect_timeout: Duration,
         breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
         tls: Option<&Arc<str>>,
@@ -120,24 +124,17 @@ impl ConnPool {
         };
         let Some(conn) = self.pop(tls.is_some()) else {
             let conn = dial().await?;
-            return conn.send(req, self.giver()).await.map_err(SendError::Http);
+            return conn.send_ref(head, body, self.giver()).await.map_err(SendError::Http);
         };
-        // A copy for the keep-alive race, when the body can be sent again.
-        let again = req.body().replay().map(|body| {
-            let mut r = Request::new(body);
-            *r.method_mut() = req.method().clone();
-            *r.uri_mut() = req.uri().clone();
-            *r.version_mut() = req.version();
-            *r.headers_mut() = req.headers().clone();
-            r
-        });
-        match conn.send(req, self.giver()).await {
+        // The body again for the keep-alive race, when it can be sent again.
+        let again = body.replay();
+        match conn.send_ref(head, body, self.giver()).await {
             Ok(resp) => Ok(resp),
             Err(e) if e.is_closed_without_answer() => match again {
-                Some(req) => {
+                Some(body) => {
                     tracing::debug!(upstream = %self.addr, "pooled connection closed unanswered: sent again");
                     let conn = dial().await?;
-                    conn.send(req, self.giver()).await.map_err(SendError::Http)
+                    conn.send_ref(head, body, self.giver()).await.map_err(SendError::Http)
                 }
                 None => Err(SendError::Http(e)),
             },
@@ -316,8 +313,20 @@ mod tests {
         (addr, conns)
     }
 
-    fn get(addr: SocketAddr) -> Request<RequestBody> {
-        Request::builder()
+    /// Sends a GET to `addr` through `pool` (`Pool::send` with the head lent).
+    async fn send_get(
+        pool: &Arc<ConnPool>,
+        addr: SocketAddr,
+        timeout: Duration,
+        breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
+        tls: Option<&Arc<str>>,
+    ) -> Result<Response<H1Body>, SendError> {
+        let (parts, body) = get(addr).into_parts();
+        pool.send(HeadRef::of(&parts), body, timeout, breaker, tls).await
+    }
+
+    fn get(addr: SocketAddr) -> http::Request<RequestBody> {
+        http::Request::builder()
             .uri("/")
             .header("host", addr.to_string())
             .body(RequestBody::empty())
@@ -334,7 +343,12 @@ mod tests {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
         for _ in 0..3 {
-            let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+            let resp = {
+                let (parts, body) = get(addr).into_parts();
+                pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
+                    .await
+                    .unwrap()
+            };
             assert_eq!(body(resp).await, "conn1");
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
@@ -345,9 +359,19 @@ mod tests {
     async fn a_connection_not_returned_is_not_reused() {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = {
+            let (parts, body) = get(addr).into_parts();
+            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
+                .await
+                .unwrap()
+        };
         drop(resp);
-        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = {
+            let (parts, body) = get(addr).into_parts();
+            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
+                .await
+                .unwrap()
+        };
         assert_eq!(body(resp).await, "conn2");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
@@ -383,10 +407,20 @@ mod tests {
     async fn a_pooled_connection_closed_unanswered_sends_again_on_a_new_one() {
         let (addr, conns) = one_shot_server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = {
+            let (parts, body) = get(addr).into_parts();
+            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
+                .await
+                .unwrap()
+        };
         assert_eq!(body(resp).await, "ok");
         assert_eq!(pool.idle(), 1);
-        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = {
+            let (parts, body) = get(addr).into_parts();
+            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
+                .await
+                .unwrap()
+        };
         assert_eq!(body(resp).await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
@@ -397,8 +431,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         drop(l);
         let pool = Arc::new(ConnPool::new(addr));
-        let err = pool
-            .send(get(addr), Duration::from_secs(1), None, None)
+        let err = send_get(&pool, addr, Duration::from_secs(1), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, SendError::Connect(_)), "{err:?}");
@@ -408,7 +441,12 @@ mod tests {
     async fn expired_connections_are_closed() {
         let (addr, _) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let resp = pool.send(get(addr), Duration::from_secs(1), None, None).await.unwrap();
+        let resp = {
+            let (parts, body) = get(addr).into_parts();
+            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
+                .await
+                .unwrap()
+        };
         body(resp).await;
         assert_eq!(pool.expire(Instant::now()), 1);
         assert_eq!(pool.expire(Instant::now() + IDLE_TIMEOUT), 0);
@@ -425,21 +463,18 @@ mod tests {
         });
         // One request is dialling: the next one that must dial is refused...
         let dialling = breaker.pending().unwrap();
-        let err = pool
-            .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
+        let err = send_get(&pool, addr, Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap_err();
         assert!(matches!(err, SendError::Pending(_)), "{err:?}");
         drop(dialling);
         // ...while one that finds an idle connection needs no pending slot.
-        let resp = pool
-            .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
+        let resp = send_get(&pool, addr, Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();
         body(resp).await;
         let _dialling = breaker.pending().unwrap();
-        let resp = pool
-            .send(get(addr), Duration::from_secs(1), Some(&breaker), None)
+        let resp = send_get(&pool, addr, Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();
         assert_eq!(body(resp).await, "conn1");

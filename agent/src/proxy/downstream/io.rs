@@ -160,9 +160,9 @@ pub fn take_buffer() -> BytesMut {
 
 fn give_buffer(mut buf: BytesMut) {
     buf.clear();
-    // Only a whole buffer of its own is worth keeping (one whose start is still shared with a
-    // request's header values would reallocate on its next `reserve`).
-    if buf.capacity() >= READ_CHUNK && buf.try_reclaim(READ_CHUNK) {
+    // Only a whole buffer of its own is worth keeping: `try_reclaim` moves the view back to the
+    // start of the allocation when nothing else (a request's header values) still shares it.
+    if buf.try_reclaim(READ_CHUNK) {
         POOL.with(|p| {
             let mut p = p.borrow_mut();
             if p.len() < POOL_MAX {
@@ -252,5 +252,32 @@ impl AsyncWrite for Upgraded {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.write.as_mut().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_whose_head_was_split_off_goes_back_whole_once_the_head_is_dropped() {
+        POOL.with(|p| p.borrow_mut().clear());
+        let mut buf = take_buffer();
+        buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+        let head = buf.split_to(18).freeze();
+        assert!(buf.capacity() < READ_CHUNK);
+        drop(head);
+        give_buffer(buf);
+        assert_eq!(POOL.with(|p| p.borrow().len()), 1, "kept whole");
+        let again = take_buffer();
+        assert!(again.capacity() >= READ_CHUNK);
+        assert_eq!(POOL.with(|p| p.borrow().len()), 0, "taken from the pool");
+        // Still shared: not kept.
+        let mut buf = again;
+        buf.extend_from_slice(b"abc");
+        let held = buf.split_to(3).freeze();
+        give_buffer(buf);
+        assert_eq!(POOL.with(|p| p.borrow().len()), 0);
+        drop(held);
     }
 }

@@ -4,34 +4,62 @@
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
+use http::request::Parts;
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{Request, Response, Uri, Version};
 
 use super::super::body::{is_body_timeout, RequestBody, UpstreamBody};
 use super::super::pool::SendError;
 use crate::balance::Endpoint;
 use crate::resilience::TryOutcome;
 use crate::route::Cluster;
+use crate::upstream::h1::HeadRef;
 
 /// An upstream response: HTTP/1.1 (its body hands the connection back to the endpoint's pool)
 /// or HTTP/2.
 pub type Answer = Response<UpstreamBody>;
 
-/// Sends `req` (head and body set, URI not yet) to `endpoint`. A connect refused because the
-/// endpoint's certificate names another service sets `identity_mismatch`.
+/// What one try sends: the request's head (kept by the forward loop for another try), the
+/// version for the upstream, and this try's body.
+pub struct Outgoing<'a> {
+    pub parts: &'a mut Parts,
+    pub version: Version,
+    pub body: RequestBody,
+    /// Another try may follow (the HTTP/2 client, which takes the head, gets a copy).
+    pub keep: bool,
+}
+
+/// Sends `out` to `endpoint` (the target set here). A connect refused because the endpoint's
+/// certificate names another service sets `identity_mismatch`.
 #[allow(clippy::too_many_arguments)] // the try's inputs, each used once
 pub async fn send(
     cluster: &Cluster,
     endpoint: &Endpoint,
-    mut req: Request<RequestBody>,
+    out: Outgoing<'_>,
     path: &PathAndQuery,
     h2: bool,
     try_deadline: Instant,
     deadline: Instant,
     identity_mismatch: &mut bool,
 ) -> Result<Answer, TryOutcome> {
+    let Outgoing {
+        parts,
+        version,
+        body,
+        keep,
+    } = out;
     let sent = if h2 {
-        // One multiplexed connection per endpoint, from the cluster's HTTP/2 client.
+        // One multiplexed connection per endpoint, from the cluster's HTTP/2 client, which takes
+        // the head: a copy when another try may follow.
+        let headers = if keep {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
         *req.uri_mut() = upstream_uri(&endpoint.authority, path);
         tokio::time::timeout_at(try_deadline.into(), cluster.client.request(req))
             .await
@@ -52,24 +80,36 @@ pub async fn send(
                 }
             })
     } else {
-        // HTTP/1.1: origin-form target on a pooled keep-alive connection.
-        *req.uri_mut() = Uri::from(path.clone());
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(h) = HeaderValue::from_str(endpoint.authority.as_str()) {
-                req.headers_mut().insert(header::HOST, h);
-            }
-        }
-        tokio::time::timeout_at(
+        // HTTP/1.1: origin-form target on a pooled keep-alive connection. The head is lent,
+        // not copied: the client encodes it at once, and it stays here for another try.
+        let uri = Uri::from(path.clone());
+        // This endpoint's authority when the request has no Host (taken out again after the
+        // try: another endpoint may be next).
+        let lent_host = !parts.headers.contains_key(header::HOST)
+            && HeaderValue::from_str(endpoint.authority.as_str())
+                .map(|h| parts.headers.insert(header::HOST, h))
+                .is_ok();
+        let head = HeadRef {
+            method: &parts.method,
+            uri: &uri,
+            version,
+            headers: &parts.headers,
+        };
+        let sent = tokio::time::timeout_at(
             try_deadline.into(),
             endpoint.pool.send(
-                req,
+                head,
+                body,
                 cluster.connect_timeout,
                 cluster.breaker.as_ref(),
                 cluster.mtls.as_ref(),
             ),
         )
-        .await
-        .map(|r| match r {
+        .await;
+        if lent_host {
+            parts.headers.remove(header::HOST);
+        }
+        sent.map(|r| match r {
             Ok(resp) => Ok(resp.map(UpstreamBody::H1)),
             Err(e) => {
                 tracing::debug!(upstream = %endpoint.addr, error = %e, "upstream try failed");

@@ -158,6 +158,26 @@ enum Step {
     Fail(Error),
 }
 
+/// A request head lent to an exchange, which encodes it at once.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadRef<'a> {
+    pub method: &'a http::Method,
+    pub uri: &'a http::Uri,
+    pub version: http::Version,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl<'a> HeadRef<'a> {
+    pub fn of(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            version: parts.version,
+            headers: &parts.headers,
+        }
+    }
+}
+
 // === impl Conn ===
 
 impl<S> Conn<S> {
@@ -213,26 +233,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Starts an exchange: frames the request body and encodes the head (nothing is written
     /// until the exchange is polled).
-    pub fn request<B>(mut self, req: Request<B>) -> Exchange<S, B>
+    pub fn request<B>(self, req: Request<B>) -> Exchange<S, B>
     where
         B: Body,
     {
         let (parts, body) = req.into_parts();
+        self.request_ref(HeadRef::of(&parts), body)
+    }
+
+    /// As [`Conn::request`], with the head borrowed: it is encoded at once, and the caller keeps
+    /// it (for another try) without a copy.
+    pub fn request_ref<B>(mut self, head: HeadRef<'_>, body: B) -> Exchange<S, B>
+    where
+        B: Body,
+    {
+        let parts = head;
         let kind = if body.is_end_stream() {
             BodyKind::Empty
         } else {
             body.size_hint().exact().map_or(BodyKind::Unknown, BodyKind::Known)
         };
-        let framing = framing::request_framing(&parts.method, parts.version, &parts.headers, kind);
+        let framing = framing::request_framing(parts.method, parts.version, parts.headers, kind);
         self.inner.write_buf.clear();
         self.inner.written = 0;
         self.inner.parser.reset();
         let close = head::encode_request(
             &mut self.inner.write_buf,
-            &parts.method,
-            &parts.uri,
+            parts.method,
+            parts.uri,
             parts.version,
-            &parts.headers,
+            parts.headers,
             &framing.edits,
         );
         let writer = if kind == BodyKind::Empty || framing.encoder.is_full() {
@@ -243,7 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         Exchange {
             conn: self,
             writer,
-            method: parts.method,
+            method: parts.method.clone(),
             close,
             received: 0,
             head: None,
@@ -259,6 +289,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         P: Recycle<S>,
     {
         let mut exchange = self.request(req);
+        exchange.read_head().await?;
+        exchange.into_response(recycle)
+    }
+
+    /// As [`Conn::send`], with the head borrowed ([`Conn::request_ref`]).
+    pub async fn send_ref<B, P>(
+        self,
+        head: HeadRef<'_>,
+        body: B,
+        recycle: P,
+    ) -> Result<Response<ResponseBody<S, B, P>>, Error>
+    where
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        P: Recycle<S>,
+    {
+        let mut exchange = self.request_ref(head, body);
         exchange.read_head().await?;
         exchange.into_response(recycle)
     }
