@@ -2,6 +2,7 @@
 //! shared with the upstream client, one task per connection and no buffer while idle). HTTP/2
 //! clients are detected by their preface and served by hyper (`proxy/http.rs`).
 
+pub mod aside;
 pub mod body;
 pub mod h1;
 pub mod io;

@@ -51,14 +51,15 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
     for (name, value) in h.iter() {
         let Some(i) = hop_index(name) else { continue };
         present |= 1 << i;
-        let tokens = || value.to_str().unwrap_or("").split(',').map(str::trim);
+        // Bytes, not `str`: no UTF-8 pass, and a token with obs-text names no header anyway.
+        let tokens = || value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii);
         if *fixed[i] == header::TE {
-            te_trailers |= tokens().any(|t| t.eq_ignore_ascii_case("trailers"));
+            te_trailers |= tokens().any(|t| t.eq_ignore_ascii_case(b"trailers"));
         } else if *fixed[i] == header::CONNECTION {
             for t in tokens() {
-                let is_fixed = fixed.iter().any(|f| f.as_str().eq_ignore_ascii_case(t));
+                let is_fixed = fixed.iter().any(|f| f.as_str().as_bytes().eq_ignore_ascii_case(t));
                 if !t.is_empty() && !is_fixed {
-                    if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                    if let Ok(n) = HeaderName::from_bytes(t) {
                         named.push(n);
                     }
                 }

@@ -13,6 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use super::body::ResponseBody;
+use super::downstream::aside::Aside;
 use super::downstream::io::{Prefixed, Transport};
 use super::downstream::{self, ClientBody};
 use super::error::ProxyError;
@@ -92,10 +93,22 @@ where
 
     if !h2 {
         let conn = downstream::h1::serve(stream, prefix, &ctx, &Proxy);
-        tokio::pin!(conn);
-        tokio::select! {
-            () = conn.as_mut() => {}
-            () = drain.signaled() => {
+        // The watches (drain, idle, stall) are polled when their own timer or signal fires,
+        // not at each of the connection's wakes.
+        let watch = Aside::new(async {
+            tokio::select! {
+                () = drain.signaled() => None,
+                quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => Some(quiet),
+            }
+        });
+        tokio::pin!(conn, watch);
+        let watched = tokio::select! {
+            biased;
+            () = conn.as_mut() => return,
+            w = watch => w,
+        };
+        match watched {
+            None => {
                 // Busy connections close after their response (`Connection: close` while the
                 // agent drains); an idle one gets a moment for a last request, then closes.
                 let linger = tokio::time::sleep(DRAIN_LINGER);
@@ -109,15 +122,13 @@ where
                 }
                 conn.await;
             }
-            quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => match quiet {
-                Quiet::Silent | Quiet::Idle => {
-                    tracing::debug!(?idle_timeout, "downstream connection idle: closing");
-                }
-                Quiet::Stalled => {
-                    tracing::debug!(?stall_timeout, "downstream connection stalled: closing");
-                    activity.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
-                    shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
-                }
+            Some(Quiet::Silent | Quiet::Idle) => {
+                tracing::debug!(?idle_timeout, "downstream connection idle: closing");
+            }
+            Some(Quiet::Stalled) => {
+                tracing::debug!(?stall_timeout, "downstream connection stalled: closing");
+                activity.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+                shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
             }
         }
         return;

@@ -76,6 +76,7 @@ where
             .unwrap_or(usize::MAX)
             .max(8192),
         timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+        timer_at: None,
     };
     conn.run(handle).await;
 }
@@ -91,8 +92,10 @@ struct Conn<'c, W> {
     /// Where request bodies put the read side back; made at the first request with a body.
     home: Option<Arc<Return>>,
     max_head: usize,
-    /// The header-read deadline, reset for each head that has to be waited for.
+    /// The header-read deadline of the head being waited for (or of an earlier one).
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The deadline `timer` is armed for; `None` before the first wait.
+    timer_at: Option<Instant>,
 }
 
 /// How waiting for a head ended without one.
@@ -164,7 +167,6 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             return Err(NoHead::Closed);
         };
         let started = Instant::now();
-        let mut armed = false;
         loop {
             match self.parser.parse(&mut side.buf, self.max_head) {
                 Ok(Some(head)) => return Ok(head),
@@ -173,6 +175,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             }
             let out = &mut self.out;
             let timer = &mut self.timer;
+            let timer_at = &mut self.timer_at;
             let deadline = started + self.ctx.shared.limits.header_read_timeout.get();
             let filled = poll_fn(|cx| {
                 if side.buf.is_empty() {
@@ -192,13 +195,21 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
                 } else if let Poll::Ready(r) = side.poll_fill(cx) {
                     return Poll::Ready(r.map_err(Some));
                 }
-                if !armed {
+                // The timer stays armed from wait to wait: armed for an earlier deadline, it
+                // fires early and is moved on then, instead of being moved at every request.
+                if timer_at.is_none_or(|at| at > deadline) {
                     timer.as_mut().reset(deadline.into());
-                    armed = true;
+                    *timer_at = Some(deadline);
                 }
-                match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(None)),
-                    Poll::Pending => Poll::Pending,
+                loop {
+                    match timer.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) if Instant::now() >= deadline => return Poll::Ready(Err(None)),
+                        Poll::Ready(()) => {
+                            timer.as_mut().reset(deadline.into());
+                            *timer_at = Some(deadline);
+                        }
+                    }
                 }
             })
             .await;

@@ -237,6 +237,14 @@ pub fn is_chunked(headers: &HeaderMap) -> bool {
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
     let mut len = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
+        // The usual field: digits alone, read without the list and whitespace handling.
+        if let Some(n) = digits(value.as_bytes()) {
+            if len.is_some_and(|l| l != n) {
+                return Err(FramingError::InvalidContentLength);
+            }
+            len = Some(n);
+            continue;
+        }
         let text = value.to_str().map_err(|_| FramingError::InvalidContentLength)?;
         for part in text.split(',') {
             let n = digits(part.trim().as_bytes()).ok_or(FramingError::InvalidContentLength)?;

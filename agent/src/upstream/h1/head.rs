@@ -236,9 +236,11 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
 
 /// Whether a comma-separated field value lists `token` (case-insensitively).
 pub(super) fn has_token(value: &HeaderValue, token: &str) -> bool {
+    // Bytes, not `str`: a token with obs-text matches no ASCII token either way.
     value
-        .to_str()
-        .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// Appends the request head to `dst`: the request line (the target as `Uri`'s `Display` writes
