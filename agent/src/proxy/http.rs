@@ -67,18 +67,21 @@ where
 
     // The version: the HTTP/2 preface, or anything else (HTTP/1.1), within the head timeout.
     let mut stream = stream;
-    let detected = {
+    // Boxed (freed once the version is known): an idle connection's future does not keep
+    // room for the detection's timer.
+    let detected = Box::pin(async {
         let first = tokio::time::timeout(head_timeout, detect(&mut stream));
         tokio::pin!(first);
         tokio::select! {
-            d = &mut first => d,
+            d = &mut first => Some(d),
             // A client that connected just before the agent stopped accepting still gets the
             // drain linger to send its request (answered with `Connection: close`).
-            () = drain.signaled() => match tokio::time::timeout(DRAIN_LINGER, &mut first).await {
-                Ok(d) => d,
-                Err(_) => return,
-            },
+            () = drain.signaled() => tokio::time::timeout(DRAIN_LINGER, &mut first).await.ok(),
         }
+    })
+    .await;
+    let Some(detected) = detected else {
+        return;
     };
     let (h2, prefix) = match detected {
         Ok(Ok(Some(d))) => d,
@@ -111,11 +114,11 @@ where
             None => {
                 // Busy connections close after their response (`Connection: close` while the
                 // agent drains); an idle one gets a moment for a last request, then closes.
-                let linger = tokio::time::sleep(DRAIN_LINGER);
-                tokio::pin!(linger);
+                // (The linger's timer boxed: it is not part of an idle connection's future.)
+                let linger = Box::pin(tokio::time::sleep(DRAIN_LINGER));
                 tokio::select! {
                     () = conn.as_mut() => return,
-                    () = &mut linger => {}
+                    () = linger => {}
                 }
                 if activity.idle_for().is_some() {
                     return;

@@ -230,7 +230,9 @@ async fn accept_loop(
             if mode == TlsMode::Plaintext || protocol == Protocol::Tcp {
                 serve_conn(stream, peer, protocol, shared, ctx, builder, slot).await;
             } else {
-                serve_tls_conn(stream, peer, mode, shared, ctx, builder, slot).await;
+                // Boxed: the TLS handshake's state is larger than a plaintext connection's whole
+                // future, which every idle plaintext connection would otherwise be sized for.
+                Box::pin(serve_tls_conn(stream, peer, mode, shared, ctx, builder, slot)).await;
             }
         });
     }

@@ -59,13 +59,15 @@ const WRITE_HIGH: usize = 64 * 1024;
 
 /// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it) until the client
 /// closes, a request asks to close, a timeout, or an error. `handle` runs each request.
-pub async fn serve<T, H>(io: T, prefix: BytesMut, ctx: &ConnCtx, handle: &H)
+pub fn serve<'a, T, H>(io: T, prefix: BytesMut, ctx: &'a ConnCtx, handle: &'a H) -> impl Future<Output = ()> + Send + 'a
 where
     T: Transport,
     H: Handle,
 {
+    // The connection is set up here, outside the future: the future holds the connection
+    // once, not also the transport and the bytes it was made from.
     let (read, write) = io.split();
-    let mut conn = Conn {
+    let conn = Conn {
         ctx,
         read: Some(ReadSide::new(read, prefix)),
         write: Some(write),
@@ -78,7 +80,10 @@ where
         timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
         timer_at: None,
     };
-    conn.run(handle).await;
+    async move {
+        let mut conn = conn;
+        conn.run(handle).await;
+    }
 }
 
 struct Conn<'c, W> {
@@ -128,19 +133,13 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
                             .downstream_closed(&self.ctx.listener.name, "header_read_timeout");
                     }
                     if begun {
-                        self.out.clear();
-                        self.out
-                            .extend_from_slice(&response::refusal(StatusCode::REQUEST_TIMEOUT));
-                        self.flush_out().await;
+                        Box::pin(self.refuse(StatusCode::REQUEST_TIMEOUT, false)).await;
                     }
                     return;
                 }
                 Err(NoHead::Refused(e)) => {
                     tracing::debug!(error = %e, "malformed request head: refused");
-                    self.out.clear();
-                    self.out.extend_from_slice(&response::refusal(e.status()));
-                    self.flush_out().await;
-                    self.linger_close().await;
+                    Box::pin(self.refuse(e.status(), true)).await;
                     return;
                 }
             };
@@ -150,9 +149,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             match Box::pin(self.exchange(head, handle)).await {
                 Next::KeepAlive => {}
                 Next::Close => {
-                    if let Some(w) = self.write.as_mut() {
-                        let _ = w.shutdown().await;
-                    }
+                    Box::pin(self.shut_write()).await;
                     return;
                 }
                 Next::Gone => return,
@@ -430,6 +427,27 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             None => return Next::Gone,
         }
         Next::Gone
+    }
+
+    // The ends of a connection are boxed (allocated when they happen): the connection's own
+    // future, which every idle connection holds, stays the size of reading heads.
+
+    /// Answers `status` to a head that will not be served and closes; `linger`: read and drop
+    /// what the client still sends for a moment first ([`Conn::linger_close`]).
+    async fn refuse(&mut self, status: StatusCode, linger: bool) {
+        self.out.clear();
+        self.out.extend_from_slice(&response::refusal(status));
+        self.flush_out().await;
+        if linger {
+            self.linger_close().await;
+        }
+    }
+
+    /// Shuts the write side (FIN) after a last response.
+    async fn shut_write(&mut self) {
+        if let Some(w) = self.write.as_mut() {
+            let _ = w.shutdown().await;
+        }
     }
 
     /// After a refused head: the answer is out; the write side is shut, and what the client

@@ -14,6 +14,8 @@ use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Uri, Version};
 
+use crate::upstream::h1::head::has_token;
+
 /// The most header fields a request head may carry (hyper's default).
 pub const MAX_HEADERS: usize = 100;
 
@@ -90,13 +92,17 @@ struct Field {
     value: (usize, usize),
 }
 
-/// Parses the request heads arriving on one connection; keeps its field index from head to
-/// head, and how far an incomplete head was looked at (a head arriving in many reads is
-/// parsed once it is complete, not once per read).
+/// Parses the request heads arriving on one connection; keeps how far an incomplete head was
+/// looked at (a head arriving in many reads is parsed once it is complete, not once per read).
 #[derive(Debug, Default)]
 pub struct HeadParser {
     partial: Option<usize>,
-    fields: Vec<Field>,
+}
+
+thread_local! {
+    /// Where the fields of the head being parsed are: one index per thread, reused (no
+    /// allocation per head, and none held by an idle connection).
+    static FIELDS: std::cell::RefCell<Vec<Field>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl HeadParser {
@@ -107,11 +113,16 @@ impl HeadParser {
             return Ok(None);
         }
         if let Some(prev) = self.partial {
-            if !has_end_after(buf, prev) {
+            if !crate::upstream::h1::head::has_end_after(buf, prev) {
                 return self.incomplete(buf.len(), max_head);
             }
         }
-        match parse_head(buf, max_head, &mut self.fields)? {
+        let parsed = FIELDS.with(|f| match f.try_borrow_mut() {
+            Ok(mut fields) => parse_head(buf, max_head, &mut fields),
+            // Not reentrant; a fresh index all the same.
+            Err(_) => parse_head(buf, max_head, &mut Vec::new()),
+        });
+        match parsed? {
             Some(head) => {
                 self.partial = None;
                 Ok(Some(head))
@@ -127,14 +138,6 @@ impl HeadParser {
         self.partial = Some(len);
         Ok(None)
     }
-}
-
-/// Whether bytes from `prev` on (with the 3 before) hold the end of a head.
-fn has_end_after(buf: &[u8], prev: usize) -> bool {
-    let tail = buf.get(prev.saturating_sub(3)..).unwrap_or_default();
-    tail.windows(2)
-        .enumerate()
-        .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && tail.get(i + 2) == Some(&b'\n')))
 }
 
 fn parse_head(buf: &mut BytesMut, max_head: usize, fields: &mut Vec<Field>) -> Result<Option<RequestHead>, HeadError> {
@@ -255,24 +258,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, fields: &mut Vec<Field>) -> R
 /// A `Content-Length` value: digits only (no sign, no list), below `u64::MAX - 1` (hyper's
 /// largest, which keeps the two values above for its own markers).
 fn parse_length(s: &[u8]) -> Option<u64> {
-    if s.is_empty() {
-        return None;
-    }
-    s.iter()
-        .try_fold(0u64, |n, &b| {
-            b.is_ascii_digit()
-                .then(|| n.checked_mul(10)?.checked_add(u64::from(b - b'0')))
-                .flatten()
-        })
-        .filter(|&n| n < u64::MAX - 1)
-}
-
-/// Whether a comma-separated field value lists `token` (case-insensitively).
-pub fn has_token(value: &HeaderValue, token: &str) -> bool {
-    value
-        .as_bytes()
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    crate::upstream::h1::framing::digits(s).filter(|&n| n < u64::MAX - 1)
 }
 
 #[cfg(test)]

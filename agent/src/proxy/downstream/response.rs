@@ -118,7 +118,7 @@ fn put_field(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 fn has_close(h: &HeaderMap) -> bool {
     h.get_all(header::CONNECTION)
         .iter()
-        .any(|v| super::request::has_token(v, "close"))
+        .any(|v| crate::upstream::h1::head::has_token(v, "close"))
 }
 
 /// A valid `Content-Length` (digits, every field the same), else `None`.

@@ -262,7 +262,7 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, FramingError> 
 }
 
 /// A decimal number of ASCII digits only (no sign, no space), without overflow.
-fn digits(s: &[u8]) -> Option<u64> {
+pub(crate) fn digits(s: &[u8]) -> Option<u64> {
     if s.is_empty() {
         return None;
     }

@@ -131,7 +131,7 @@ impl HeadParser {
 
 /// Whether bytes from `prev` on (with the 3 before, where an end may have begun) hold the end of
 /// a head: `\n\n` or `\n\r\n`. A head never completes without one, so parsing can wait for it.
-fn has_end_after(buf: &[u8], prev: usize) -> bool {
+pub(crate) fn has_end_after(buf: &[u8], prev: usize) -> bool {
     let tail = buf.get(prev.saturating_sub(3)..).unwrap_or_default();
     tail.windows(2)
         .enumerate()
@@ -235,7 +235,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
 }
 
 /// Whether a comma-separated field value lists `token` (case-insensitively).
-pub(super) fn has_token(value: &HeaderValue, token: &str) -> bool {
+pub(crate) fn has_token(value: &HeaderValue, token: &str) -> bool {
     // Bytes, not `str`: a token with obs-text matches no ASCII token either way.
     value
         .as_bytes()
