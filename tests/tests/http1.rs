@@ -303,3 +303,46 @@ fn shared_outbound_port_routes_by_host() {
     assert!(!r.body.is_empty(), "a proxy error carries a short text body");
     assert_eq!(orders.requests_seen() + billing.requests_seen(), 5);
 }
+
+/// An answer given before the request body was read (here 404 UNKNOWN_SERVICE on the shared
+/// port, for a 4 MiB upload) closes the connection, but vmesh first reads and drops what the
+/// client still sends for a moment (a lingering close, as nginx's `lingering_close`): closing
+/// a socket with unread bytes resets it, and the reset reaches a client that is still
+/// uploading before it reads the answer. Here the client goes on writing after it read the
+/// answer: every write succeeds, and then the connection ends.
+#[test]
+fn an_early_answer_to_an_upload_closes_after_draining_what_the_client_still_sends() {
+    use std::io::Read;
+    let agent = Agent::builder().shared_outbound().start();
+    let mut s = std::net::TcpStream::connect(agent.shared_addr()).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("read timeout");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: nosuchservice\r\nContent-Length: 4194304\r\n\r\n")
+        .expect("write the head");
+    s.write_all(&[b'x'; 16 * 1024])
+        .expect("write the first part of the body");
+    // The answer comes without the rest of the body.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read the answer");
+        assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 404"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    // The client, which had not seen the answer yet, keeps uploading: vmesh still reads.
+    for i in 0..16 {
+        if let Err(e) = s.write_all(&[b'y'; 8 * 1024]) {
+            panic!("write {i} after the answer failed (the connection was reset, not drained): {e}");
+        }
+    }
+    // And the connection ends (the answer's body, then EOF or a reset once the drain is over).
+    let mut rest = Vec::new();
+    let ended = match s.read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(ended, "the connection did not end after the answer");
+}

@@ -4,7 +4,9 @@
 //! An HTTP/1.1 body takes the connection's read side (the transport's read half and the bytes
 //! already read) for as long as it is being read, and puts it back in the connection's
 //! [`Return`] slot on its last byte: the connection then reads the next request. A body dropped
-//! before its end keeps the read side: the connection closes after the response.
+//! before its end puts it back marked unfinished: the connection closes after the response,
+//! reading and dropping what the client still sends for a moment (so that the close does not
+//! reset the answer away).
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -32,20 +34,21 @@ pub enum ClientBody {
 /// Where an HTTP/1.1 body puts the connection's read side back once read to its end.
 #[derive(Debug, Default)]
 pub struct Return {
-    slot: Mutex<Option<ReadSide>>,
+    /// The read side, and whether the body was read to its end.
+    slot: Mutex<Option<(ReadSide, bool)>>,
     /// Set by the body's first poll when the client waits for `100 Continue`.
     pub continue_wanted: tokio::sync::Notify,
 }
 
 impl Return {
-    /// The read side, if a body handed it back.
-    pub fn take(&self) -> Option<ReadSide> {
+    /// The read side, if a body handed it back, and whether the body was read to its end.
+    pub fn take(&self) -> Option<(ReadSide, bool)> {
         self.slot.lock().ok()?.take()
     }
 
-    fn put(&self, side: ReadSide) {
+    fn put(&self, side: ReadSide, finished: bool) {
         if let Ok(mut slot) = self.slot.lock() {
-            *slot = Some(side);
+            *slot = Some((side, finished));
         }
     }
 }
@@ -94,7 +97,17 @@ impl H1Body {
 
     fn end(&mut self) {
         if let Some(side) = self.side.take() {
-            self.home.put(side);
+            self.home.put(side, true);
+        }
+    }
+}
+
+impl Drop for H1Body {
+    fn drop(&mut self) {
+        // Dropped before its end (an early answer, a failed upstream): the connection gets its
+        // read side back to drain for a moment before it closes.
+        if let Some(side) = self.side.take() {
+            self.home.put(side, false);
         }
     }
 }

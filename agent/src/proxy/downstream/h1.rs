@@ -54,6 +54,14 @@ impl ClientUpgrade {
     }
 }
 
+/// A lingering close (after a refused head or an answer given before the request body was read)
+/// reads and drops what the client still sends until it stops for `LINGER_QUIET`, at most
+/// `LINGER_TOTAL` and `LINGER_BYTES` in all (nginx: `lingering_timeout` 5 s, `lingering_time`
+/// 30 s; shorter here, a sidecar's clients are local).
+const LINGER_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_TOTAL: std::time::Duration = std::time::Duration::from_secs(5);
+const LINGER_BYTES: usize = 1 << 20;
+
 /// Above this much, the write buffer goes out before more of the body is added to it.
 const WRITE_HIGH: usize = 64 * 1024;
 
@@ -71,6 +79,7 @@ where
         ctx,
         read: Some(ReadSide::new(read, prefix)),
         write: Some(write),
+        unfinished: false,
         out: Vec::new(),
         parser: HeadParser::default(),
         home: None,
@@ -92,6 +101,9 @@ struct Conn<'c, W> {
     read: Option<ReadSide>,
     /// `None` once handed to an upgrade tunnel.
     write: Option<W>,
+    /// The read side came back from a request body dropped before its end: the connection
+    /// only drains it before closing.
+    unfinished: bool,
     out: Vec<u8>,
     parser: HeadParser,
     /// Where request bodies put the read side back; made at the first request with a body.
@@ -149,7 +161,16 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             match Box::pin(self.exchange(head, handle)).await {
                 Next::KeepAlive => {}
                 Next::Close => {
-                    Box::pin(self.shut_write()).await;
+                    // A request body dropped unread hands the read side back now (its exchange
+                    // is over): what the client still sends is read and dropped for a moment.
+                    if self.read.is_none() {
+                        self.take_back();
+                    }
+                    if self.unfinished {
+                        Box::pin(self.linger_close()).await;
+                    } else {
+                        Box::pin(self.shut_write()).await;
+                    }
                     return;
                 }
                 Next::Gone => return,
@@ -281,11 +302,11 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
 
         // The request body must have been read to its end for the connection to carry another.
         if has_body && self.read.is_none() {
-            self.read = self.home.as_ref().and_then(|h| h.take());
+            self.take_back();
         }
         // (A 101 hands the connection over: its `Connection: upgrade` stays as it is.)
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let closing = !switching && (!keep_alive || self.read.is_none());
+        let closing = !switching && (!keep_alive || self.read.is_none() || self.unfinished);
         let answering = Answering {
             head_request,
             version,
@@ -429,6 +450,19 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         Next::Gone
     }
 
+    /// Takes the read side back from the request body: `read` again when the body was read to
+    /// its end; else kept only to drain before closing (`unfinished`).
+    fn take_back(&mut self) {
+        match self.home.as_ref().and_then(|h| h.take()) {
+            Some((side, true)) => self.read = Some(side),
+            Some((side, false)) => {
+                self.read = Some(side);
+                self.unfinished = true;
+            }
+            None => {}
+        }
+    }
+
     // The ends of a connection are boxed (allocated when they happen): the connection's own
     // future, which every idle connection holds, stays the size of reading heads.
 
@@ -450,9 +484,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         }
     }
 
-    /// After a refused head: the answer is out; the write side is shut, and what the client
-    /// still sends is read and dropped for a moment (bounded), so that the close does not
-    /// reset the connection before the client has read the answer.
+    /// After a refused head or an answer given before the request body was read: the answer is
+    /// out; the write side is shut, and what the client still sends is read and dropped
+    /// (bounded: `LINGER_*`), so that the close does not reset the connection before the client
+    /// has read the answer.
     async fn linger_close(&mut self) {
         if let Some(w) = self.write.as_mut() {
             let _ = w.shutdown().await;
@@ -460,11 +495,12 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         let Some(side) = self.read.as_mut() else {
             return;
         };
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+        let deadline = tokio::time::Instant::now() + LINGER_TOTAL;
         let mut seen = 0usize;
-        while seen < 256 * 1024 {
+        while seen < LINGER_BYTES {
             side.buf.clear();
-            match tokio::time::timeout_at(deadline, poll_fn(|cx| side.poll_fill(cx))).await {
+            let wait = deadline.min(tokio::time::Instant::now() + LINGER_QUIET);
+            match tokio::time::timeout_at(wait, poll_fn(|cx| side.poll_fill(cx))).await {
                 Ok(Ok(n)) if n > 0 => seen += n,
                 _ => break,
             }
