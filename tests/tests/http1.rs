@@ -346,3 +346,96 @@ fn an_early_answer_to_an_upload_closes_after_draining_what_the_client_still_send
     };
     assert!(ended, "the connection did not end after the answer");
 }
+
+/// A client that closes its connection while its request waits on the upstream (a `/gate` the
+/// app holds) is noticed: the request is dropped, its upstream try with it, and the endpoint's
+/// `in_flight` in `/clusters` falls back to 0 while the app still holds the request (as hyper's
+/// server did; before, the try lived on until the upstream answered or timed out).
+#[test]
+fn a_client_that_closes_mid_request_cancels_the_upstream_try() {
+    use std::time::Duration;
+    let app = Upstream::python("app").spawn();
+    let agent = Agent::builder()
+        .outbound(Outbound::new("orders").endpoint(app.addr()))
+        .start();
+    let in_flight = || {
+        agent.admin_json("/clusters?service=orders")["clusters"][0]["endpoints"][0]["in_flight"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    let mut s = std::net::TcpStream::connect(agent.outbound_addr("orders")).expect("connect");
+    s.write_all(b"GET /gate HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .expect("write the request");
+    vmesh_tests::eventually(
+        Duration::from_secs(10),
+        "the request in flight to the app",
+        || match in_flight() {
+            1 => Ok(()),
+            n => Err(format!("in_flight {n}")),
+        },
+    );
+    drop(s);
+    vmesh_tests::eventually(
+        Duration::from_secs(5),
+        "the try dropped with its client",
+        || match in_flight() {
+            0 => Ok(()),
+            n => Err(format!("in_flight {n}")),
+        },
+    );
+    // The app still held the request: the answer did not end it.
+    let stats = Curl::get(format!("http://{}/__stats", app.addr())).run().json();
+    assert_eq!(stats["in_flight"], 1, "the app's /gate was released early: {stats}");
+    Curl::get(format!("http://{}/__control?release=1", app.addr())).run();
+}
+
+/// A request that began before the agent started to drain (SIGTERM) is answered with
+/// `Connection: close`, and its connection ends right after the answer: shutdown waits for that
+/// request, not for `agent.drain_timeout` (30 s here) to cut a keep-alive connection it left
+/// open.
+#[test]
+fn a_request_in_flight_at_sigterm_is_answered_with_connection_close() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let app = Upstream::python("app").spawn();
+    let mut agent = Agent::builder()
+        .agent_set("drain_timeout", "30s")
+        .outbound(Outbound::new("orders").endpoint(app.addr()))
+        .start();
+    let mut s = std::net::TcpStream::connect(agent.outbound_addr("orders")).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("read timeout");
+    s.write_all(b"GET /gate HTTP/1.1\r\nHost: orders\r\n\r\n")
+        .expect("write the request");
+    vmesh_tests::eventually(Duration::from_secs(10), "the request held by the app", || {
+        let stats = Curl::get(format!("http://{}/__stats", app.addr())).run().json();
+        match stats["in_flight"].as_u64() {
+            Some(1) => Ok(()),
+            other => Err(format!("in_flight {other:?}")),
+        }
+    });
+    agent.send_signal(nix::sys::signal::Signal::SIGTERM);
+    // The drain has begun once the agent says so on /live or stops answering new clients; the
+    // request is still held. Release it now.
+    vmesh_tests::eventually(Duration::from_secs(10), "the agent draining", || {
+        let r = agent.admin_get("/ready");
+        if r.status == 200 {
+            Err(format!("/ready {}", r.status))
+        } else {
+            Ok(())
+        }
+    });
+    Curl::get(format!("http://{}/__control?release=1", app.addr())).run();
+    let released = Instant::now();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .expect("the answer, then the end of the connection");
+    let took = released.elapsed();
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(
+        took < Duration::from_secs(15),
+        "the connection ended {took:?} after the answer was released (drain_timeout is 30 s)"
+    );
+    agent.wait_exit(Duration::from_secs(20));
+}

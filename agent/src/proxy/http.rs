@@ -67,6 +67,7 @@ where
 
     // The version: the HTTP/2 preface, or anything else (HTTP/1.1), within the head timeout.
     let mut stream = stream;
+    let opened = std::time::Instant::now();
     // Boxed (freed once the version is known): an idle connection's future does not keep
     // room for the detection's timer.
     let detected = Box::pin(async {
@@ -95,7 +96,7 @@ where
     activity.greet();
 
     if !h2 {
-        let conn = downstream::h1::serve(stream, prefix, &ctx, &Proxy);
+        let conn = downstream::h1::serve(stream, prefix, opened, &ctx, &Proxy);
         // The watches (drain, idle, stall) are polled when their own timer or signal fires,
         // not at each of the connection's wakes.
         let watch = Aside::new(async {

@@ -65,9 +65,15 @@ const LINGER_BYTES: usize = 1 << 20;
 /// Above this much, the write buffer goes out before more of the body is added to it.
 const WRITE_HIGH: usize = 64 * 1024;
 
-/// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it) until the client
-/// closes, a request asks to close, a timeout, or an error. `handle` runs each request.
-pub fn serve<'a, T, H>(io: T, prefix: BytesMut, ctx: &'a ConnCtx, handle: &'a H) -> impl Future<Output = ()> + Send + 'a
+/// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it since `opened`) until the
+/// client closes, a request asks to close, a timeout, or an error. `handle` runs each request.
+pub fn serve<'a, T, H>(
+    io: T,
+    prefix: BytesMut,
+    opened: Instant,
+    ctx: &'a ConnCtx,
+    handle: &'a H,
+) -> impl Future<Output = ()> + Send + 'a
 where
     T: Transport,
     H: Handle,
@@ -79,6 +85,7 @@ where
         ctx,
         read: Some(ReadSide::new(read, prefix)),
         write: Some(write),
+        opened: Some(opened),
         unfinished: false,
         out: Vec::new(),
         parser: HeadParser::default(),
@@ -101,6 +108,8 @@ struct Conn<'c, W> {
     read: Option<ReadSide>,
     /// `None` once handed to an upgrade tunnel.
     write: Option<W>,
+    /// When the connection began waiting for its first bytes; taken by the first head.
+    opened: Option<Instant>,
     /// The read side came back from a request body dropped before its end: the connection
     /// only drains it before closing.
     unfinished: bool,
@@ -184,7 +193,9 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         let Some(side) = self.read.as_mut() else {
             return Err(NoHead::Closed);
         };
-        let started = Instant::now();
+        // The first head's time counts from the connection's first byte wait (the version
+        // detection's), not again from zero.
+        let started = self.opened.take().unwrap_or_else(Instant::now);
         loop {
             match self.parser.parse(&mut side.buf, self.max_head) {
                 Ok(Some(head)) => return Ok(head),
@@ -261,6 +272,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
                 return Next::Gone;
             };
             let home = self.home.get_or_insert_with(Default::default).clone();
+            if expect_continue {
+                // A signal left by an earlier request's body must not answer this one's.
+                let _ = futures_util::FutureExt::now_or_never(home.continue_wanted.notified());
+            }
             ClientBody::H1(Box::new(H1Body::new(side, framing, home, expect_continue)))
         } else {
             ClientBody::Empty
@@ -280,8 +295,13 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         let handler = handle.call(self.ctx, req);
         tokio::pin!(handler);
         let mut continue_sent = !expect_continue;
+        // While the request runs with the read side here (no body, as most requests), a client
+        // that closes is noticed and the request dropped (its upstream try with it), as hyper's
+        // server does; bytes that arrive instead are a pipelined request, kept for later.
+        let mut watch_client = self.read.is_some();
         let resp = loop {
             let home = self.home.as_ref().filter(|_| !continue_sent);
+            let read = self.read.as_mut().filter(|_| watch_client);
             tokio::select! {
                 biased;
                 r = &mut handler => break r,
@@ -291,6 +311,13 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
                     if w.write_all(response::CONTINUE).await.is_err() || w.flush().await.is_err() {
                         return Next::Gone;
                     }
+                }
+                gone = async { match read { Some(side) => poll_fn(|cx| client_gone(side, cx)).await, None => std::future::pending().await } } => {
+                    if gone {
+                        tracing::debug!("client closed its connection during the request: dropped");
+                        return Next::Gone;
+                    }
+                    watch_client = false;
                 }
             }
         };
@@ -306,7 +333,18 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         }
         // (A 101 hands the connection over: its `Connection: upgrade` stays as it is.)
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        let closing = !switching && (!keep_alive || self.read.is_none() || self.unfinished);
+        if (switching && upgrade_tx.is_none()) || (parts.status.is_informational() && !switching) {
+            // A 101 to a request that asked for no upgrade, or an interim status as the final
+            // answer: nothing a client can follow (hyper's server refused these too).
+            tracing::debug!(status = %parts.status, "unusable final status from upstream: 502");
+            drop(body);
+            Box::pin(self.refuse(StatusCode::BAD_GATEWAY, false)).await;
+            return Next::Gone;
+        }
+        // While the agent drains, every response says `Connection: close` (a request that began
+        // before the drain included), so that busy connections end after it.
+        let draining = self.ctx.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
+        let closing = !switching && (!keep_alive || self.read.is_none() || self.unfinished || draining);
         let answering = Answering {
             head_request,
             version,
@@ -504,6 +542,27 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
                 Ok(Ok(n)) if n > 0 => seen += n,
                 _ => break,
             }
+        }
+    }
+}
+
+/// Watches the client while a request runs: `true` once it closed (or failed), `false` when it
+/// sent bytes (a pipelined request, kept in the buffer) or had some buffered already.
+fn client_gone(side: &mut ReadSide, cx: &mut std::task::Context<'_>) -> Poll<bool> {
+    if !side.buf.is_empty() {
+        return Poll::Ready(false);
+    }
+    match side.poll_wait(cx) {
+        Poll::Ready(Ok(())) => {}
+        Poll::Ready(Err(_)) => return Poll::Ready(true),
+        Poll::Pending => return Poll::Pending,
+    }
+    match side.poll_fill(cx) {
+        Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(true),
+        Poll::Ready(Ok(_)) => Poll::Ready(false),
+        Poll::Pending => {
+            side.release();
+            Poll::Pending
         }
     }
 }
