@@ -1,5 +1,5 @@
 //! A future kept aside: polled only when its own waker fired, not at every wake of the task it
-//! shares with a busier future.
+//! shares with a busier future ([`Aside`]; [`WakeGate`] for a poll function).
 //!
 //! A connection's task selects over the connection and its watches (the drain signal, the idle
 //! and stall timers). `select!` polls every branch at every wake, and the connection wakes the
@@ -61,6 +61,44 @@ impl<F: Future> Future for Aside<F> {
         }
         let waker = Waker::from(this.flag.clone());
         this.fut.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
+/// The same filter for a poll function that runs again and again (one per request), with its
+/// waker made once: `poll` runs `f` only on the first call after [`WakeGate::arm`] and after a
+/// wake of the waker `f` registered; every other call costs a flag check.
+pub struct WakeGate {
+    flag: Arc<Flag>,
+    waker: Waker,
+}
+
+impl WakeGate {
+    pub fn new() -> Self {
+        let flag = Arc::new(Flag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        let waker = Waker::from(flag.clone());
+        Self { flag, waker }
+    }
+
+    /// The next `poll` runs its function.
+    pub fn arm(&self) {
+        self.flag.woken.store(true, Ordering::Release);
+    }
+
+    pub fn poll<T>(&self, cx: &mut Context<'_>, f: impl FnOnce(&mut Context<'_>) -> Poll<T>) -> Poll<T> {
+        self.flag.task.register(cx.waker());
+        if !self.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        f(&mut Context::from_waker(&self.waker))
+    }
+}
+
+impl Default for WakeGate {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -86,6 +86,7 @@ where
         read: Some(ReadSide::new(read, prefix)),
         write: Some(write),
         opened: Some(opened),
+        client_gate: super::aside::WakeGate::new(),
         unfinished: false,
         out: Vec::new(),
         parser: HeadParser::default(),
@@ -110,6 +111,8 @@ struct Conn<'c, W> {
     write: Option<W>,
     /// When the connection began waiting for its first bytes; taken by the first head.
     opened: Option<Instant>,
+    /// Filters the wakes of the client watch during a request (`client_gone`).
+    client_gate: super::aside::WakeGate,
     /// The read side came back from a request body dropped before its end: the connection
     /// only drains it before closing.
     unfinished: bool,
@@ -299,6 +302,9 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
         // that closes is noticed and the request dropped (its upstream try with it), as hyper's
         // server does; bytes that arrive instead are a pipelined request, kept for later.
         let mut watch_client = self.read.is_some();
+        // (Polled only when the socket's readiness wakes it, not at each of the request's wakes.)
+        let gate = &self.client_gate;
+        gate.arm();
         let resp = loop {
             let home = self.home.as_ref().filter(|_| !continue_sent);
             let read = self.read.as_mut().filter(|_| watch_client);
@@ -312,7 +318,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
                         return Next::Gone;
                     }
                 }
-                gone = async { match read { Some(side) => poll_fn(|cx| client_gone(side, cx)).await, None => std::future::pending().await } } => {
+                gone = async { match read { Some(side) => poll_fn(|cx| gate.poll(cx, |cx| client_gone(side, cx))).await, None => std::future::pending().await } } => {
                     if gone {
                         tracing::debug!("client closed its connection during the request: dropped");
                         return Next::Gone;
@@ -552,7 +558,9 @@ fn client_gone(side: &mut ReadSide, cx: &mut std::task::Context<'_>) -> Poll<boo
     if !side.buf.is_empty() {
         return Poll::Ready(false);
     }
-    match side.poll_wait(cx) {
+    // The buffer is kept (not given back to the pool): the request's header values still share
+    // it, so the pool could not take it whole, and the next head would need a new one.
+    match side.io.poll_ready(cx) {
         Poll::Ready(Ok(())) => {}
         Poll::Ready(Err(_)) => return Poll::Ready(true),
         Poll::Pending => return Poll::Pending,
@@ -560,10 +568,7 @@ fn client_gone(side: &mut ReadSide, cx: &mut std::task::Context<'_>) -> Poll<boo
     match side.poll_fill(cx) {
         Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(true),
         Poll::Ready(Ok(_)) => Poll::Ready(false),
-        Poll::Pending => {
-            side.release();
-            Poll::Pending
-        }
+        Poll::Pending => Poll::Pending,
     }
 }
 
