@@ -116,8 +116,6 @@ pub struct ConnActivity {
     progress: std::sync::atomic::AtomicU64,
     /// Set when the stall watch closed the connection: the requests it cut log the reason.
     stalled: std::sync::atomic::AtomicBool,
-    /// Set once the client has sent an HTTP/2 preface's worth of bytes or a request.
-    greeted: std::sync::atomic::AtomicBool,
 }
 
 /// A request in progress; its drop stamps the connection's last activity.
@@ -132,7 +130,6 @@ impl ConnActivity {
             last_end_ms: std::sync::atomic::AtomicU64::new(0),
             progress: std::sync::atomic::AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
-            greeted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -155,16 +152,6 @@ impl ConnActivity {
     /// Whether `proxy.max_requests_in_flight` requests are in progress on the agent.
     pub fn agent_full(&self) -> bool {
         self.global.full()
-    }
-
-    /// The client has sent its first bytes (see `http::Greeting`).
-    pub fn greet(&self) {
-        self.greeted.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the client has sent an HTTP/2 preface's worth of bytes or started a request.
-    pub fn greeted(&self) -> bool {
-        self.greeted.load(std::sync::atomic::Ordering::Relaxed) || self.progress() > 0
     }
 
     /// Whether the stall watch closed this connection.

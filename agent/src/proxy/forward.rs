@@ -339,7 +339,7 @@ pub async fn forward(
                     idle: ctx.shared.limits.idle_timeout.get(),
                     slot: ctx.slot.clone(),
                 });
-                respond(resp, completion, tunnel, p.close_after)
+                respond(resp, completion, tunnel)
             }
             // A callee that is not the service asked for is never a fallback's case.
             Err(TryOutcome::ConnectFailed) if identity_mismatch => {
@@ -376,7 +376,6 @@ fn respond(
     mut resp: Response<UpstreamBody>,
     mut completion: Completion,
     tunnel: Option<Tunnel>,
-    close_after: bool,
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
     completion.headers_time = completion.start.elapsed();
@@ -420,10 +419,5 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers, false);
-    if close_after {
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    }
     Response::from_parts(parts, ResponseBody::upstream(body, Some(completion)))
 }

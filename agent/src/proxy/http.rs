@@ -93,7 +93,6 @@ where
             return;
         }
     };
-    activity.greet();
 
     if !h2 {
         let conn = downstream::h1::serve(stream, prefix, opened, &ctx, &Proxy);
@@ -102,7 +101,7 @@ where
         let watch = Aside::new(async {
             tokio::select! {
                 () = drain.signaled() => None,
-                quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => Some(quiet),
+                quiet = quiet(&activity, idle_timeout, stall_timeout) => Some(quiet),
             }
         });
         tokio::pin!(conn, watch);
@@ -126,7 +125,7 @@ where
                 }
                 conn.await;
             }
-            Some(Quiet::Silent | Quiet::Idle) => {
+            Some(Quiet::Idle) => {
                 tracing::debug!(?idle_timeout, "downstream connection idle: closing");
             }
             Some(Quiet::Stalled) => {
@@ -151,7 +150,6 @@ async fn serve_h2<S: Transport>(
     mut drain: DrainWatch,
 ) {
     let activity = ctx.activity.clone();
-    let head_timeout = ctx.shared.limits.header_read_timeout.get();
     let idle_timeout = ctx.shared.limits.idle_timeout.get();
     let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
     let shared = ctx.shared.clone();
@@ -179,8 +177,8 @@ async fn serve_h2<S: Transport>(
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
-        quiet = quiet(&activity, head_timeout, idle_timeout, stall_timeout) => match quiet {
-            Quiet::Silent | Quiet::Idle => {
+        quiet = quiet(&activity, idle_timeout, stall_timeout) => match quiet {
+            Quiet::Idle => {
                 tracing::debug!(?idle_timeout, "downstream connection idle: closing");
                 conn.as_mut().graceful_shutdown();
                 // An HTTP/2 client that never opens its window keeps finished streams (their
@@ -233,8 +231,6 @@ const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_millis(1000)
 
 /// Why a connection's watch ended.
 enum Quiet {
-    /// Neither a whole HTTP/2 preface nor a request within `proxy.header_read_timeout`.
-    Silent,
     /// No request in progress for `proxy.idle_timeout`.
     Idle,
     /// Requests in progress, and nothing moved for a whole `proxy.stream_idle_timeout`.
@@ -244,22 +240,8 @@ enum Quiet {
 /// Resolves once the connection has had no request in progress for `idle`, or has had
 /// requests in progress on which nothing moved for `stall` (found within `stall` to
 /// `2 x stall`: one timer per connection, not one per request or per byte).
-async fn quiet(
-    activity: &super::ConnActivity,
-    head: std::time::Duration,
-    idle: std::time::Duration,
-    stall: std::time::Duration,
-) -> Quiet {
-    let opened = std::time::Instant::now();
+async fn quiet(activity: &super::ConnActivity, idle: std::time::Duration, stall: std::time::Duration) -> Quiet {
     loop {
-        if !activity.greeted() {
-            let waited = opened.elapsed();
-            if waited >= head {
-                return Quiet::Silent;
-            }
-            tokio::time::sleep((head - waited).min(stall).min(idle)).await;
-            continue;
-        }
         match activity.idle_for() {
             Some(d) if d >= idle => return Quiet::Idle,
             Some(d) => tokio::time::sleep((idle - d).min(stall)).await,
@@ -279,17 +261,6 @@ async fn quiet(
                 }
             }
         }
-    }
-}
-
-/// Whether the request's `Transfer-Encoding` lines, all of them, are exactly one `chunked`.
-fn chunked_once(headers: &http::HeaderMap) -> bool {
-    let mut lines = headers.get_all(header::TRANSFER_ENCODING).iter();
-    match (lines.next(), lines.next()) {
-        (Some(v), None) => v
-            .to_str()
-            .is_ok_and(|v| v.trim_matches([' ', '\t']).eq_ignore_ascii_case("chunked")),
-        _ => false,
     }
 }
 
@@ -333,14 +304,9 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Result<Response<Resp
             early_completion(ctx, &req, start, None),
         ));
     }
-    if req.headers().contains_key(header::TRANSFER_ENCODING) && !chunked_once(req.headers()) {
-        // hyper frames by the last coding only; anything but one `chunked` is refused
-        // (RFC 9112 6.1, 6.3), and the connection closed: its framing cannot be trusted.
-        let mut r = fail(ProxyError::BadRequest, false, early_completion(ctx, &req, start, None));
-        r.headers_mut()
-            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-        return Ok(r);
-    }
+    // Framing was checked where the request was read: `downstream::request` refuses every
+    // Transfer-Encoding but one `chunked` (400, connection closed), and h2 refuses the field as
+    // connection-specific.
     let table = ctx.shared.routes.load_full();
     let cluster = {
         let host = req
@@ -359,36 +325,6 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Result<Response<Resp
                 grpc,
                 early_completion(ctx, &req, start, None),
             ))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::chunked_once;
-
-    fn headers(te: &[&str]) -> http::HeaderMap {
-        let mut h = http::HeaderMap::new();
-        for v in te {
-            h.append(http::header::TRANSFER_ENCODING, http::HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn only_one_chunked_coding_is_accepted() {
-        assert!(chunked_once(&headers(&["chunked"])));
-        assert!(chunked_once(&headers(&["Chunked"])));
-        assert!(chunked_once(&headers(&[" chunked\t"])));
-        for bad in [
-            &["chunked, chunked"][..],
-            &["identity", "chunked"],
-            &["chunked", "chunked"],
-            &["gzip, chunked"],
-            &["xchunked"],
-            &[""],
-        ] {
-            assert!(!chunked_once(&headers(bad)), "{bad:?}");
         }
     }
 }

@@ -343,12 +343,7 @@ mod tests {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
         for _ in 0..3 {
-            let resp = {
-                let (parts, body) = get(addr).into_parts();
-                pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
-                    .await
-                    .unwrap()
-            };
+            let resp = send_get(&pool, addr, Duration::from_secs(1), None, None).await.unwrap();
             assert_eq!(body(resp).await, "conn1");
         }
         assert_eq!(conns.load(Ordering::SeqCst), 1);
@@ -359,19 +354,9 @@ mod tests {
     async fn a_connection_not_returned_is_not_reused() {
         let (addr, conns) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let resp = {
-            let (parts, body) = get(addr).into_parts();
-            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
-                .await
-                .unwrap()
-        };
+        let resp = send_get(&pool, addr, Duration::from_secs(1), None, None).await.unwrap();
         drop(resp);
-        let resp = {
-            let (parts, body) = get(addr).into_parts();
-            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
-                .await
-                .unwrap()
-        };
+        let resp = send_get(&pool, addr, Duration::from_secs(1), None, None).await.unwrap();
         assert_eq!(body(resp).await, "conn2");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
@@ -407,20 +392,10 @@ mod tests {
     async fn a_pooled_connection_closed_unanswered_sends_again_on_a_new_one() {
         let (addr, conns) = one_shot_server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let resp = {
-            let (parts, body) = get(addr).into_parts();
-            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
-                .await
-                .unwrap()
-        };
+        let resp = send_get(&pool, addr, Duration::from_secs(1), None, None).await.unwrap();
         assert_eq!(body(resp).await, "ok");
         assert_eq!(pool.idle(), 1);
-        let resp = {
-            let (parts, body) = get(addr).into_parts();
-            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
-                .await
-                .unwrap()
-        };
+        let resp = send_get(&pool, addr, Duration::from_secs(1), None, None).await.unwrap();
         assert_eq!(body(resp).await, "ok");
         assert_eq!(conns.load(Ordering::SeqCst), 2);
     }
@@ -441,12 +416,7 @@ mod tests {
     async fn expired_connections_are_closed() {
         let (addr, _) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let resp = {
-            let (parts, body) = get(addr).into_parts();
-            pool.send(HeadRef::of(&parts), body, Duration::from_secs(1), None, None)
-                .await
-                .unwrap()
-        };
+        let resp = send_get(&pool, addr, Duration::from_secs(1), None, None).await.unwrap();
         body(resp).await;
         assert_eq!(pool.expire(Instant::now()), 1);
         assert_eq!(pool.expire(Instant::now() + IDLE_TIMEOUT), 0);

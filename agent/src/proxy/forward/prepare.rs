@@ -28,8 +28,6 @@ pub struct Prepared {
     pub path: PathAndQuery,
     pub upgrade: bool,
     pub on_upgrade: Option<ClientUpgrade>,
-    /// Send `Connection: close` after the response (the agent drains).
-    pub close_after: bool,
 }
 
 /// Rewrites the head of `parts` for an upstream speaking HTTP/2 (`h2`) or HTTP/1.1.
@@ -39,10 +37,8 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
     let upgrade = parts.version == Version::HTTP_11
         && headers::is_upgrade(&parts.headers)
         && headers::upgrade_allowed(&parts.headers, &ctx.shared.limits.upgrades);
-    // While the agent drains, HTTP/1.1 clients are told to reconnect (to the next agent on
-    // the same socket) after this response, instead of finding their connection closed.
-    let close_after =
-        parts.version <= Version::HTTP_11 && ctx.shared.draining.load(std::sync::atomic::Ordering::Relaxed);
+    // (While the agent drains, HTTP/1.1 clients are told `Connection: close` by the server,
+    // `downstream::h1`, for every response.)
     let path = match parts.uri.path_and_query() {
         Some(p) => p.clone(),
         None if parts.method != http::Method::CONNECT => PathAndQuery::from_static("/"),
@@ -93,7 +89,6 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         path,
         upgrade,
         on_upgrade,
-        close_after,
     })
 }
 
