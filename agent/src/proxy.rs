@@ -5,7 +5,6 @@
 
 pub mod activation;
 pub mod body;
-pub mod client;
 mod complete;
 pub mod downstream;
 pub mod error;
@@ -13,7 +12,6 @@ mod forward;
 pub mod headers;
 mod http;
 pub mod listener;
-pub mod pool;
 mod record;
 mod shutdown;
 pub mod splice;

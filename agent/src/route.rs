@@ -16,12 +16,12 @@ use crate::config::{
 use crate::governance::colour::{Colouring, Propagation};
 use crate::governance::routing::{Route, RouteRules};
 use crate::governance::{Fallback, RateLimit};
-use crate::proxy::client::{self, UpstreamClient};
 use crate::resilience::adaptive::AdaptiveLimiter;
 use crate::resilience::breaker::Breaker;
 use crate::resilience::cpu::CpuGauge;
 use crate::resilience::{Outlier, RetryBudget, RetryPolicy};
 use crate::telemetry::metrics::{ClusterMetrics, Direction, Metrics};
+use crate::upstream::client::{self, UpstreamClient};
 
 /// A named group of endpoints and the policy for sending to them.
 pub struct Cluster {

@@ -1,4 +1,9 @@
-//! Upstream clients below `route` and `balance`: today the HTTP/1.1 exchange driven in the
-//! request's own task (`h1`), driven by `proxy::pool` for every HTTP/1.1 upstream request.
+//! Upstream clients, below `route` and `balance` (they import nothing of `proxy` or `route`):
+//! the HTTP/1.1 exchange driven in the request's own task (`h1`), the per-endpoint pools of
+//! HTTP/1.1 connections that drive it (`pool`), the HTTP/2 clients (`client`), and the request
+//! body they send (`body`).
 
+pub mod body;
+pub mod client;
 pub mod h1;
+pub mod pool;

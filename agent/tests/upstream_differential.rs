@@ -242,7 +242,7 @@ fn head<B>(resp: &Response<B>) -> Resp {
     }
 }
 
-/// The response through hyper's client, as `proxy/pool.rs` set it up.
+/// The response through hyper's client, as `proxy/pool.rs` (now `upstream/pool.rs`) set it up.
 async fn through_hyper(method: &Method, script: Script) -> Outcome {
     let Ok((mut sender, conn)) = http1::Builder::new()
         .writev(false)

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 
-use crate::proxy::pool::ConnPool;
 use crate::telemetry::metrics::RequestMetrics;
+use crate::upstream::pool::ConnPool;
 
 /// One endpoint of a cluster. Shared (`Arc`) between endpoint-set snapshots so its statistics
 /// survive a config reload or a discovery update.

@@ -264,6 +264,7 @@ struct Entry {
 
 const SHARDS: usize = 16;
 static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 impl Propagation {
     pub fn new(headers: Vec<HeaderName>, ttl: Duration, max: usize) -> Self {
@@ -278,7 +279,7 @@ impl Propagation {
 
     fn keys(&self, headers: &HeaderMap) -> [Option<u64>; 2] {
         let rid = headers
-            .get(&crate::proxy::headers::X_REQUEST_ID)
+            .get(&X_REQUEST_ID)
             .map(|v| self.hasher.hash_one((0u8, v.as_bytes())));
         // traceparent: version "-" trace-id (32 hex) "-" parent-id "-" flags.
         let trace = headers

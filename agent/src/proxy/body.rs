@@ -1,6 +1,6 @@
-//! Bodies on the request path: the request body sent upstream (streamed, or buffered so it
-//! can be retried), and the response body that records the request's completion when the last
-//! byte is sent or the client goes away.
+//! Bodies on the request path: the client's request body as streamed upstream (counted, its
+//! deadline kept; `upstream::body::RequestBody` carries it), and the response body that
+//! records the request's completion when the last byte is sent or the client goes away.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,17 +14,9 @@ use hyper::body::Incoming;
 
 use super::complete::Completion;
 use super::downstream::ClientBody;
-use super::pool::H1Body;
 use super::ConnActivity;
-
-/// The body of a request sent upstream.
-#[derive(Debug)]
-pub enum RequestBody {
-    /// Streamed from the client; cannot be replayed.
-    Stream(StreamBody),
-    /// Held in memory (empty or small): can be sent again on a retry.
-    Buffered(Option<Bytes>),
-}
+pub use crate::upstream::body::BoxError;
+use crate::upstream::pool::H1Body;
 
 /// A request body streamed from the client: counts its bytes when asked to, marks the
 /// connection's progress for the stall watch, and fails once `proxy.request_body_timeout`
@@ -41,9 +33,6 @@ pub struct StreamBody {
 #[derive(Debug, thiserror::Error)]
 #[error("request body timeout: the client did not send the whole body in time")]
 pub struct BodyTimedOut;
-
-/// Errors of a request body: the client's connection (`hyper::Error`) or [`BodyTimedOut`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Whether `e` or an error it wraps is [`BodyTimedOut`].
 pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -69,20 +58,6 @@ impl StreamBody {
             counter,
             deadline,
             activity,
-        }
-    }
-}
-
-impl RequestBody {
-    pub fn empty() -> Self {
-        Self::Buffered(None)
-    }
-
-    /// A copy for another try, when the body can be replayed.
-    pub fn replay(&self) -> Option<Self> {
-        match self {
-            Self::Stream(..) => None,
-            Self::Buffered(b) => Some(Self::Buffered(b.clone())),
         }
     }
 }
@@ -116,32 +91,6 @@ impl Body for StreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut *self {
-            Self::Stream(b) => Pin::new(b).poll_frame(cx),
-            Self::Buffered(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Stream(b) => b.is_end_stream(),
-            Self::Buffered(b) => b.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Stream(b) => b.size_hint(),
-            Self::Buffered(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
-        }
     }
 }
 

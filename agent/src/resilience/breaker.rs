@@ -279,6 +279,19 @@ impl BreakerConfig {
     }
 }
 
+// === impl DialGate ===
+
+/// The upstream pool asks the breaker before it dials: a request waiting for a new
+/// connection counts against `max_pending_requests`.
+impl crate::upstream::pool::DialGate for Arc<Breaker> {
+    type Guard = PendingGuard;
+    type Refused = Rejected;
+
+    fn enter(&self) -> Result<PendingGuard, Rejected> {
+        self.pending()
+    }
+}
+
 // === impl Rejected ===
 
 impl Rejected {
@@ -948,13 +961,16 @@ mod tests {
         assert_eq!(e.code(), "CIRCUIT_MAX_REQUESTS");
         let p = b.pending().unwrap();
         assert_eq!(b.pending().unwrap_err().code(), "CIRCUIT_MAX_PENDING");
+        // The pool's dial gate is the same count.
+        use crate::upstream::pool::DialGate;
+        assert_eq!(b.enter().unwrap_err().code(), "CIRCUIT_MAX_PENDING");
         let c = b.connection().unwrap();
         assert_eq!(b.connection().unwrap_err().code(), "CIRCUIT_MAX_CONNECTIONS");
         let retry = b.retry().unwrap();
         assert!(b.retry().is_none());
         let s = b.status(t0);
         assert_eq!((s.active, s.pending, s.connections, s.retries), (2, 1, 1, 1));
-        assert_eq!((s.rejected_total, s.retries_rejected_total), (3, 1));
+        assert_eq!((s.rejected_total, s.retries_rejected_total), (4, 1));
         drop((r, p, c, retry));
         let s = b.status(t0);
         assert_eq!((s.active, s.pending, s.connections, s.retries), (0, 0, 0, 0));

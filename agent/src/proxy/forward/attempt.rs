@@ -8,12 +8,13 @@ use http::request::Parts;
 use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 
-use super::super::body::{is_body_timeout, RequestBody, UpstreamBody};
-use super::super::pool::SendError;
+use super::super::body::{is_body_timeout, UpstreamBody};
 use crate::balance::Endpoint;
 use crate::resilience::TryOutcome;
 use crate::route::Cluster;
+use crate::upstream::body::RequestBody;
 use crate::upstream::h1::HeadRef;
+use crate::upstream::pool::SendError;
 
 /// An upstream response: HTTP/1.1 (its body hands the connection back to the endpoint's pool)
 /// or HTTP/2.

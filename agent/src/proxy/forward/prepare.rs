@@ -14,12 +14,13 @@ use http::Version;
 use http_body::Body;
 use http_body_util::BodyExt;
 
-use super::super::body::{is_body_timeout, RequestBody, StreamBody};
+use super::super::body::{is_body_timeout, StreamBody};
 use super::super::complete::{Completion, Received};
 use super::super::downstream::{ClientBody, ClientUpgrade};
 use super::super::error::ProxyError;
 use super::super::{headers, ConnActivity, ConnCtx};
 use crate::governance::colour::DEFAULT_HEADER;
+use crate::upstream::body::RequestBody;
 
 /// A request ready to be routed and sent.
 pub struct Prepared {
@@ -157,7 +158,7 @@ pub async fn body(
         if let (Some(log), Some(c)) = (completion.log.as_mut(), &counter) {
             log.received = Received::Counted(c.clone());
         }
-        RequestBody::Stream(StreamBody::new(body, counter, body_deadline, activity.clone()))
+        RequestBody::stream(StreamBody::new(body, counter, body_deadline, activity.clone()))
     };
     if let (Some(log), RequestBody::Buffered(b)) = (completion.log.as_mut(), &body) {
         log.received = Received::Known(b.as_ref().map_or(0, |b| b.len() as u64));

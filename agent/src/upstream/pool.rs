@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use super::body::RequestBody;
+use super::body::{BoxError, RequestBody};
 use crate::upstream::h1;
 use crate::upstream::h1::HeadRef;
 
@@ -79,12 +79,22 @@ pub enum SendError {
     /// The connection failed while the request was on it (reset, closed, bad response).
     #[error("{0}")]
     Http(h1::Error),
-    /// A new connection was needed and the breaker's `max_pending_requests` refused it.
+    /// A new connection was needed and the dial gate (the breaker's `max_pending_requests`)
+    /// refused it.
     #[error("{0}")]
-    Pending(crate::resilience::breaker::Rejected),
+    Pending(BoxError),
     /// The mutual TLS handshake failed, or the endpoint's certificate names another service.
     #[error("{0}")]
     Tls(crate::tls::ConnectError),
+}
+
+/// A limit on requests waiting for a new connection: a cluster's `max_pending_requests`,
+/// kept by `resilience::breaker` (this layer does not know it). Asked only when a request must
+/// dial; the guard counts the request as pending until it is dropped.
+pub trait DialGate {
+    type Guard;
+    type Refused: std::error::Error + Send + Sync + 'static;
+    fn enter(&self) -> Result<Self::Guard, Self::Refused>;
 }
 
 /// How long an idle connection is kept before it is closed.
@@ -107,19 +117,22 @@ impl ConnPool {
     /// A pooled connection the upstream closes without a byte of answer (the keep-alive
     /// race) sends the request once more on a new connection, when its body can be replayed
     /// (the head is lent again: no copy is kept for it).
-    /// With a `breaker`, a request that must dial counts as pending while it dials (Envoy's
+    /// With a `gate`, a request that must dial counts as pending while it dials (Envoy's
     /// `max_pending_requests`: requests waiting for a connection). With `tls` (the service an
     /// mTLS upstream must prove to be), connections are mutual TLS.
-    pub async fn send(
+    pub async fn send<G: DialGate>(
         self: &Arc<Self>,
         head: HeadRef<'_>,
         body: RequestBody,
         connect_timeout: Duration,
-        breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
+        gate: Option<&G>,
         tls: Option<&Arc<str>>,
     ) -> Result<Response<H1Body>, SendError> {
         let dial = || async {
-            let _pending = breaker.map(|b| b.pending()).transpose().map_err(SendError::Pending)?;
+            let _pending = gate
+                .map(|g| g.enter())
+                .transpose()
+                .map_err(|e| SendError::Pending(e.into()))?;
             self.connect(connect_timeout, tls).await
         };
         let Some(conn) = self.pop(tls.is_some()) else {
@@ -318,11 +331,42 @@ mod tests {
         pool: &Arc<ConnPool>,
         addr: SocketAddr,
         timeout: Duration,
-        breaker: Option<&Arc<crate::resilience::breaker::Breaker>>,
+        gate: Option<&Gate>,
         tls: Option<&Arc<str>>,
     ) -> Result<Response<H1Body>, SendError> {
         let (parts, body) = get(addr).into_parts();
-        pool.send(HeadRef::of(&parts), body, timeout, breaker, tls).await
+        pool.send(HeadRef::of(&parts), body, timeout, gate, tls).await
+    }
+
+    /// A dial gate that admits `max` dials at a time.
+    struct Gate {
+        max: usize,
+        now: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    struct Dialling(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Dialling {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("too many dials")]
+    struct TooMany;
+
+    impl DialGate for Gate {
+        type Guard = Dialling;
+        type Refused = TooMany;
+        fn enter(&self) -> Result<Dialling, TooMany> {
+            if self.now.fetch_add(1, Ordering::SeqCst) < self.max {
+                Ok(Dialling(self.now.clone()))
+            } else {
+                self.now.fetch_sub(1, Ordering::SeqCst);
+                Err(TooMany)
+            }
+        }
     }
 
     fn get(addr: SocketAddr) -> http::Request<RequestBody> {
@@ -427,12 +471,12 @@ mod tests {
     async fn a_dial_past_max_pending_is_refused_but_an_idle_connection_is_used() {
         let (addr, _) = server().await;
         let pool = Arc::new(ConnPool::new(addr));
-        let breaker = crate::resilience::breaker::Breaker::new(&crate::resilience::breaker::BreakerConfig {
-            max_pending_requests: 1,
-            ..Default::default()
-        });
+        let breaker = Gate {
+            max: 1,
+            now: Default::default(),
+        };
         // One request is dialling: the next one that must dial is refused...
-        let dialling = breaker.pending().unwrap();
+        let dialling = breaker.enter().unwrap();
         let err = send_get(&pool, addr, Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap_err();
@@ -443,7 +487,7 @@ mod tests {
             .await
             .unwrap();
         body(resp).await;
-        let _dialling = breaker.pending().unwrap();
+        let _dialling = breaker.enter().unwrap();
         let resp = send_get(&pool, addr, Duration::from_secs(1), Some(&breaker), None)
             .await
             .unwrap();
