@@ -1,9 +1,10 @@
 //! Upstream clients, below `route` and `balance` (they import nothing of `proxy` or `route`):
 //! the HTTP/1.1 exchange driven in the request's own task (`h1`), the per-endpoint pools of
-//! HTTP/1.1 connections that drive it (`pool`), the HTTP/2 clients (`client`), and the request
-//! body they send (`body`).
+//! HTTP/1.1 connections that drive it (`pool`), the HTTP/2 clients (`client`), the request body
+//! they send (`body`), and the per-thread emptied header maps both sides reuse (`maps`).
 
 pub mod body;
 pub mod client;
 pub mod h1;
+pub mod maps;
 pub mod pool;

@@ -261,6 +261,11 @@ impl EndpointStats {
         self.decayed(self.now_ns())
     }
 
+    /// The decayed peak-EWMA latency at `now` (one clock read for several endpoints).
+    pub fn ewma_ns_at(&self, now: Instant) -> f64 {
+        self.decayed(self.ns_at(now))
+    }
+
     fn decayed(&self, now: u64) -> f64 {
         let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let stamp = self.ewma_stamp.load(Ordering::Relaxed);
@@ -272,7 +277,12 @@ impl EndpointStats {
 
     /// Records a round-trip time: a peak jumps in at once, lower values are averaged in.
     pub fn observe_rtt(&self, rtt: Duration) {
-        let now = self.now_ns();
+        self.observe_rtt_at(rtt, Instant::now());
+    }
+
+    /// [`Self::observe_rtt`] for a try that ended at `at` (the caller's clock read).
+    pub fn observe_rtt_at(&self, rtt: Duration, at: Instant) {
+        let now = self.ns_at(at);
         let rtt = rtt.as_nanos() as f64;
         let cur = self.decayed(now);
         let next = if rtt > cur {
@@ -289,7 +299,8 @@ impl EndpointStats {
     }
 
     pub fn is_ejected(&self) -> bool {
-        self.is_ejected_at(Instant::now())
+        // Never ejected (the common case): no clock read.
+        self.ejected_until.load(Ordering::Relaxed) != 0 && self.is_ejected_at(Instant::now())
     }
 
     /// Whether the endpoint is ejected at `now`.

@@ -4,6 +4,7 @@
 //! would make a ramping instance at weight 10 look ten times cheaper whenever it is drawn.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::random::WeightedRandom;
 use super::{two_choices, Endpoint};
@@ -14,8 +15,8 @@ use super::{two_choices, Endpoint};
 /// which at 1.5x handed a ramping instance twice its share. An endpoint 10x slower is sick.
 const CLEARLY_CHEAPER: f64 = 10.0;
 
-fn cost(e: &Endpoint) -> f64 {
-    e.stats.ewma_ns() * (e.stats.in_flight() as f64 + 1.0)
+fn cost(e: &Endpoint, now: Instant) -> f64 {
+    e.stats.ewma_ns_at(now) * (e.stats.in_flight() as f64 + 1.0)
 }
 
 pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> usize {
@@ -23,8 +24,9 @@ pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> 
         return 0;
     }
     let (a, b) = two_choices(endpoints.len(), by_weight);
+    let now = Instant::now();
     if by_weight.is_none() {
-        return if cost(&endpoints[b]) < cost(&endpoints[a]) {
+        return if cost(&endpoints[b], now) < cost(&endpoints[a], now) {
             b
         } else {
             a
@@ -33,7 +35,7 @@ pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> 
     // With uneven weights the draw carries the weights: the second candidate wins only when it
     // is an order of magnitude cheaper, so that endpoints of comparable latency share by weight
     // (a ramping instance gets its ramp's share) instead of by noise in their estimates.
-    if cost(&endpoints[b]) * CLEARLY_CHEAPER < cost(&endpoints[a]) {
+    if cost(&endpoints[b], now) * CLEARLY_CHEAPER < cost(&endpoints[a], now) {
         b
     } else {
         a

@@ -59,6 +59,17 @@ pub fn early_completion<B>(
     start: Instant,
     cluster: Option<Arc<Cluster>>,
 ) -> Completion {
+    let mut completion = new_completion(ctx, req, start, cluster);
+    if let Some(log) = completion.log.as_mut() {
+        log.authority = req.headers().get(header::HOST).cloned();
+        log.request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    }
+    completion
+}
+
+/// The completion of a request `forward` serves: the access log's authority and request id
+/// are left to the prepare stage, which settles the request id (no lookups twice).
+fn new_completion<B>(ctx: &ConnCtx, req: &Request<B>, start: Instant, cluster: Option<Arc<Cluster>>) -> Completion {
     // Captured for the access log, or for a tap attached now whose filter may pass it.
     let capture = ctx.shared.access_log.enabled() || record::tap_wants(cluster.as_deref(), req.uri().path());
     Completion {
@@ -79,8 +90,8 @@ pub fn early_completion<B>(
                 wall_start: SystemTime::now(),
                 method: req.method().clone(),
                 uri: req.uri().clone(),
-                authority: req.headers().get(header::HOST).cloned(),
-                request_id: req.headers().get(&headers::X_REQUEST_ID).cloned(),
+                authority: None,
+                request_id: None,
                 client: ctx.client,
                 caller: ctx.peer.as_ref().map(|p| p.uri.clone()),
                 received: Received::Known(0),
@@ -135,7 +146,7 @@ pub async fn forward(
     start: Instant,
 ) -> Result<Response<ResponseBody>, InjectedReset> {
     let grpc = is_grpc(&req) || cluster.is_grpc();
-    let mut completion = early_completion(ctx, &req, start, Some(cluster.clone()));
+    let mut completion = new_completion(ctx, &req, start, Some(cluster.clone()));
     let (parts, body) = req.into_parts();
     let h2 = matches!(cluster.protocol, Protocol::Http2 | Protocol::Grpc);
 
@@ -170,7 +181,7 @@ pub async fn forward(
                 completion.cluster = Some(c.clone());
                 let now_h2 = matches!(c.protocol, Protocol::Http2 | Protocol::Grpc);
                 if now_h2 != h2 {
-                    prepare::set_authority(&mut p.parts, now_h2);
+                    p.host = prepare::set_authority(&mut p.parts, now_h2);
                 }
                 c.clone()
             }
@@ -286,6 +297,7 @@ pub async fn forward(
         let may_retry = completion.attempts <= retry.attempts && next_body.is_some();
         let out = attempt::Outgoing {
             parts: &mut p.parts,
+            host: p.host,
             version: http_version,
             body: this_body,
             keep: may_retry,
@@ -339,7 +351,7 @@ pub async fn forward(
                     idle: ctx.shared.limits.idle_timeout.get(),
                     slot: ctx.slot.clone(),
                 });
-                respond(resp, completion, tunnel)
+                respond(resp, completion, tunnel, answered_at)
             }
             // A callee that is not the service asked for is never a fallback's case.
             Err(TryOutcome::ConnectFailed) if identity_mismatch => {
@@ -359,6 +371,8 @@ pub async fn forward(
             }
             Err(_) => admitted.finish_with_error(fail_or_fallback(ProxyError::Reset, grpc, fallback, completion)),
         };
+        // The request's header map is emptied and kept for the next head this thread parses.
+        crate::upstream::maps::give(std::mem::take(&mut p.parts.headers));
         return Ok(answer);
     }
 }
@@ -371,17 +385,23 @@ struct Tunnel {
     slot: Arc<super::listener::ConnSlot>,
 }
 
-/// Shapes the upstream response for the client and attaches the completion to its body.
+/// Shapes the upstream response (its head arrived at `answered_at`) for the client and attaches
+/// the completion to its body.
 fn respond(
     mut resp: Response<UpstreamBody>,
     mut completion: Completion,
     tunnel: Option<Tunnel>,
+    answered_at: Instant,
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
-    completion.headers_time = completion.start.elapsed();
-    // Only vmesh speaks for vmesh: an upstream's `x-vmesh-error` or `x-vmesh-fallback` would
-    // pass for the proxy's own answer with clients, dashboards and runbooks that act on it.
-    headers::strip_vmesh(resp.headers_mut(), |_| false);
+    completion.headers_time = answered_at.saturating_duration_since(completion.start);
+    // One pass over the fields; then only vmesh speaks for vmesh: an upstream's
+    // `x-vmesh-error` or `x-vmesh-fallback` would pass for the proxy's own answer with
+    // clients, dashboards and runbooks that act on it.
+    let fields = headers::scan(resp.headers());
+    if fields.vmesh {
+        headers::strip_vmesh(resp.headers_mut(), |_| false);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         // The upstream's side of a 101 is the HTTP/1.1 connection, past the response head.
         let upstream = match (tunnel.is_some(), resp.body_mut()) {
@@ -418,6 +438,6 @@ fn respond(
         }
     }
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    headers::strip_hop_by_hop_scanned(&mut parts.headers, false, &fields);
     Response::from_parts(parts, ResponseBody::upstream(body, Some(completion)))
 }

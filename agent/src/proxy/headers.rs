@@ -1,6 +1,9 @@
 //! Header rewriting between hops: hop-by-hop removal, `x-forwarded-for`, `x-request-id`, and
 //! vmesh's own `x-vmesh-*` namespace (no client or upstream can speak for the proxy).
 
+use std::cell::RefCell;
+
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -35,55 +38,129 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
     }
 }
 
-/// Removes hop-by-hop headers, including those named by `Connection`. With `keep_upgrade`
-/// the `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake).
-/// Returns whether the message asked for `TE: trailers` (gRPC needs it forwarded).
-///
-/// One pass over the headers finds which hop-by-hop ones are present, the `Connection` tokens
-/// and `TE: trailers` (no hashing); only those present are removed, so a message without any
-/// costs a scan of its names.
-pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
-    let fixed = fixed_hop_by_hop();
-    let mut present = 0u8;
-    let mut te_trailers = false;
-    // Tokens listed in Connection are hop-by-hop too (the fixed ones are handled below).
-    let mut named: Vec<HeaderName> = Vec::new();
+/// What one pass over a message's fields found, by name comparison only (no hashing): the
+/// stages after it look up, remove or check a field only when it is there, and most requests
+/// have none of these.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fields {
+    /// Bits of [`fixed_hop_by_hop`] present.
+    hop: u8,
+    /// A `TE` field lists `trailers`.
+    pub te_trailers: bool,
+    /// A `Connection` field lists `upgrade`.
+    pub connection_upgrade: bool,
+    /// A `Connection` field lists a name that is not one of the fixed hop-by-hop ones.
+    connection_names: bool,
+    pub expect: bool,
+    pub host: bool,
+    pub forwarded_for: bool,
+    /// `x-request-id` fields (counted up to 2).
+    pub request_ids: u8,
+    /// The only `x-request-id` is usable as it came ([`MAX_REQUEST_ID`], visible ASCII).
+    pub request_id_usable: bool,
+    /// Some `x-vmesh-*` field.
+    pub vmesh: bool,
+}
+
+impl Fields {
+    /// Whether the message asks for a protocol upgrade (`Upgrade` and `Connection: upgrade`).
+    pub fn is_upgrade(&self) -> bool {
+        self.hop & (1 << UPGRADE_BIT) != 0 && self.connection_upgrade
+    }
+}
+
+const CONNECTION_BIT: usize = 0;
+const TE_BIT: usize = 4;
+const UPGRADE_BIT: usize = 6;
+
+/// One pass over the fields of `h`: see [`Fields`].
+pub fn scan(h: &HeaderMap) -> Fields {
+    let mut f = Fields::default();
     for (name, value) in h.iter() {
-        let Some(i) = hop_index(name) else { continue };
-        present |= 1 << i;
-        // Bytes, not `str`: no UTF-8 pass, and a token with obs-text names no header anyway.
-        let tokens = || value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii);
-        if *fixed[i] == header::TE {
-            te_trailers |= tokens().any(|t| t.eq_ignore_ascii_case(b"trailers"));
-        } else if *fixed[i] == header::CONNECTION {
-            for t in tokens() {
-                let is_fixed = fixed.iter().any(|f| f.as_str().as_bytes().eq_ignore_ascii_case(t));
-                if !t.is_empty() && !is_fixed {
-                    if let Ok(n) = HeaderName::from_bytes(t) {
-                        named.push(n);
+        if let Some(i) = hop_index(name) {
+            f.hop |= 1 << i;
+            // Bytes, not `str`: no UTF-8 pass, and a token with obs-text names no header anyway.
+            let tokens = || value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii);
+            if i == TE_BIT {
+                f.te_trailers |= tokens().any(|t| t.eq_ignore_ascii_case(b"trailers"));
+            } else if i == CONNECTION_BIT {
+                for t in tokens() {
+                    if t.eq_ignore_ascii_case(b"upgrade") {
+                        f.connection_upgrade = true;
+                    } else if !t.is_empty() && !is_fixed_token(t) {
+                        f.connection_names = true;
                     }
                 }
             }
+        } else if name == header::HOST {
+            f.host = true;
+        } else if name == header::EXPECT {
+            f.expect = true;
+        } else if *name == X_FORWARDED_FOR {
+            f.forwarded_for = true;
+        } else if *name == X_REQUEST_ID {
+            f.request_ids = f.request_ids.saturating_add(1).min(2);
+            f.request_id_usable = f.request_ids == 1 && is_usable_request_id(value.as_bytes());
+        } else if is_vmesh(name) {
+            f.vmesh = true;
         }
     }
-    for n in named {
-        h.remove(n);
+    f
+}
+
+/// Whether a `Connection` token names one of [`fixed_hop_by_hop`] (case-insensitively; the
+/// length picks the candidates).
+fn is_fixed_token(t: &[u8]) -> bool {
+    let names: &[&[u8]] = match t.len() {
+        2 => &[b"te"],
+        7 => &[b"trailer", b"upgrade"],
+        10 => &[b"connection", b"keep-alive"],
+        16 => &[b"proxy-connection"],
+        17 => &[b"transfer-encoding"],
+        _ => return false,
+    };
+    names.iter().any(|n| n.eq_ignore_ascii_case(t))
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`. With `keep_upgrade`
+/// the `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake).
+/// Returns whether the message asked for `TE: trailers` (gRPC needs it forwarded).
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
+    let fields = scan(h);
+    strip_hop_by_hop_scanned(h, keep_upgrade, &fields);
+    fields.te_trailers
+}
+
+/// [`strip_hop_by_hop`] with the fields of `h` already scanned: only those present are
+/// removed, so a message without any costs nothing more.
+pub fn strip_hop_by_hop_scanned(h: &mut HeaderMap, keep_upgrade: bool, fields: &Fields) {
+    let fixed = fixed_hop_by_hop();
+    if fields.connection_names {
+        // Tokens listed in Connection are hop-by-hop too (the fixed ones are handled below).
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii))
+            .filter(|t| !t.is_empty() && !is_fixed_token(t))
+            .filter_map(|t| HeaderName::from_bytes(t).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
     for (i, name) in fixed.iter().enumerate() {
         if keep_upgrade && (*name == header::UPGRADE || *name == header::CONNECTION) {
             continue;
         }
-        if present & (1 << i) != 0 {
+        if fields.hop & (1 << i) != 0 {
             h.remove(*name);
         }
     }
     if keep_upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    te_trailers
 }
 
-/// Whether a request asks for a protocol upgrade (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
 /// Whether the request's `Upgrade` protocol (its first, the one a server picks by default) is one
 /// of `allowed` (`proxy.upgrades`), case-insensitively; the version after `/` does not count.
 pub fn upgrade_allowed(h: &HeaderMap, allowed: &[String]) -> bool {
@@ -96,16 +173,6 @@ pub fn upgrade_allowed(h: &HeaderMap, allowed: &[String]) -> bool {
     };
     let protocol = first.trim().split('/').next().unwrap_or("");
     allowed.iter().any(|a| a.eq_ignore_ascii_case(protocol))
-}
-
-pub fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .unwrap_or("")
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        })
 }
 
 /// Sets `x-forwarded-for` for the next hop. From a `trusted` client (`[proxy]
@@ -143,14 +210,9 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// Ensures the request carries one usable `x-request-id`: the client's when it sent exactly one
 /// of 1..=[`MAX_REQUEST_ID`] visible ASCII characters (`!`..=`~`: no spaces, controls or
 /// non-ASCII bytes, which would break log lines and the tools that split them), else a fresh
-/// one in its place.
+/// one in its place. (The request path reads this from [`scan`]'s `request_id_usable`.)
 pub fn ensure_request_id(h: &mut HeaderMap) {
-    let mut ids = h.get_all(&X_REQUEST_ID).iter();
-    let usable = match (ids.next(), ids.next()) {
-        (Some(id), None) => is_usable_request_id(id.as_bytes()),
-        _ => false,
-    };
-    if !usable {
+    if !scan(h).request_id_usable {
         h.insert(X_REQUEST_ID.clone(), new_request_id());
     }
 }
@@ -162,11 +224,6 @@ fn is_usable_request_id(id: &[u8]) -> bool {
 /// vmesh's own header namespace: `x-vmesh-error` and `x-vmesh-fallback` on the answers it
 /// makes, the colour header on requests.
 const VMESH_PREFIX: &str = "x-vmesh-";
-
-/// Whether the message has any `x-vmesh-*` header (one scan of the names, no allocation).
-pub fn has_vmesh(h: &HeaderMap) -> bool {
-    h.keys().any(is_vmesh)
-}
 
 /// Removes every `x-vmesh-*` header for which `keep` is false. Upstream responses lose them
 /// all (an app must not pass for the proxy: a fake `x-vmesh-error: CIRCUIT_OPEN` would be
@@ -185,7 +242,7 @@ fn is_vmesh(name: &HeaderName) -> bool {
 }
 
 /// A random version-4 UUID, formatted without allocation before the header value itself.
-fn new_request_id() -> HeaderValue {
+pub fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut r = fastrand::u128(..).to_be_bytes();
     r[6] = (r[6] & 0x0f) | 0x40;
@@ -201,8 +258,24 @@ fn new_request_id() -> HeaderValue {
         out[o + 1] = HEX[usize::from(b & 0xf)];
         o += 2;
     }
-    // Hex digits and dashes are valid header bytes.
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    // The id's bytes share a per-thread slab (one allocation per ~56 ids instead of one per
+    // id; a slab is freed once its last id is). Hex digits and dashes are valid header bytes.
+    let bytes = ID_SLAB.with(|slab| {
+        let mut slab = slab.borrow_mut();
+        if slab.capacity() - slab.len() < out.len() {
+            *slab = BytesMut::with_capacity(ID_SLAB_BYTES);
+        }
+        slab.extend_from_slice(&out);
+        slab.split().freeze()
+    });
+    HeaderValue::from_maybe_shared(bytes).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The size of a request-id slab: 56 ids.
+const ID_SLAB_BYTES: usize = 36 * 56;
+
+thread_local! {
+    static ID_SLAB: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
 #[cfg(test)]

@@ -187,7 +187,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, fields: &mut Vec<Field>) -> R
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1)).map_err(|_| HeadError::Target)?;
 
     // Room for the two fields the proxy adds (x-forwarded-for, x-request-id).
-    let mut headers = HeaderMap::with_capacity(fields.len() + 2);
+    let mut headers = crate::upstream::maps::take(fields.len() + 2);
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     let mut length: Option<u64> = None;

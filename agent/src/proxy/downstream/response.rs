@@ -8,12 +8,12 @@
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::header::{self, HeaderMap};
+use http::header;
 use http::response::Parts;
 use http::{StatusCode, Version};
 use hyper::ext::ReasonPhrase;
 
-use crate::upstream::h1::framing::BodyEncoder;
+use crate::upstream::h1::framing::{BodyEncoder, Length};
 
 /// How the response body goes out.
 #[derive(Debug)]
@@ -40,11 +40,22 @@ pub struct Answering {
 /// delimited by the close, or a `Connection: close` the response carries).
 pub fn encode_head(dst: &mut Vec<u8>, parts: &Parts, body_len: Option<u64>, req: Answering) -> (Out, bool) {
     let status = parts.status;
-    let mut closing = req.closing || has_close(&parts.headers);
+    // One pass for what the framing needs (no lookups): `Connection: close`, a valid length.
+    let mut closing = req.closing;
+    let mut has_connection = false;
+    let mut length = Length::default();
+    for (name, value) in &parts.headers {
+        if *name == header::CONNECTION {
+            has_connection = true;
+            closing |= crate::upstream::h1::head::has_token(value, "close");
+        } else if *name == header::CONTENT_LENGTH {
+            length.add(value);
+        }
+    }
     let bodyless_status = status.is_informational() || status == StatusCode::NO_CONTENT;
     let out = if bodyless_status || status == StatusCode::NOT_MODIFIED || req.head_request {
         Out::None
-    } else if let Some(n) = content_length(&parts.headers) {
+    } else if let Ok(Some(n)) = length.get() {
         Out::Framed(BodyEncoder::Length(n))
     } else if let Some(n) = body_len {
         Out::Framed(BodyEncoder::Length(n))
@@ -96,7 +107,7 @@ pub fn encode_head(dst: &mut Vec<u8>, parts: &Parts, body_len: Option<u64>, req:
     }
     if closing {
         dst.extend_from_slice(b"connection: close\r\n");
-    } else if req.version == Version::HTTP_10 && !parts.headers.contains_key(header::CONNECTION) {
+    } else if req.version == Version::HTTP_10 && !has_connection {
         dst.extend_from_slice(b"connection: keep-alive\r\n");
     }
     if !has_date {
@@ -113,17 +124,6 @@ fn put_field(dst: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     dst.extend_from_slice(b": ");
     dst.extend_from_slice(value);
     dst.extend_from_slice(b"\r\n");
-}
-
-fn has_close(h: &HeaderMap) -> bool {
-    h.get_all(header::CONNECTION)
-        .iter()
-        .any(|v| crate::upstream::h1::head::has_token(v, "close"))
-}
-
-/// A valid `Content-Length` (digits, every field the same), else `None`.
-fn content_length(h: &HeaderMap) -> Option<u64> {
-    crate::upstream::h1::framing::content_length(h).ok().flatten()
 }
 
 fn itoa_buf() -> [u8; 20] {

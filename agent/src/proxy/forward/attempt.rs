@@ -24,6 +24,8 @@ pub type Answer = Response<UpstreamBody>;
 /// version for the upstream, and this try's body.
 pub struct Outgoing<'a> {
     pub parts: &'a mut Parts,
+    /// The head has a `Host` field (else this endpoint's authority is lent for the try).
+    pub host: bool,
     pub version: Version,
     pub body: RequestBody,
     /// Another try may follow (the HTTP/2 client, which takes the head, gets a copy).
@@ -45,6 +47,7 @@ pub async fn send(
 ) -> Result<Answer, TryOutcome> {
     let Outgoing {
         parts,
+        host,
         version,
         body,
         keep,
@@ -86,7 +89,7 @@ pub async fn send(
         let uri = Uri::from(path.clone());
         // This endpoint's authority when the request has no Host (taken out again after the
         // try: another endpoint may be next).
-        let lent_host = !parts.headers.contains_key(header::HOST)
+        let lent_host = !host
             && HeaderValue::from_str(endpoint.authority.as_str())
                 .map(|h| parts.headers.insert(header::HOST, h))
                 .is_ok();

@@ -29,14 +29,18 @@ pub struct Prepared {
     pub path: PathAndQuery,
     pub upgrade: bool,
     pub on_upgrade: Option<ClientUpgrade>,
+    /// The head has a `Host` field (HTTP/1.1 upstreams; see [`set_authority`]).
+    pub host: bool,
 }
 
 /// Rewrites the head of `parts` for an upstream speaking HTTP/2 (`h2`) or HTTP/1.1.
 pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completion) -> Result<Prepared, ProxyError> {
+    // One pass over the fields: each step below looks a field up only when it is there.
+    let fields = headers::scan(&parts.headers);
     // Only the upgrades of `proxy.upgrades` (WebSocket) are tunnelled; any other (h2c, an
     // unknown protocol) goes on as a plain request with its Upgrade header stripped.
     let upgrade = parts.version == Version::HTTP_11
-        && headers::is_upgrade(&parts.headers)
+        && fields.is_upgrade()
         && headers::upgrade_allowed(&parts.headers, &ctx.shared.limits.upgrades);
     // (While the agent drains, HTTP/1.1 clients are told `Connection: close` by the server,
     // `downstream::h1`, for every response.)
@@ -44,19 +48,27 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         Some(p) => p.clone(),
         None if parts.method != http::Method::CONNECT => PathAndQuery::from_static("/"),
         // CONNECT tunnels are not a sidecar's job.
-        None => return Err(ProxyError::BadRequest),
+        None => {
+            if let Some(log) = completion.log.as_mut() {
+                log.authority = parts.headers.get(header::HOST).cloned();
+                log.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+            }
+            return Err(ProxyError::BadRequest);
+        }
     };
     let on_upgrade = if upgrade {
         parts.extensions.remove::<ClientUpgrade>()
     } else {
         None
     };
-    let te_trailers = headers::strip_hop_by_hop(&mut parts.headers, upgrade);
-    if te_trailers && h2 {
+    headers::strip_hop_by_hop_scanned(&mut parts.headers, upgrade, &fields);
+    if fields.te_trailers && h2 {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    parts.headers.remove(header::EXPECT);
-    if headers::has_vmesh(&parts.headers) {
+    if fields.expect {
+        parts.headers.remove(header::EXPECT);
+    }
+    if fields.vmesh {
         strip_vmesh(ctx, &mut parts.headers);
     }
     // Room for x-forwarded-for and x-request-id in one step: the map hyper parsed is sized
@@ -68,10 +80,22 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         .trust_forwarded_for
         .iter()
         .any(|net| net.contains(ctx.client.ip()));
-    headers::set_forwarded_for(&mut parts.headers, &ctx.client_ip, trusted);
-    headers::ensure_request_id(&mut parts.headers);
+    if trusted && fields.forwarded_for {
+        headers::set_forwarded_for(&mut parts.headers, &ctx.client_ip, true);
+    } else {
+        // No chain to keep: the client's address alone.
+        parts
+            .headers
+            .insert(headers::X_FORWARDED_FOR.clone(), ctx.client_ip.clone());
+    }
+    let mut fresh_id = None;
+    if !fields.request_id_usable {
+        let id = headers::new_request_id();
+        fresh_id = completion.log.is_some().then(|| id.clone());
+        parts.headers.insert(headers::X_REQUEST_ID.clone(), id);
+    }
     if let Some(log) = completion.log.as_mut() {
-        log.request_id = parts.headers.get(&headers::X_REQUEST_ID).cloned();
+        log.request_id = fresh_id.or_else(|| parts.headers.get(&headers::X_REQUEST_ID).cloned());
         log.authority = parts.headers.get(header::HOST).cloned().or_else(|| {
             parts
                 .uri
@@ -79,7 +103,7 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
     }
-    set_authority(&mut parts, h2);
+    let host = set_authority_known(&mut parts, h2, fields.host);
     // Tracing off: one load and one branch. On: this hop's `traceparent` for the next.
     if let Some(tracer) = crate::telemetry::trace::tracer() {
         let direction = ctx.listener.direction;
@@ -90,6 +114,7 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         path,
         upgrade,
         on_upgrade,
+        host,
     })
 }
 
@@ -107,18 +132,34 @@ fn strip_vmesh(ctx: &ConnCtx, h: &mut http::HeaderMap) {
 }
 
 /// HTTP/2 carries the authority in `:authority`; a `host` header beside it is a duplicate
-/// that servers such as nginx reject. HTTP/1.1 needs `Host`.
-pub fn set_authority(parts: &mut Parts, h2: bool) {
+/// that servers such as nginx reject. HTTP/1.1 needs `Host`. Returns whether the head has a
+/// `Host` field now.
+pub fn set_authority(parts: &mut Parts, h2: bool) -> bool {
+    let host = parts.headers.contains_key(header::HOST);
+    set_authority_known(parts, h2, host)
+}
+
+/// [`set_authority`] when whether the head has a `Host` field (`host`) is known.
+fn set_authority_known(parts: &mut Parts, h2: bool, host: bool) -> bool {
     if h2 {
-        parts.headers.remove(header::HOST);
-    } else if !parts.headers.contains_key(header::HOST) {
-        if let Some(a) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, a);
+        if host {
+            parts.headers.remove(header::HOST);
         }
+        return false;
+    }
+    if host {
+        return true;
+    }
+    match parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        Some(a) => {
+            parts.headers.insert(header::HOST, a);
+            true
+        }
+        None => false,
     }
 }
 

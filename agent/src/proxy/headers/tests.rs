@@ -26,6 +26,17 @@ fn hop_index_knows_every_fixed_name() {
 }
 
 #[test]
+fn every_fixed_name_is_a_fixed_token_in_any_case() {
+    for name in fixed_hop_by_hop() {
+        assert!(is_fixed_token(name.as_str().as_bytes()), "{name}");
+        assert!(is_fixed_token(name.as_str().to_ascii_uppercase().as_bytes()), "{name}");
+    }
+    for other in ["x-hop", "host", "t", "upgrades", ""] {
+        assert!(!is_fixed_token(other.as_bytes()), "{other}");
+    }
+}
+
+#[test]
 fn messages_without_hop_by_hop_headers_are_untouched() {
     let mut h = HeaderMap::new();
     h.insert("host", HeaderValue::from_static("svc"));
@@ -55,7 +66,7 @@ fn upgrade_handshake_keeps_upgrade() {
     let mut h = HeaderMap::new();
     h.insert("connection", HeaderValue::from_static("Upgrade"));
     h.insert("upgrade", HeaderValue::from_static("websocket"));
-    assert!(is_upgrade(&h));
+    assert!(scan(&h).is_upgrade());
     strip_hop_by_hop(&mut h, true);
     assert_eq!(h["upgrade"], "websocket");
     assert_eq!(h["connection"], "upgrade");
@@ -170,14 +181,14 @@ fn vmesh_headers_are_stripped_unless_kept() {
     h.append("x-vmesh-colour", HeaderValue::from_static("green"));
     h.insert("x-vmeshy", HeaderValue::from_static("not ours"));
     h.insert("x-other", HeaderValue::from_static("kept"));
-    assert!(has_vmesh(&h));
+    assert!(scan(&h).vmesh);
     strip_vmesh(&mut h, |n| n == "x-vmesh-colour");
     let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["x-other", "x-vmesh-colour", "x-vmeshy"]);
     assert_eq!(h.get_all("x-vmesh-colour").iter().count(), 2);
     strip_vmesh(&mut h, |_| false);
-    assert!(!has_vmesh(&h));
+    assert!(!scan(&h).vmesh);
     assert_eq!(h.len(), 2);
 }
 
@@ -224,4 +235,66 @@ fn only_listed_upgrade_protocols_are_allowed() {
         assert_eq!(upgrade_allowed(&h, &allowed), ok, "{upgrade:?}");
     }
     assert!(!upgrade_allowed(&HeaderMap::new(), &allowed), "no Upgrade header");
+}
+
+#[test]
+fn one_scan_finds_the_fields_the_request_path_acts_on() {
+    let f = scan(&headers(&[("host", "a")]));
+    assert!(f.host && !f.expect && !f.forwarded_for && !f.vmesh && !f.is_upgrade());
+    assert_eq!((f.request_ids, f.request_id_usable), (0, false));
+
+    let f = scan(&headers(&[
+        ("expect", "100-continue"),
+        ("x-forwarded-for", "1.2.3.4"),
+        ("x-request-id", "abc"),
+        ("x-vmesh-colour", "blue"),
+        ("connection", "Upgrade, x-hop"),
+        ("upgrade", "websocket"),
+        ("te", "trailers"),
+    ]));
+    assert!(f.expect && f.forwarded_for && f.vmesh && f.is_upgrade() && f.te_trailers && !f.host);
+    assert_eq!((f.request_ids, f.request_id_usable), (1, true));
+
+    // Two ids, or one with a space, are not kept.
+    let f = scan(&headers(&[("x-request-id", "a"), ("x-request-id", "b")]));
+    assert_eq!((f.request_ids, f.request_id_usable), (2, false));
+    assert!(!scan(&headers(&[("x-request-id", "a b")])).request_id_usable);
+    // `Upgrade` without `Connection: upgrade` is no upgrade.
+    assert!(!scan(&headers(&[("upgrade", "websocket")])).is_upgrade());
+}
+
+#[test]
+fn a_scanned_strip_removes_what_the_scan_found_and_nothing_else() {
+    let mut h = headers(&[
+        ("connection", "keep-alive, x-hop"),
+        ("keep-alive", "timeout=5"),
+        ("x-hop", "1"),
+        ("x-keep", "1"),
+    ]);
+    let f = scan(&h);
+    strip_hop_by_hop_scanned(&mut h, false, &f);
+    let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    assert_eq!(left, ["x-keep"]);
+}
+
+fn headers(fields: &[(&'static str, &'static str)]) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (n, v) in fields {
+        h.append(*n, HeaderValue::from_static(v));
+    }
+    h
+}
+
+#[test]
+fn fresh_request_ids_are_distinct_uuids_across_slabs() {
+    // More ids than one slab holds: every one is a version-4 UUID and none repeats.
+    let ids: Vec<HeaderValue> = (0..200).map(|_| new_request_id()).collect();
+    let distinct: std::collections::HashSet<&[u8]> = ids.iter().map(HeaderValue::as_bytes).collect();
+    assert_eq!(distinct.len(), ids.len());
+    for id in &ids {
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36, "{s}");
+        assert_eq!(&s[14..15], "4", "{s}");
+        assert!(s.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{s}");
+    }
 }

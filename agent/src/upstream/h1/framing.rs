@@ -187,6 +187,36 @@ pub enum BodyEncoder {
     Chunked,
 }
 
+/// What the response framing reads of a head's fields, gathered while the head is parsed (no
+/// lookup afterwards).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FramingFields {
+    /// A `Transfer-Encoding` field is present.
+    pub transfer_encoding: bool,
+    /// The `Content-Length` fields.
+    pub length: Length,
+}
+
+impl FramingFields {
+    /// Adds one field of the head, in order.
+    pub fn add(&mut self, name: &http::HeaderName, value: &HeaderValue) {
+        if *name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if *name == header::CONTENT_LENGTH {
+            self.length.add(value);
+        }
+    }
+
+    /// The framing fields of `headers`.
+    pub fn of(headers: &HeaderMap) -> Self {
+        let mut f = Self::default();
+        for (name, value) in headers {
+            f.add(name, value);
+        }
+        f
+    }
+}
+
 /// Decides how the response to `method` whose head is `head` is framed; removes the head's
 /// Content-Length when Transfer-Encoding overrides it.
 pub fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<ResponseFraming, FramingError> {
@@ -203,19 +233,21 @@ pub fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<Resp
         return Ok(ResponseFraming::Upgrade);
     }
     let headers = &mut head.headers;
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    if head.framing.transfer_encoding {
         // RFC 9112 §6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
         if head.version == Version::HTTP_10 {
             return Err(FramingError::TransferEncodingInHttp10);
         }
-        headers.remove(header::CONTENT_LENGTH);
+        if head.framing.length.is_present() {
+            headers.remove(header::CONTENT_LENGTH);
+        }
         return Ok(if is_chunked(headers) {
             ResponseFraming::Chunked
         } else {
             ResponseFraming::CloseDelimited
         });
     }
-    Ok(match content_length(headers)? {
+    Ok(match head.framing.length.get()? {
         Some(len) => ResponseFraming::Length(len),
         None => ResponseFraming::CloseDelimited,
     })
@@ -235,29 +267,62 @@ pub fn is_chunked(headers: &HeaderMap) -> bool {
 /// The Content-Length of `headers`: `None` without one; an error when a value is not digits
 /// (comma-separated lists allowed), when values differ, or past hyper's largest length.
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, FramingError> {
-    let mut len = None;
+    let mut len = Length::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        // The usual field: digits alone, read without the list and whitespace handling.
-        if let Some(n) = digits(value.as_bytes()) {
-            if len.is_some_and(|l| l != n) {
-                return Err(FramingError::InvalidContentLength);
-            }
-            len = Some(n);
-            continue;
-        }
-        let text = value.to_str().map_err(|_| FramingError::InvalidContentLength)?;
-        for part in text.split(',') {
-            let n = digits(part.trim().as_bytes()).ok_or(FramingError::InvalidContentLength)?;
-            if len.is_some_and(|l| l != n) {
-                return Err(FramingError::InvalidContentLength);
-            }
-            len = Some(n);
+        len.add(value);
+    }
+    len.get()
+}
+
+/// [`content_length`] read field by field, for a caller that passes over the fields anyway
+/// (no lookup): `add` each `Content-Length` value in order, then `get`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Length {
+    len: Option<u64>,
+    invalid: bool,
+}
+
+impl Length {
+    /// Whether a `Content-Length` field was added (valid or not).
+    pub fn is_present(&self) -> bool {
+        self.len.is_some() || self.invalid
+    }
+
+    pub fn add(&mut self, value: &HeaderValue) {
+        if !self.invalid && self.fold(value).is_none() {
+            self.invalid = true;
         }
     }
-    // hyper keeps the two values above for its own markers.
-    match len {
-        Some(n) if n > u64::MAX - 2 => Err(FramingError::ContentLengthTooLarge),
-        _ => Ok(len),
+
+    fn fold(&mut self, value: &HeaderValue) -> Option<()> {
+        // The usual field: digits alone, read without the list and whitespace handling.
+        if let Some(n) = digits(value.as_bytes()) {
+            return self.one(n);
+        }
+        let text = value.to_str().ok()?;
+        for part in text.split(',') {
+            self.one(digits(part.trim().as_bytes())?)?;
+        }
+        Some(())
+    }
+
+    fn one(&mut self, n: u64) -> Option<()> {
+        if self.len.is_some_and(|l| l != n) {
+            return None;
+        }
+        self.len = Some(n);
+        Some(())
+    }
+
+    /// The length: `None` without a field; an error when a value was not digits (lists
+    /// allowed), when values differed, or past hyper's largest length.
+    pub fn get(self) -> Result<Option<u64>, FramingError> {
+        match self.len {
+            _ if self.invalid => Err(FramingError::InvalidContentLength),
+            // hyper keeps the two values above for its own markers.
+            Some(n) if n > u64::MAX - 2 => Err(FramingError::ContentLengthTooLarge),
+            len => Ok(len),
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use hyper::ext::ReasonPhrase;
 
-use super::framing::{ChunkedHeader, HeaderEdits};
+use super::framing::{ChunkedHeader, FramingFields, HeaderEdits};
 use super::Limits;
 
 /// The most header fields a response head may carry (hyper's default).
@@ -32,6 +32,8 @@ pub struct ResponseHead {
     /// Whether the upstream lets the connection carry another request after this response:
     /// HTTP/1.1 unless a `Connection` field says `close`, HTTP/1.0 only with `keep-alive`.
     pub keep_alive: bool,
+    /// The fields the framing decision reads, seen while parsing.
+    pub framing: FramingFields,
 }
 
 /// Why a response head was refused.
@@ -203,7 +205,8 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
         },
     };
 
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut headers = crate::upstream::maps::take(fields.len());
+    let mut framing = FramingFields::default();
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     for f in fields.iter() {
@@ -223,6 +226,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
                 keep_alive = has_token(&value, "keep-alive");
             }
         }
+        framing.add(&name, &value);
         headers.append(name, value);
     }
     Ok(Some(ResponseHead {
@@ -231,6 +235,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
         reason,
         headers,
         keep_alive,
+        framing,
     }))
 }
 

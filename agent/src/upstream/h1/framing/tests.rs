@@ -22,11 +22,13 @@ fn headers(fields: &[(&str, &str)]) -> HeaderMap {
 }
 
 fn head(version: Version, status: u16, fields: &[(&str, &str)]) -> ResponseHead {
+    let headers = headers(fields);
     ResponseHead {
         version,
         status: StatusCode::from_u16(status).unwrap(),
         reason: None,
-        headers: headers(fields),
+        framing: FramingFields::of(&headers),
+        headers,
         keep_alive: true,
     }
 }
