@@ -2,12 +2,12 @@
 //! whole on reload. Clusters keep their endpoints' statistics and connection pools across a
 //! reload when the endpoint or the pool settings did not change.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::HeaderName;
+use rustc_hash::FxHashMap;
 
 use crate::balance::{Endpoint, EndpointSet, Env, Labels, Source};
 use crate::config::{
@@ -64,8 +64,9 @@ pub struct Cluster {
 #[derive(Default)]
 pub struct RouteTable {
     pub inbound: Option<Arc<Cluster>>,
-    /// Outbound clusters by service name.
-    pub services: HashMap<Box<str>, Arc<Cluster>>,
+    /// Outbound clusters by service name, looked up once per request (FxHash: names from the
+    /// config; a client's `Host` on the shared port only looks up, it cannot grow a chain).
+    pub services: FxHashMap<Box<str>, Arc<Cluster>>,
     /// `[[route]]` rules, compiled.
     pub rules: RouteRules,
     /// `[colour]`, compiled.

@@ -11,7 +11,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Uri, Version};
 
 use crate::upstream::h1::head::has_token;
@@ -197,7 +197,7 @@ fn parse_head(buf: &mut BytesMut, max_head: usize, fields: &mut Vec<Field>) -> R
     let mut upgrade = false;
     for f in fields.iter() {
         let name = head.get(f.name.0..f.name.1).ok_or(HeadError::Field)?;
-        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::Field)?;
+        let name = crate::upstream::names::name(name).map_err(|_| HeadError::Field)?;
         if head.get(f.value.0..f.value.1).is_none() {
             return Err(HeadError::Field);
         }

@@ -10,7 +10,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::BytesMut;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use hyper::ext::ReasonPhrase;
 
@@ -211,7 +211,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
     let mut saw_close = false;
     for f in fields.iter() {
         let name = head.get(f.name.0..f.name.1).ok_or(HeadError::Field)?;
-        let name = HeaderName::from_bytes(name).map_err(|_| HeadError::Field)?;
+        let name = crate::upstream::names::name(name).map_err(|_| HeadError::Field)?;
         // Checked before `slice`, which panics out of range (httparse's slices are in range).
         if head.get(f.value.0..f.value.1).is_none() {
             return Err(HeadError::Field);
