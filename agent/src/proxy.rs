@@ -98,9 +98,16 @@ pub struct ListenerCtx {
     pub name: String,
     pub kind: ListenerKind,
     pub direction: Direction,
+    /// The HTTP/2 server's settings (hyper's builder), for the connections that open with the
+    /// HTTP/2 preface.
+    pub http: Arc<hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>>,
 }
 
-/// Requests in progress on one downstream connection, for its idle timeout.
+/// One downstream connection's shared part: its requests in progress (for its idle and stall
+/// watches), and what it holds while it lives, as does an upgrade tunnel made from it after it
+/// (`listener::ConnSlot` is this type): its places under the listener's and the agent's
+/// connection caps, its count in `vmesh_downstream_connections_active`, and a drain watch
+/// (shutdown waits for it). One allocation per connection for both.
 #[derive(Debug)]
 pub struct ConnActivity {
     start: std::time::Instant,
@@ -114,13 +121,23 @@ pub struct ConnActivity {
     progress: std::sync::atomic::AtomicU64,
     /// Set when the stall watch closed the connection: the requests it cut log the reason.
     stalled: std::sync::atomic::AtomicBool,
+    _permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+    counted: prometheus_client::metrics::gauge::Gauge,
+    pub drain: DrainWatch,
 }
 
 /// A request in progress; its drop stamps the connection's last activity.
 pub struct ActiveRequest(Arc<ConnActivity>);
 
 impl ConnActivity {
-    pub fn new(global: Arc<InFlightCap>) -> Arc<Self> {
+    /// A connection that starts now, holding `permits` (the listener's cap, the agent's), counted
+    /// in `counted` (decremented when the last holder drops it) and holding `drain`.
+    pub fn new(
+        global: Arc<InFlightCap>,
+        permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+        counted: prometheus_client::metrics::gauge::Gauge,
+        drain: DrainWatch,
+    ) -> Arc<Self> {
         Arc::new(Self {
             start: std::time::Instant::now(),
             global,
@@ -128,6 +145,9 @@ impl ConnActivity {
             last_end_ms: std::sync::atomic::AtomicU64::new(0),
             progress: std::sync::atomic::AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
+            _permits: permits,
+            counted,
+            drain,
         })
     }
 
@@ -167,6 +187,12 @@ impl ConnActivity {
     }
 }
 
+impl Drop for ConnActivity {
+    fn drop(&mut self) {
+        self.counted.dec();
+    }
+}
+
 impl ActiveRequest {
     /// The connection this request is on.
     pub fn conn(&self) -> &ConnActivity {
@@ -194,8 +220,55 @@ pub struct ConnCtx {
     pub activity: Arc<ConnActivity>,
     /// The caller's verified identity (mutual TLS on the inbound listener), else `None`.
     pub peer: Option<Arc<crate::tls::PeerIdentity>>,
-    /// The connection's slot under the caps; an upgrade tunnel keeps it.
+    /// The connection's slot under the caps; an upgrade tunnel keeps it. (The same allocation
+    /// as `activity`.)
     pub slot: Arc<listener::ConnSlot>,
+}
+
+impl ConnCtx {
+    /// The context of a connection from `client`, accepted on `listener` and holding `slot`.
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: Arc<ListenerCtx>,
+        client: SocketAddr,
+        peer: Option<Arc<crate::tls::PeerIdentity>>,
+        slot: Arc<listener::ConnSlot>,
+    ) -> Arc<Self> {
+        let client_ip = client_ip(client.ip());
+        Arc::new(Self {
+            shared,
+            listener,
+            client,
+            client_ip,
+            activity: slot.clone(),
+            peer,
+            slot,
+        })
+    }
+}
+
+thread_local! {
+    /// The last client IP seen on this thread, as a header value: a sidecar's clients are mostly
+    /// the one local app, so its connections share these bytes instead of holding a copy each.
+    static LAST_CLIENT_IP: std::cell::RefCell<Option<(std::net::IpAddr, ::http::HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `ip` as a header value (for `x-forwarded-for`), shared with the connection before when it
+/// came from the same address.
+fn client_ip(ip: std::net::IpAddr) -> ::http::HeaderValue {
+    LAST_CLIENT_IP.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((seen, value)) = &*last {
+            if *seen == ip {
+                return value.clone();
+            }
+        }
+        let value = ::http::HeaderValue::from_str(&ip.to_string())
+            .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
+        *last = Some((ip, value.clone()));
+        value
+    })
 }
 
 impl ListenerCtx {
@@ -220,6 +293,16 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::strip_port;
+
+    #[test]
+    fn a_client_ip_is_the_same_header_value_from_the_cache_or_not() {
+        let v4: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert_eq!(super::client_ip(v4), "10.1.2.3");
+        assert_eq!(super::client_ip(v4), "10.1.2.3");
+        assert_eq!(super::client_ip(v6), "::1");
+        assert_eq!(super::client_ip(v4), "10.1.2.3");
+    }
 
     #[test]
     fn ports_are_stripped_from_hosts() {

@@ -13,12 +13,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use super::body::ResponseBody;
-use super::downstream::aside::Aside;
 use super::downstream::io::{Prefixed, Transport};
+use super::downstream::watch::DRAIN_LINGER;
 use super::downstream::{self, ClientBody};
 use super::error::ProxyError;
 use super::forward::{early_completion, fail, forward, is_grpc, InjectedReset};
-use super::{ConnCtx, DrainWatch};
+use super::ConnCtx;
 use crate::config::ProxyConfig;
 
 /// The connection builder for downstream HTTP, with the configured limits.
@@ -53,102 +53,62 @@ pub fn server_builder(limits: &ProxyConfig) -> auto::Builder<TokioExecutor> {
 
 /// Serves `stream` (TCP, or TLS over TCP) until it closes, or until draining has let its
 /// in-flight requests finish: HTTP/2 when the client opens with the HTTP/2 preface (hyper's
-/// server), HTTP/1.1 otherwise (vmesh's own, `downstream/h1.rs`).
-pub async fn serve<S>(builder: Arc<auto::Builder<TokioExecutor>>, stream: S, ctx: Arc<ConnCtx>, mut drain: DrainWatch)
-where
-    S: Transport,
-{
-    let activity = ctx.activity.clone();
-    let head_timeout = ctx.shared.limits.header_read_timeout.get();
-    let idle_timeout = ctx.shared.limits.idle_timeout.get();
-    let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
-    let shared = ctx.shared.clone();
-    let listener = ctx.listener.clone();
+/// server), HTTP/1.1 otherwise (vmesh's own, `downstream/h1.rs`, with its watches).
+///
+/// This is (inside the spawned task) the future every idle HTTP/1.1 connection holds: what only
+/// the version detection or HTTP/2 needs is boxed, and freed or never made.
+pub fn serve<S: Transport>(stream: S, ctx: Arc<ConnCtx>) -> impl Future<Output = ()> + Send {
+    // The detection is boxed before the future is made (freed once the version is known), and
+    // the future is an async block on what it needs, not an async fn: the transport is not kept
+    // (as an async fn's argument would be) beside the connection made from it.
+    let detect = Box::pin(detect_version(stream, ctx.clone()));
+    async move {
+        let Some((stream, h2, prefix)) = detect.await else {
+            return;
+        };
+        if h2 {
+            // Boxed, as is the HTTP/2 path as a whole: an HTTP/1.1 connection's future stays
+            // small.
+            Box::pin(serve_h2(stream, prefix, ctx)).await;
+            return;
+        }
+        downstream::h1::serve(stream, prefix, &ctx, Proxy).await;
+    }
+}
 
-    // The version: the HTTP/2 preface, or anything else (HTTP/1.1), within the head timeout.
-    let mut stream = stream;
-    let opened = std::time::Instant::now();
-    // Boxed (freed once the version is known): an idle connection's future does not keep
-    // room for the detection's timer.
-    let detected = Box::pin(async {
+/// The version: the HTTP/2 preface, or anything else (HTTP/1.1), within the head timeout; the
+/// stream comes back with the bytes read. `None`: the client closed, failed or sent nothing in
+/// time (counted), or the agent drained.
+async fn detect_version<S: Transport>(mut stream: S, ctx: Arc<ConnCtx>) -> Option<(S, bool, BytesMut)> {
+    let head_timeout = ctx.shared.limits.header_read_timeout.get();
+    let mut drain = ctx.slot.drain.clone();
+    let detected = {
         let first = tokio::time::timeout(head_timeout, detect(&mut stream));
         tokio::pin!(first);
         tokio::select! {
-            d = &mut first => Some(d),
+            d = &mut first => d,
             // A client that connected just before the agent stopped accepting still gets the
             // drain linger to send its request (answered with `Connection: close`).
-            () = drain.signaled() => tokio::time::timeout(DRAIN_LINGER, &mut first).await.ok(),
+            () = drain.signaled() => tokio::time::timeout(DRAIN_LINGER, &mut first).await.ok()?,
         }
-    })
-    .await;
-    let Some(detected) = detected else {
-        return;
     };
-    let (h2, prefix) = match detected {
-        Ok(Ok(Some(d))) => d,
-        Ok(Ok(None) | Err(_)) => return,
+    match detected {
+        Ok(Ok(Some((h2, prefix)))) => Some((stream, h2, prefix)),
+        Ok(Ok(None) | Err(_)) => None,
         Err(_) => {
             tracing::debug!(?head_timeout, "downstream connection sent no request: closing");
-            shared.metrics.downstream_closed(&listener.name, "header_read_timeout");
-            return;
+            ctx.shared
+                .metrics
+                .downstream_closed(&ctx.listener.name, "header_read_timeout");
+            None
         }
-    };
-
-    if !h2 {
-        let conn = downstream::h1::serve(stream, prefix, opened, &ctx, &Proxy);
-        // The watches (drain, idle, stall) are polled when their own timer or signal fires,
-        // not at each of the connection's wakes.
-        let watch = Aside::new(async {
-            tokio::select! {
-                () = drain.signaled() => None,
-                quiet = quiet(&activity, idle_timeout, stall_timeout) => Some(quiet),
-            }
-        });
-        tokio::pin!(conn, watch);
-        let watched = tokio::select! {
-            biased;
-            () = conn.as_mut() => return,
-            w = watch => w,
-        };
-        match watched {
-            None => {
-                // Busy connections close after their response (`Connection: close` while the
-                // agent drains); an idle one gets a moment for a last request, then closes.
-                // (The linger's timer boxed: it is not part of an idle connection's future.)
-                let linger = Box::pin(tokio::time::sleep(DRAIN_LINGER));
-                tokio::select! {
-                    () = conn.as_mut() => return,
-                    () = linger => {}
-                }
-                if activity.idle_for().is_some() {
-                    return;
-                }
-                conn.await;
-            }
-            Some(Quiet::Idle) => {
-                tracing::debug!(?idle_timeout, "downstream connection idle: closing");
-            }
-            Some(Quiet::Stalled) => {
-                tracing::debug!(?stall_timeout, "downstream connection stalled: closing");
-                activity.stalled.store(true, std::sync::atomic::Ordering::Relaxed);
-                shared.metrics.downstream_closed(&listener.name, "stream_idle_timeout");
-            }
-        }
-        return;
     }
-
-    // Boxed, as is the HTTP/2 path as a whole: an HTTP/1.1 connection's future stays small.
-    Box::pin(serve_h2(builder, stream, prefix, ctx, drain)).await;
 }
 
 /// The HTTP/2 connection, on hyper's server, with the preface already read in `prefix`.
-async fn serve_h2<S: Transport>(
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: S,
-    prefix: BytesMut,
-    ctx: Arc<ConnCtx>,
-    mut drain: DrainWatch,
-) {
+async fn serve_h2<S: Transport>(stream: S, prefix: BytesMut, ctx: Arc<ConnCtx>) {
+    let builder = ctx.listener.http.clone();
+    let mut drain = ctx.slot.drain.clone();
     let activity = ctx.activity.clone();
     let idle_timeout = ctx.shared.limits.idle_timeout.get();
     let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();
@@ -226,10 +186,7 @@ async fn detect<S: Transport>(stream: &mut S) -> std::io::Result<Option<(bool, B
     }
 }
 
-/// How long a draining connection may still carry requests before it is shut down.
-const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_millis(1000);
-
-/// Why a connection's watch ended.
+/// Why an HTTP/2 connection's watch ended.
 enum Quiet {
     /// No request in progress for `proxy.idle_timeout`.
     Idle,
@@ -265,6 +222,7 @@ async fn quiet(activity: &super::ConnActivity, idle: std::time::Duration, stall:
 }
 
 /// The request path, for the HTTP/1.1 server.
+#[derive(Clone, Copy)]
 struct Proxy;
 
 impl downstream::h1::Handle for Proxy {

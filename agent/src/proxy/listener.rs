@@ -7,7 +7,7 @@ use std::sync::Arc;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 
 use super::{http, tcp, ConnCtx, DrainWatch, ListenerCtx, Shared};
 use crate::config::{Config, Protocol, TlsMode};
@@ -39,6 +39,7 @@ pub struct Running {
     pub spec: ListenerSpec,
     stop: watch::Sender<bool>,
     update: watch::Sender<Target>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
 }
 
 /// What the accept loop hands each new connection.
@@ -50,8 +51,9 @@ struct Target {
 }
 
 impl Target {
-    fn new(spec: &ListenerSpec) -> Self {
+    fn new(spec: &ListenerSpec, builder: &Arc<auto::Builder<TokioExecutor>>) -> Self {
         let ctx = Arc::new(ListenerCtx {
+            http: builder.clone(),
             name: spec.name(),
             direction: if spec.kind == ListenerKind::Inbound {
                 Direction::Inbound
@@ -153,16 +155,21 @@ impl Running {
         drain: DrainWatch,
     ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let (update, target) = watch::channel(Target::new(&spec));
+        let (update, target) = watch::channel(Target::new(&spec, &builder));
         tracing::info!(listener = %spec.name(), addr = %spec.addr, protocol = ?spec.protocol, "listening");
-        tokio::spawn(accept_loop(listener, target, shared, builder, drain, stop_rx));
-        Self { spec, stop, update }
+        tokio::spawn(accept_loop(listener, target, shared, drain, stop_rx));
+        Self {
+            spec,
+            stop,
+            update,
+            builder,
+        }
     }
 
     /// Serves `spec` (same address) for connections accepted from now on.
     pub fn retarget(&mut self, spec: ListenerSpec) {
         tracing::info!(listener = %spec.name(), addr = %spec.addr, protocol = ?spec.protocol, "listener retargeted");
-        let _ = self.update.send(Target::new(&spec));
+        let _ = self.update.send(Target::new(&spec, &self.builder));
         self.spec = spec;
     }
 
@@ -183,7 +190,6 @@ async fn accept_loop(
     listener: TcpListener,
     target: watch::Receiver<Target>,
     shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     mut drain: DrainWatch,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -218,69 +224,44 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         total.inc();
         active.inc();
-        let slot = Arc::new(ConnSlot {
-            _permits: permits,
-            active: active.clone(),
-            drain: drain.clone(),
-        });
+        let slot = ConnSlot::new(shared.in_flight.clone(), permits, active.clone(), drain.clone());
         let Target { ctx, protocol, mode } = target.borrow().clone();
-        let spawn_ctx = (shared.clone(), builder.clone());
-        tokio::spawn(async move {
-            let (shared, builder) = spawn_ctx;
-            if mode == TlsMode::Plaintext || protocol == Protocol::Tcp {
-                serve_conn(stream, peer, protocol, shared, ctx, builder, slot).await;
-            } else {
-                // Boxed: the TLS handshake's state is larger than a plaintext connection's whole
-                // future, which every idle plaintext connection would otherwise be sized for.
-                Box::pin(serve_tls_conn(stream, peer, mode, shared, ctx, builder, slot)).await;
-            }
-        });
+        if protocol != Protocol::Tcp && mode == TlsMode::Plaintext {
+            // A plaintext HTTP connection's task is `http::serve` itself: the future every idle
+            // keep-alive connection holds, kept small.
+            let conn = ConnCtx::new(shared.clone(), ctx, peer, None, slot);
+            tokio::spawn(http::serve(stream, conn));
+        } else {
+            // Boxed: TCP forwarding and the TLS handshake hold more state than a plaintext
+            // connection's whole future, which every idle connection would otherwise be sized for.
+            let other = serve_other(stream, peer, protocol, mode, shared.clone(), ctx, slot);
+            tokio::spawn(Box::pin(other));
+        }
     }
     tracing::info!(listener = %name, "stopped accepting");
 }
 
 /// What one downstream connection holds while it lives, and an upgrade tunnel made from it
 /// after it: its place under the listener's and the agent's connection caps, its count in
-/// `vmesh_downstream_connections_active`, and a drain watch (shutdown waits for it).
-pub struct ConnSlot {
-    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    active: prometheus_client::metrics::gauge::Gauge,
-    pub drain: DrainWatch,
-}
+/// `vmesh_downstream_connections_active`, and a drain watch (shutdown waits for it). One
+/// allocation with the connection's activity: the same type.
+pub type ConnSlot = super::ConnActivity;
 
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.active.dec();
-    }
-}
-
-async fn serve_conn(
+/// A TCP connection, or a connection on a TLS listener.
+async fn serve_other(
     stream: TcpStream,
     peer: SocketAddr,
     protocol: Protocol,
+    mode: TlsMode,
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     slot: Arc<ConnSlot>,
 ) {
     if protocol == Protocol::Tcp {
         tcp::proxy(stream, peer, &shared, &listener, slot.drain.clone()).await;
         return;
     }
-    let client_ip = ::http::HeaderValue::from_str(&peer.ip().to_string())
-        .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
-    let activity = super::ConnActivity::new(shared.in_flight.clone());
-    let drain = slot.drain.clone();
-    let ctx = Arc::new(ConnCtx {
-        shared,
-        listener,
-        client: peer,
-        client_ip,
-        activity,
-        peer: None,
-        slot,
-    });
-    http::serve(builder, stream, ctx, drain).await;
+    serve_tls_conn(stream, peer, mode, shared, listener, slot).await;
 }
 
 /// A connection on a `permissive` or `strict` listener: mutual TLS (with the caller's
@@ -291,26 +272,12 @@ async fn serve_tls_conn(
     mode: TlsMode,
     shared: Arc<Shared>,
     listener: Arc<ListenerCtx>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
     slot: Arc<ConnSlot>,
 ) {
-    let drain = slot.drain.clone();
     let accepted = crate::tls::accept(stream, mode, shared.limits.header_read_timeout.get()).await;
-    let client_ip = ::http::HeaderValue::from_str(&peer.ip().to_string())
-        .unwrap_or_else(|_| ::http::HeaderValue::from_static("unknown"));
-    let ctx = |identity| {
-        Arc::new(ConnCtx {
-            shared: shared.clone(),
-            listener: listener.clone(),
-            client: peer,
-            client_ip,
-            activity: super::ConnActivity::new(shared.in_flight.clone()),
-            peer: identity,
-            slot: slot.clone(),
-        })
-    };
+    let ctx = |identity| ConnCtx::new(shared.clone(), listener.clone(), peer, identity, slot.clone());
     match accepted {
-        Ok(Accepted::Tls(tls, identity)) => http::serve(builder, tls, ctx(identity), drain).await,
+        Ok(Accepted::Tls(tls, identity)) => http::serve(tls, ctx(identity)).await,
         Ok(Accepted::Plain(tcp)) => {
             shared
                 .metrics
@@ -319,7 +286,7 @@ async fn serve_tls_conn(
                     listener: listener.name.clone(),
                 })
                 .inc();
-            http::serve(builder, tcp, ctx(None), drain).await;
+            http::serve(tcp, ctx(None)).await;
         }
         Err(e) => {
             tracing::debug!(listener = %listener.name, client = %peer, error = %e, "connection refused");
@@ -336,4 +303,51 @@ async fn serve_tls_conn(
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::route::RouteTable;
+    use crate::telemetry::{AccessLog, Metrics};
+
+    /// An idle keep-alive connection holds its task: the future of `http::serve` on a plaintext
+    /// connection, its header and trailer (`tokio`'s task cell, in steps of 128 bytes). What only
+    /// a request, the version detection, HTTP/2, TLS or TCP forwarding needs stays boxed.
+    #[tokio::test]
+    async fn a_plaintext_connection_future_stays_small() {
+        let config = Config::default();
+        let metrics = Metrics::new();
+        let routes = Arc::new(arc_swap::ArcSwap::from_pointee(RouteTable::build(
+            &config, None, &metrics,
+        )));
+        let shared = Arc::new(Shared::new(routes, metrics, AccessLog::off(), config.proxy.clone()));
+        let builder = Arc::new(http::server_builder(&config.proxy));
+        let (_drain, drain) = super::super::Drain::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let permits = (
+            Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap(),
+            Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap(),
+        );
+        let slot = ConnSlot::new(shared.in_flight.clone(), permits, Default::default(), drain);
+        let target = Target::new(
+            &ListenerSpec {
+                addr: peer,
+                kind: ListenerKind::Inbound,
+                protocol: Protocol::Http,
+                mode: TlsMode::Plaintext,
+            },
+            &builder,
+        );
+        let conn = ConnCtx::new(shared, target.ctx, peer, None, slot);
+        let fut = http::serve(stream, conn);
+        let size = std::mem::size_of_val(&fut);
+        // With the task's header and trailer (104 bytes), a task cell of 512 bytes (tokio's cells
+        // are 128-byte aligned: 8 bytes more would cost 128). It was 1,312 bytes (a cell of
+        // 1,536) when the watches were a boxed future beside the connection with a timer each.
+        assert!(size <= 408, "{size} bytes");
+    }
 }

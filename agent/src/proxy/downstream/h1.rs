@@ -9,7 +9,7 @@
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -18,14 +18,15 @@ use http_body::{Body, Frame};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::body::{ClientBody, H1Body, Return};
-use super::io::{ReadSide, Transport, Upgraded};
+use super::io::{ReadHalf, ReadSide, Transport, Upgraded};
 use super::request::{Framing, HeadError, HeadParser, RequestHead};
 use super::response::{self, Answering, Out};
+use super::watch::{End, Watch};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::forward::InjectedReset;
 use crate::proxy::ConnCtx;
 
-/// What runs each request.
+/// What runs each request (held by value: a unit struct costs the connection nothing).
 pub trait Handle: Send + Sync {
     fn call<'a>(
         &'a self,
@@ -65,42 +66,30 @@ const LINGER_BYTES: usize = 1 << 20;
 /// Above this much, the write buffer goes out before more of the body is added to it.
 const WRITE_HIGH: usize = 64 * 1024;
 
-/// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it since `opened`) until the
-/// client closes, a request asks to close, a timeout, or an error. `handle` runs each request.
-pub fn serve<'a, T, H>(
-    io: T,
-    prefix: BytesMut,
-    opened: Instant,
-    ctx: &'a ConnCtx,
-    handle: &'a H,
-) -> impl Future<Output = ()> + Send + 'a
+/// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it) until the client closes,
+/// a request asks to close, a timeout, the agent's drain, or an error. `handle` runs each
+/// request. The connection's watches (`watch.rs`: header read, idle and stall timeouts, drain)
+/// run in the same future, on one timer; the first head is due `proxy.header_read_timeout` after
+/// the connection began (`ConnActivity`'s start).
+pub fn serve<'a, T, H>(io: T, prefix: BytesMut, ctx: &'a ConnCtx, handle: H) -> impl Future<Output = ()> + Send + 'a
 where
     T: Transport,
-    H: Handle,
+    H: Handle + 'a,
 {
     // The connection is set up here, outside the future: the future holds the connection
-    // once, not also the transport and the bytes it was made from.
+    // once (borrowed in place by `run`), not also the transport and the bytes it was made from.
     let (read, write) = io.split();
-    let conn = Conn {
+    let mut conn = Conn {
         ctx,
         read: Some(ReadSide::new(read, prefix)),
         write: Some(write),
-        opened: Some(opened),
         client_gate: super::aside::WakeGate::new(),
         unfinished: false,
         out: Vec::new(),
         parser: HeadParser::default(),
         home: None,
-        max_head: usize::try_from(ctx.shared.limits.max_header_bytes.0)
-            .unwrap_or(usize::MAX)
-            .max(8192),
-        timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
-        timer_at: None,
     };
-    async move {
-        let mut conn = conn;
-        conn.run(handle).await;
-    }
+    async move { conn.run(handle).await }
 }
 
 struct Conn<'c, W> {
@@ -109,8 +98,6 @@ struct Conn<'c, W> {
     read: Option<ReadSide>,
     /// `None` once handed to an upgrade tunnel.
     write: Option<W>,
-    /// When the connection began waiting for its first bytes; taken by the first head.
-    opened: Option<Instant>,
     /// Filters the wakes of the client watch during a request (`client_gone`).
     client_gate: super::aside::WakeGate,
     /// The read side came back from a request body dropped before its end: the connection
@@ -120,11 +107,6 @@ struct Conn<'c, W> {
     parser: HeadParser,
     /// Where request bodies put the read side back; made at the first request with a body.
     home: Option<Arc<Return>>,
-    max_head: usize,
-    /// The header-read deadline of the head being waited for (or of an earlier one).
-    timer: Pin<Box<tokio::time::Sleep>>,
-    /// The deadline `timer` is armed for; `None` before the first wait.
-    timer_at: Option<Instant>,
 }
 
 /// How waiting for a head ended without one.
@@ -133,123 +115,136 @@ enum NoHead {
     Closed,
     /// `proxy.header_read_timeout` passed: counted, and a head begun is answered 408.
     TimedOut,
+    /// The watch ended the connection (idle, drained).
+    Ended,
     Refused(HeadError),
 }
 
-impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
-    async fn run<H>(&mut self, handle: &H)
+impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
+    async fn run<H>(&mut self, handle: H)
     where
         H: Handle,
     {
-        let mut served = 0u64;
-        loop {
-            let head = match self.read_head().await {
-                Ok(h) => h,
-                Err(NoHead::Closed) => return,
-                Err(NoHead::TimedOut) => {
+        let mut watch = std::pin::pin!(Watch::new(self.ctx));
+        // Whether a head was read on this connection.
+        let mut served = false;
+        'heads: loop {
+            // The first head's time counts from the connection's start (the version detection
+            // waited for its first bytes), not again from zero.
+            let timeout = self.ctx.shared.limits.header_read_timeout.get();
+            let due = match served {
+                false => self.ctx.activity.start + timeout,
+                true => Instant::now() + timeout,
+            };
+            watch.as_mut().head_due(Some(due));
+            // Boxed, one allocation per request: what a request needs while it runs (the
+            // handler's whole state) is not part of an idle connection's future. (The head goes
+            // into it at once, and no await follows in the match: a head in a local or a
+            // match's scrutinee across an await would be part of it.)
+            let no_head = 'served: {
+                let ctx = self.ctx;
+                let exchange = match poll_fn(|cx| self.poll_head(cx, watch.as_mut())).await {
+                    Ok(head) => Box::pin(self.exchange(head, &handle)),
+                    Err(no) => break 'served no,
+                };
+                watch.as_mut().head_due(None);
+                served = true;
+                let next = guarded(watch.as_mut(), ctx, exchange).await;
+                match next {
+                    Some(Next::KeepAlive) => continue 'heads,
+                    Some(Next::Close) => {
+                        // A request body dropped unread hands the read side back now (its
+                        // exchange is over): what the client still sends is read and dropped
+                        // for a moment.
+                        if self.read.is_none() {
+                            self.take_back();
+                        }
+                        if self.unfinished {
+                            guarded(watch.as_mut(), self.ctx, Box::pin(self.linger_close())).await;
+                        } else {
+                            guarded(watch.as_mut(), self.ctx, Box::pin(self.shut_write())).await;
+                        }
+                        return;
+                    }
+                    Some(Next::Gone) | None => return,
+                }
+            };
+            // (What the refusal needs is worked out first: nothing of the head's error is
+            // kept across the await.)
+            let (status, linger) = match no_head {
+                NoHead::Closed | NoHead::Ended => return,
+                NoHead::TimedOut => {
                     let begun = self.read.as_ref().is_some_and(|r| !r.buf.is_empty());
                     // A head begun and not finished, or a connection that never sent a whole
                     // request, is counted; a keep-alive connection that stayed idle is not.
-                    if begun || served == 0 {
+                    if begun || !served {
                         self.ctx
                             .shared
                             .metrics
                             .downstream_closed(&self.ctx.listener.name, "header_read_timeout");
                     }
-                    if begun {
-                        Box::pin(self.refuse(StatusCode::REQUEST_TIMEOUT, false)).await;
+                    if !begun {
+                        return;
                     }
-                    return;
+                    (StatusCode::REQUEST_TIMEOUT, false)
                 }
-                Err(NoHead::Refused(e)) => {
+                NoHead::Refused(e) => {
                     tracing::debug!(error = %e, "malformed request head: refused");
-                    Box::pin(self.refuse(e.status(), true)).await;
-                    return;
+                    (e.status(), true)
                 }
             };
-            served += 1;
-            // Boxed, one allocation per request: what a request needs while it runs (the
-            // handler's whole state) is not part of an idle connection's future.
-            match Box::pin(self.exchange(head, handle)).await {
-                Next::KeepAlive => {}
-                Next::Close => {
-                    // A request body dropped unread hands the read side back now (its exchange
-                    // is over): what the client still sends is read and dropped for a moment.
-                    if self.read.is_none() {
-                        self.take_back();
-                    }
-                    if self.unfinished {
-                        Box::pin(self.linger_close()).await;
-                    } else {
-                        Box::pin(self.shut_write()).await;
-                    }
-                    return;
-                }
-                Next::Gone => return,
-            }
+            guarded(watch.as_mut(), self.ctx, Box::pin(self.refuse(status, linger))).await;
+            return;
         }
     }
 
     /// Reads the next head: from what is buffered (a pipelined request), else from the socket,
-    /// within `proxy.header_read_timeout`.
-    async fn read_head(&mut self) -> Result<RequestHead, NoHead> {
+    /// before the watch's head deadline (`proxy.header_read_timeout`). (A poll function, not an
+    /// async one: an idle connection waits here, and its future holds no more than it needs.)
+    fn poll_head(&mut self, cx: &mut Context<'_>, watch: Pin<&mut Watch<'c>>) -> Poll<Result<RequestHead, NoHead>> {
         let Some(side) = self.read.as_mut() else {
-            return Err(NoHead::Closed);
+            return Poll::Ready(Err(NoHead::Closed));
         };
-        // The first head's time counts from the connection's first byte wait (the version
-        // detection's), not again from zero.
-        let started = self.opened.take().unwrap_or_else(Instant::now);
+        let max_head = usize::try_from(self.ctx.shared.limits.max_header_bytes.0)
+            .unwrap_or(usize::MAX)
+            .max(8192);
         loop {
-            match self.parser.parse(&mut side.buf, self.max_head) {
-                Ok(Some(head)) => return Ok(head),
+            match self.parser.parse(&mut side.buf, max_head) {
+                Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
-                Err(e) => return Err(NoHead::Refused(e)),
+                Err(e) => return Poll::Ready(Err(NoHead::Refused(e))),
             }
-            let out = &mut self.out;
-            let timer = &mut self.timer;
-            let timer_at = &mut self.timer_at;
-            let deadline = started + self.ctx.shared.limits.header_read_timeout.get();
-            let filled = poll_fn(|cx| {
-                if side.buf.is_empty() {
-                    // Idle: no buffer held while the client sends nothing.
-                    if out.capacity() > 0 {
-                        super::io::give_out(std::mem::take(out));
-                    }
-                    if let Poll::Ready(r) = side.poll_wait(cx) {
-                        if let Err(e) = r {
-                            return Poll::Ready(Err(Some(e)));
-                        }
-                        match side.poll_fill(cx) {
-                            Poll::Ready(r) => return Poll::Ready(r.map_err(Some)),
-                            Poll::Pending => side.release(),
-                        }
-                    }
-                } else if let Poll::Ready(r) = side.poll_fill(cx) {
-                    return Poll::Ready(r.map_err(Some));
+            let filled = if side.buf.is_empty() {
+                // Idle: no buffer held while the client sends nothing.
+                if self.out.capacity() > 0 {
+                    super::io::give_out(std::mem::take(&mut self.out));
                 }
-                // The timer stays armed from wait to wait: armed for an earlier deadline, it
-                // fires early and is moved on then, instead of being moved at every request.
-                if timer_at.is_none_or(|at| at > deadline) {
-                    timer.as_mut().reset(deadline.into());
-                    *timer_at = Some(deadline);
-                }
-                loop {
-                    match timer.as_mut().poll(cx) {
-                        Poll::Pending => return Poll::Pending,
-                        Poll::Ready(()) if Instant::now() >= deadline => return Poll::Ready(Err(None)),
-                        Poll::Ready(()) => {
-                            timer.as_mut().reset(deadline.into());
-                            *timer_at = Some(deadline);
+                match side.poll_wait(cx) {
+                    Poll::Ready(Ok(())) => match side.poll_fill(cx) {
+                        Poll::Ready(r) => Some(r),
+                        Poll::Pending => {
+                            side.release();
+                            None
                         }
-                    }
+                    },
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(NoHead::Closed)),
+                    Poll::Pending => None,
                 }
-            })
-            .await;
+            } else {
+                match side.poll_fill(cx) {
+                    Poll::Ready(r) => Some(r),
+                    Poll::Pending => None,
+                }
+            };
             match filled {
-                Ok(0) | Err(Some(_)) => return Err(NoHead::Closed),
-                Ok(_) => {}
-                Err(None) => return Err(NoHead::TimedOut),
+                Some(Ok(0) | Err(_)) => return Poll::Ready(Err(NoHead::Closed)),
+                Some(Ok(_)) => continue,
+                None => {}
             }
+            return watch.poll_end(cx, self.ctx).map(|end| match end {
+                End::HeadTimedOut => Err(NoHead::TimedOut),
+                _ => Err(NoHead::Ended),
+            });
         }
     }
 
@@ -331,7 +326,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             // An injected reset: the connection closes with no answer.
             return Next::Gone;
         };
-        let (parts, mut body) = resp.into_parts();
+        let (mut parts, mut body) = resp.into_parts();
 
         // The request body must have been read to its end for the connection to carry another.
         if has_body && self.read.is_none() {
@@ -361,6 +356,8 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             self.out = super::io::take_out();
         }
         let (out, closing) = response::encode_head(&mut self.out, &parts, body_len, answering);
+        // The head is written: its map is emptied and kept for the next head this thread parses.
+        crate::upstream::maps::give(std::mem::take(&mut parts.headers));
 
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             return self.upgrade(upgrade_tx, body).await;
@@ -550,6 +547,22 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Conn<'_, W> {
             }
         }
     }
+}
+
+/// Runs `fut` (a step of the connection, boxed) under its watch: `None` when the watch ended the
+/// connection first. The step is polled first; the watch costs a few loads unless it fired. (A
+/// poll function on the two, not an async fn: a busy connection waits here.)
+fn guarded<'w, 'c, F: Future + Unpin>(
+    mut watch: Pin<&'w mut Watch<'c>>,
+    ctx: &'c ConnCtx,
+    mut fut: F,
+) -> impl Future<Output = Option<F::Output>> + use<'w, 'c, F> {
+    poll_fn(move |cx| {
+        if let Poll::Ready(out) = Pin::new(&mut fut).poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        watch.as_mut().poll_end(cx, ctx).map(|_| None)
+    })
 }
 
 /// Watches the client while a request runs: `true` once it closed (or failed), `false` when it

@@ -36,11 +36,36 @@ impl<T: AsyncRead + Send + 'static> ReadHalf for tokio::io::ReadHalf<T> {}
 
 impl<T: AsyncRead + Send + Unpin + 'static> ReadHalf for Prefixed<T> {}
 
-/// A client transport that splits into a read half (boxed: it moves between the connection and
-/// the request body) and a write half.
+/// A transport's read half as a connection holds it (it moves between the connection and the
+/// request body, so its type is one for every transport): a TCP socket's as it is (the common
+/// case costs no box of its own), any other boxed.
+pub enum ReadIo {
+    Tcp(tokio::net::tcp::OwnedReadHalf),
+    Other(Box<dyn ReadHalf>),
+}
+
+impl AsyncRead for ReadIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+            Self::Other(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+impl ReadHalf for ReadIo {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            Self::Tcp(r) => r.poll_ready(cx),
+            Self::Other(r) => r.poll_ready(cx),
+        }
+    }
+}
+
+/// A client transport that splits into a read half and a write half.
 pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     type Write: AsyncWrite + Send + Unpin + 'static;
-    fn split(self) -> (Box<dyn ReadHalf>, Self::Write);
+    fn split(self) -> (ReadIo, Self::Write);
     /// As [`ReadHalf::poll_ready`], before the split.
     fn poll_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
@@ -52,17 +77,17 @@ impl Transport for TcpStream {
     fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.poll_read_ready(cx)
     }
-    fn split(self) -> (Box<dyn ReadHalf>, Self::Write) {
+    fn split(self) -> (ReadIo, Self::Write) {
         let (r, w) = self.into_split();
-        (Box::new(r), w)
+        (ReadIo::Tcp(r), w)
     }
 }
 
 impl Transport for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     type Write = tokio::io::WriteHalf<Self>;
-    fn split(self) -> (Box<dyn ReadHalf>, Self::Write) {
+    fn split(self) -> (ReadIo, Self::Write) {
         let (r, w) = tokio::io::split(self);
-        (Box::new(r), w)
+        (ReadIo::Other(Box::new(r)), w)
     }
 }
 
@@ -70,7 +95,7 @@ impl Transport for Box<tokio_rustls::server::TlsStream<TcpStream>> {
 /// (the rest of a head, a body, a pipelined request). Idle with nothing buffered, the buffer
 /// goes back to a per-thread pool.
 pub struct ReadSide {
-    pub io: Box<dyn ReadHalf>,
+    pub io: ReadIo,
     pub buf: BytesMut,
 }
 
@@ -118,7 +143,7 @@ pub fn give_out(mut out: Vec<u8>) {
 const POOL_MAX: usize = 256;
 
 impl ReadSide {
-    pub fn new(io: Box<dyn ReadHalf>, buf: BytesMut) -> Self {
+    pub fn new(io: ReadIo, buf: BytesMut) -> Self {
         Self { io, buf }
     }
 
@@ -219,7 +244,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
 /// A client connection after a 101: the bytes it sent after its request head first, then the
 /// transport, both ways.
 pub struct Upgraded {
-    read: Prefixed<Box<dyn ReadHalf>>,
+    read: Prefixed<ReadIo>,
     write: Pin<Box<dyn AsyncWrite + Send>>,
 }
 
