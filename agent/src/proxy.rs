@@ -217,6 +217,9 @@ pub struct ConnCtx {
     pub client: SocketAddr,
     /// The client's IP as a header value, built once per connection for `x-forwarded-for`.
     pub client_ip: ::http::HeaderValue,
+    /// When serving began (after the TLS handshake, or the wait for a first byte on a
+    /// permissive listener): the first head is due `proxy.header_read_timeout` after it.
+    pub opened: std::time::Instant,
     pub activity: Arc<ConnActivity>,
     /// The caller's verified identity (mutual TLS on the inbound listener), else `None`.
     pub peer: Option<Arc<crate::tls::PeerIdentity>>,
@@ -240,6 +243,7 @@ impl ConnCtx {
             listener,
             client,
             client_ip,
+            opened: std::time::Instant::now(),
             activity: slot.clone(),
             peer,
             slot,

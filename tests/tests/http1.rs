@@ -347,6 +347,49 @@ fn an_early_answer_to_an_upload_closes_after_draining_what_the_client_still_send
     assert!(ended, "the connection did not end after the answer");
 }
 
+/// A malformed head is answered 400 and the connection closed after a lingering close, which
+/// `proxy.header_read_timeout` (here 2 s) does not cut short: the head's deadline is over once
+/// the head is refused. The client goes on sending a byte every 200 ms for 3.5 s after its bad
+/// head: every write succeeds (the linger reads for up to 5 s while bytes keep coming). Cut at
+/// the head's deadline, a write after ~2 s meets a reset.
+#[test]
+fn a_refused_heads_lingering_close_outlives_the_header_read_timeout() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let agent = Agent::builder()
+        .proxy_set("header_read_timeout", "2s")
+        .shared_outbound()
+        .start();
+    let mut s = std::net::TcpStream::connect(agent.shared_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n")
+        .expect("write a malformed head");
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read the answer");
+        assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let mut i = 0;
+    while started.elapsed() < Duration::from_millis(3500) {
+        if let Err(e) = s.write_all(b"z") {
+            panic!(
+                "write {i} at {:?} failed: the lingering close was cut short: {e}",
+                started.elapsed()
+            );
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A client that closes its connection while its request waits on the upstream (a `/gate` the
 /// app holds) is noticed: the request is dropped, its upstream try with it, and the endpoint's
 /// `in_flight` in `/clusters` falls back to 0 while the app still holds the request (as hyper's

@@ -185,6 +185,33 @@ fn a_strict_inbound_serves_only_clients_with_a_valid_mesh_certificate() {
     );
 }
 
+/// On a permissive inbound, waiting for the first byte (TLS or plaintext?) is not part of the
+/// first head's `proxy.header_read_timeout` (here 3 s): a plaintext client that sends its first
+/// byte after 2 s and the rest of its head 2 s later is served, as its head took 2 s. (Counted
+/// from the accept, the head would be due at 3 s and answered 408.)
+#[test]
+fn a_permissive_listeners_wait_for_the_first_byte_does_not_use_up_the_heads_time() {
+    use std::io::{Read, Write};
+    let mesh = Mesh::new();
+    let app = Upstream::python("app").spawn();
+    let agent = AgentBuilder::new()
+        .proxy_set("header_read_timeout", "3s")
+        .inbound(Inbound::new(app.addr(), "http").set("mode", "permissive"))
+        .tls(mesh.tls(&mesh.leaf("orders-sidecar", "orders")))
+        .start();
+    let mut s = std::net::TcpStream::connect(agent.inbound_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(15))).expect("read timeout");
+    std::thread::sleep(Duration::from_secs(2));
+    s.write_all(b"G").expect("the first byte");
+    std::thread::sleep(Duration::from_secs(2));
+    s.write_all(b"ET /late HTTP/1.1\r\nHost: orders\r\nConnection: close\r\n\r\n")
+        .expect("the rest of the head");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+}
+
 #[test]
 fn a_permissive_inbound_serves_mtls_and_plaintext_and_counts_plaintext() {
     let mesh = Mesh::new();

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -26,7 +26,9 @@ pub struct StreamBody {
     body: ClientBody,
     counter: Option<Arc<AtomicU64>>,
     deadline: Instant,
-    activity: Arc<ConnActivity>,
+    /// Weak: a body can outlive its connection (hyper's HTTP/2 client pipes it from a task of
+    /// its own), and the connection's activity holds its places under the connection caps.
+    activity: Weak<ConnActivity>,
 }
 
 /// The request body did not arrive by `proxy.request_body_timeout`.
@@ -51,13 +53,13 @@ impl StreamBody {
         body: ClientBody,
         counter: Option<Arc<AtomicU64>>,
         deadline: Instant,
-        activity: Arc<ConnActivity>,
+        activity: &Arc<ConnActivity>,
     ) -> Self {
         Self {
             body,
             counter,
             deadline,
-            activity,
+            activity: Arc::downgrade(activity),
         }
     }
 }
@@ -70,7 +72,9 @@ impl Body for StreamBody {
         let this = &mut *self;
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.activity.moved();
+                if let Some(activity) = this.activity.upgrade() {
+                    activity.moved();
+                }
                 if Instant::now() > this.deadline {
                     return Poll::Ready(Some(Err(BodyTimedOut.into())));
                 }
@@ -212,5 +216,27 @@ impl Drop for ResponseBody {
     fn drop(&mut self) {
         // The client went away before the end, or the body was never polled (HEAD, 204).
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request body can outlive its connection (hyper's HTTP/2 client pipes it from a task of
+    /// its own): it must not keep the connection's activity, which holds the connection's
+    /// places under the caps, its active count and the drain's wait.
+    #[tokio::test]
+    async fn a_streamed_body_does_not_keep_its_connections_activity_alive() {
+        let permits = (
+            Arc::new(tokio::sync::Semaphore::new(1)).acquire_owned().await.unwrap(),
+            Arc::new(tokio::sync::Semaphore::new(1)).acquire_owned().await.unwrap(),
+        );
+        let (_drain, drain) = super::super::Drain::new();
+        let activity = ConnActivity::new(super::super::InFlightCap::new(8), permits, Default::default(), drain);
+        let body = StreamBody::new(ClientBody::Empty, None, Instant::now(), &activity);
+        assert_eq!(Arc::strong_count(&activity), 1);
+        drop(activity);
+        assert!(body.activity.upgrade().is_none());
     }
 }

@@ -70,7 +70,7 @@ const WRITE_HIGH: usize = 64 * 1024;
 /// a request asks to close, a timeout, the agent's drain, or an error. `handle` runs each
 /// request. The connection's watches (`watch.rs`: header read, idle and stall timeouts, drain)
 /// run in the same future, on one timer; the first head is due `proxy.header_read_timeout` after
-/// the connection began (`ConnActivity`'s start).
+/// serving began (`ConnCtx::opened`, after a TLS handshake).
 pub fn serve<'a, T, H>(io: T, prefix: BytesMut, ctx: &'a ConnCtx, handle: H) -> impl Future<Output = ()> + Send + 'a
 where
     T: Transport,
@@ -129,11 +129,12 @@ impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
         // Whether a head was read on this connection.
         let mut served = false;
         'heads: loop {
-            // The first head's time counts from the connection's start (the version detection
-            // waited for its first bytes), not again from zero.
+            // The first head's time counts from when serving began (the version detection
+            // waited for its first bytes; a TLS handshake before it had its own time), not
+            // again from zero.
             let timeout = self.ctx.shared.limits.header_read_timeout.get();
             let due = match served {
-                false => self.ctx.activity.start + timeout,
+                false => self.ctx.opened + timeout,
                 true => Instant::now() + timeout,
             };
             watch.as_mut().head_due(Some(due));
@@ -193,6 +194,9 @@ impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
                     (e.status(), true)
                 }
             };
+            // The answer and its lingering close run under the other watches only: the head's
+            // deadline must not cut the linger short (a reset could destroy the answer).
+            watch.as_mut().head_due(None);
             guarded(watch.as_mut(), self.ctx, Box::pin(self.refuse(status, linger))).await;
             return;
         }

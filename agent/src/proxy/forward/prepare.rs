@@ -186,7 +186,7 @@ pub async fn body(
         && retries > 0
         && content_length(headers).is_some_and(|n| n <= retry_buffer)
     {
-        let stream = StreamBody::new(body, None, body_deadline, activity.clone());
+        let stream = StreamBody::new(body, None, body_deadline, activity);
         match tokio::time::timeout_at(deadline.min(body_deadline).into(), stream.collect()).await {
             Ok(Ok(collected)) => RequestBody::Buffered(Some(collected.to_bytes())),
             Ok(Err(e)) if is_body_timeout(e.as_ref()) => return Err(ProxyError::RequestBodyTimeout),
@@ -199,7 +199,7 @@ pub async fn body(
         if let (Some(log), Some(c)) = (completion.log.as_mut(), &counter) {
             log.received = Received::Counted(c.clone());
         }
-        RequestBody::stream(StreamBody::new(body, counter, body_deadline, activity.clone()))
+        RequestBody::stream(StreamBody::new(body, counter, body_deadline, activity))
     };
     if let (Some(log), RequestBody::Buffered(b)) = (completion.log.as_mut(), &body) {
         log.received = Received::Known(b.as_ref().map_or(0, |b| b.len() as u64));
