@@ -99,6 +99,25 @@ fn a_clients_vmesh_headers_reach_the_app_only_when_vmesh_reads_them() {
     }
 }
 
+/// A client's `Connection` header can name end-to-end fields as hop-by-hop; they are removed,
+/// and what the proxy adds in their place is still added: a fresh `x-request-id` for one
+/// named so, and the upstream's `Host` for a `Host` named so.
+#[test]
+fn fields_a_connection_header_names_are_removed_and_replaced() {
+    let (agent, _app) = agent_with_app(Agent::builder());
+    for (direction, url) in both_directions(&agent, "/conn") {
+        let r = Curl::get(url.clone())
+            .header("Connection: x-request-id, host")
+            .header("X-Request-Id: client-chosen")
+            .run();
+        r.expect_status(200);
+        let ids = lines_seen(&r, "x-request-id");
+        assert!(ids.len() == 1 && is_uuid_v4(&ids[0]), "{direction}: {ids:?}");
+        let hosts = lines_seen(&r, "host");
+        assert_eq!(hosts.len(), 1, "{direction}: {hosts:?}");
+    }
+}
+
 #[test]
 fn bogus_request_ids_are_replaced_and_good_ones_kept() {
     let (agent, _app) = agent_with_app(Agent::builder());

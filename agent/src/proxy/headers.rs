@@ -50,7 +50,7 @@ pub struct Fields {
     /// A `Connection` field lists `upgrade`.
     pub connection_upgrade: bool,
     /// A `Connection` field lists a name that is not one of the fixed hop-by-hop ones.
-    connection_names: bool,
+    pub connection_names: bool,
     pub expect: bool,
     pub host: bool,
     pub forwarded_for: bool,

@@ -62,7 +62,15 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         None
     };
     headers::strip_hop_by_hop_scanned(&mut parts.headers, upgrade, &fields);
-    if fields.te_trailers && h2 {
+    let te_trailers = fields.te_trailers;
+    // Fields a `Connection` token named (`Host`, `x-request-id`, ...) are gone now: looked at
+    // again (rare), so that what follows does not count on them.
+    let fields = if fields.connection_names {
+        headers::scan(&parts.headers)
+    } else {
+        fields
+    };
+    if te_trailers && h2 {
         parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if fields.expect {
