@@ -125,12 +125,31 @@ impl Drop for DrainWake<'_> {
             *slot = None;
             wakers.free.push(self.key);
         }
+        // The last connection gone: the lists are freed (a flood's peak is not kept for good).
+        if wakers.free.len() == wakers.slots.len() {
+            *wakers = Wakers::default();
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drain_wake_slots_are_reused_and_freed_with_the_last_connection() {
+        let (_drain, watch) = Drain::new();
+        let waker = Waker::noop();
+        let a = watch.register(waker);
+        let b = watch.register(waker);
+        assert_eq!((a.key, b.key), (0, 1));
+        drop(a);
+        let c = watch.register(waker);
+        assert_eq!(c.key, 0, "a freed slot is reused");
+        drop((b, c));
+        let wakers = watch.signal.wakers();
+        assert!(wakers.slots.is_empty() && wakers.free.is_empty());
+    }
 
     #[tokio::test]
     async fn drain_waits_for_every_watch() {
@@ -164,8 +183,9 @@ mod tests {
             })
             .await;
             drop(wake);
-            // Unregistered: the slot is free for the next connection.
-            assert_eq!(watch.signal.wakers().free, vec![0]);
+            // Unregistered, and the last one: the lists are freed.
+            let wakers = watch.signal.wakers();
+            assert!(wakers.slots.is_empty() && wakers.free.is_empty());
         });
         // The task waits, registered, before the agent drains: only the wake can end its wait.
         while !probe.signal.wakers().slots.iter().any(Option::is_some) {
