@@ -304,6 +304,19 @@ fn shared_outbound_port_routes_by_host() {
     assert_eq!(orders.requests_seen() + billing.requests_seen(), 5);
 }
 
+/// Reads from `s` until the end of a response head (or more); what was read, as text.
+fn read_answer_head(s: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read the answer");
+        assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 /// An answer given before the request body was read (here 404 UNKNOWN_SERVICE on the shared
 /// port, for a 4 MiB upload) closes the connection, but vmesh first reads and drops what the
 /// client still sends for a moment (a lingering close, as nginx's `lingering_close`): closing
@@ -322,14 +335,7 @@ fn an_early_answer_to_an_upload_closes_after_draining_what_the_client_still_send
     s.write_all(&[b'x'; 16 * 1024])
         .expect("write the first part of the body");
     // The answer comes without the rest of the body.
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
-        let n = s.read(&mut buf).expect("read the answer");
-        assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&got).to_string();
+    let text = read_answer_head(&mut s);
     assert!(text.starts_with("HTTP/1.1 404"), "{text}");
     assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
     // The client, which had not seen the answer yet, keeps uploading: vmesh still reads.
@@ -354,7 +360,6 @@ fn an_early_answer_to_an_upload_closes_after_draining_what_the_client_still_send
 /// the head's deadline, a write after ~2 s meets a reset.
 #[test]
 fn a_refused_heads_lingering_close_outlives_the_header_read_timeout() {
-    use std::io::Read;
     use std::time::{Duration, Instant};
     let agent = Agent::builder()
         .proxy_set("header_read_timeout", "2s")
@@ -365,18 +370,8 @@ fn a_refused_heads_lingering_close_outlives_the_header_read_timeout() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n")
         .expect("write a malformed head");
     let started = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
-        let n = s.read(&mut buf).expect("read the answer");
-        assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        String::from_utf8_lossy(&got).starts_with("HTTP/1.1 400"),
-        "{:?}",
-        String::from_utf8_lossy(&got)
-    );
+    let text = read_answer_head(&mut s);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
     let mut i = 0;
     while started.elapsed() < Duration::from_millis(3500) {
         if let Err(e) = s.write_all(b"z") {

@@ -275,13 +275,9 @@ impl EndpointStats {
         EWMA_DEFAULT_NS + (ewma - EWMA_DEFAULT_NS) * w
     }
 
-    /// Records a round-trip time: a peak jumps in at once, lower values are averaged in.
-    pub fn observe_rtt(&self, rtt: Duration) {
-        self.observe_rtt_at(rtt, Instant::now());
-    }
-
-    /// [`Self::observe_rtt`] for a try that ended at `at` (the caller's clock read).
-    pub fn observe_rtt_at(&self, rtt: Duration, at: Instant) {
+    /// Records the round-trip time of a try that ended at `at` (the caller's clock read): a peak
+    /// jumps in at once, lower values are averaged in.
+    pub fn observe_rtt(&self, rtt: Duration, at: Instant) {
         let now = self.ns_at(at);
         let rtt = rtt.as_nanos() as f64;
         let cur = self.decayed(now);
@@ -475,9 +471,9 @@ mod tests {
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
         let s = EndpointStats::new();
-        s.observe_rtt(Duration::from_millis(50));
+        s.observe_rtt(Duration::from_millis(50), Instant::now());
         assert!((s.ewma_ns() - 50e6).abs() < 1e6, "{}", s.ewma_ns());
-        s.observe_rtt(Duration::from_micros(10));
+        s.observe_rtt(Duration::from_micros(10), Instant::now());
         assert!(s.ewma_ns() <= 50e6);
     }
 

@@ -44,7 +44,7 @@ pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> 
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     use crate::balance::test_support::*;
     use crate::balance::{EndpointSet, PickCtx};
@@ -54,9 +54,15 @@ mod tests {
     fn slow_endpoint_gets_least_traffic() {
         fastrand::seed(3);
         let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[1, 1, 1]));
-        set.endpoints()[0].stats.observe_rtt(Duration::from_millis(200));
-        set.endpoints()[1].stats.observe_rtt(Duration::from_micros(500));
-        set.endpoints()[2].stats.observe_rtt(Duration::from_micros(500));
+        set.endpoints()[0]
+            .stats
+            .observe_rtt(Duration::from_millis(200), Instant::now());
+        set.endpoints()[1]
+            .stats
+            .observe_rtt(Duration::from_micros(500), Instant::now());
+        set.endpoints()[2]
+            .stats
+            .observe_rtt(Duration::from_micros(500), Instant::now());
         let c = histogram(&set, 3_000, |_| PickCtx::default());
         assert_eq!(c[0], 0, "the slow endpoint loses every comparison: {c:?}");
         // Between the two fast ones, microscopic EWMA differences decide; both get traffic.
@@ -68,7 +74,7 @@ mod tests {
         fastrand::seed(5);
         let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
         for e in set.endpoints() {
-            e.stats.observe_rtt(Duration::from_millis(1));
+            e.stats.observe_rtt(Duration::from_millis(1), Instant::now());
         }
         let c = histogram(&set, 10_000, |_| PickCtx::default());
         assert!((7_600..8_400).contains(&c[0]), "{c:?}");
@@ -78,8 +84,12 @@ mod tests {
     fn load_counts_against_fast_endpoints() {
         fastrand::seed(4);
         let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[1, 1]));
-        set.endpoints()[0].stats.observe_rtt(Duration::from_millis(1));
-        set.endpoints()[1].stats.observe_rtt(Duration::from_millis(3));
+        set.endpoints()[0]
+            .stats
+            .observe_rtt(Duration::from_millis(1), Instant::now());
+        set.endpoints()[1]
+            .stats
+            .observe_rtt(Duration::from_millis(3), Instant::now());
         // Five requests in flight make endpoint 0 cost 6 ms > 3 ms.
         let _load: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
         let c = histogram(&set, 1_000, |_| PickCtx::default());

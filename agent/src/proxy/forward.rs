@@ -438,6 +438,6 @@ fn respond(
         }
     }
     let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop_scanned(&mut parts.headers, false, &fields);
+    headers::strip_hop_by_hop(&mut parts.headers, false, &fields);
     Response::from_parts(parts, ResponseBody::upstream(body, Some(completion)))
 }

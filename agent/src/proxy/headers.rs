@@ -48,14 +48,14 @@ pub struct Fields {
     /// A `TE` field lists `trailers`.
     pub te_trailers: bool,
     /// A `Connection` field lists `upgrade`.
-    pub connection_upgrade: bool,
+    connection_upgrade: bool,
     /// A `Connection` field lists a name that is not one of the fixed hop-by-hop ones.
     pub connection_names: bool,
     pub expect: bool,
     pub host: bool,
     pub forwarded_for: bool,
     /// `x-request-id` fields (counted up to 2).
-    pub request_ids: u8,
+    request_ids: u8,
     /// The only `x-request-id` is usable as it came ([`MAX_REQUEST_ID`], visible ASCII).
     pub request_id_usable: bool,
     /// Some `x-vmesh-*` field.
@@ -122,18 +122,12 @@ fn is_fixed_token(t: &[u8]) -> bool {
     names.iter().any(|n| n.eq_ignore_ascii_case(t))
 }
 
-/// Removes hop-by-hop headers, including those named by `Connection`. With `keep_upgrade`
-/// the `Upgrade` header and a `Connection: upgrade` survive (a WebSocket handshake).
-/// Returns whether the message asked for `TE: trailers` (gRPC needs it forwarded).
-pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
-    let fields = scan(h);
-    strip_hop_by_hop_scanned(h, keep_upgrade, &fields);
-    fields.te_trailers
-}
-
-/// [`strip_hop_by_hop`] with the fields of `h` already scanned: only those present are
-/// removed, so a message without any costs nothing more.
-pub fn strip_hop_by_hop_scanned(h: &mut HeaderMap, keep_upgrade: bool, fields: &Fields) {
+/// Removes hop-by-hop headers, including those named by `Connection`, as [`scan`] found them in
+/// `h` (`fields`): only those present are removed, so a message without any costs nothing
+/// more. With `keep_upgrade` the `Upgrade` header and a `Connection: upgrade` survive (a
+/// WebSocket handshake). Whether the message asked for `TE: trailers` (gRPC needs it
+/// forwarded) is `fields.te_trailers`.
+pub fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool, fields: &Fields) {
     let fixed = fixed_hop_by_hop();
     if fields.connection_names {
         // Tokens listed in Connection are hop-by-hop too (the fixed ones are handled below).
@@ -176,10 +170,15 @@ pub fn upgrade_allowed(h: &HeaderMap, allowed: &[String]) -> bool {
 }
 
 /// Sets `x-forwarded-for` for the next hop. From a `trusted` client (`[proxy]
-/// trust_forwarded_for`) the chain it sent is kept, every `x-forwarded-for` line of it in order,
-/// and its address appended; from any other client the chain is replaced by its address, so an
-/// app that reads the leftmost entry gets an address vmesh saw, not one a caller wrote.
-pub fn set_forwarded_for(h: &mut HeaderMap, client: &HeaderValue, trusted: bool) {
+/// trust_forwarded_for`) the chain it sent (`fields.forwarded_for`: one was sent) is kept, every
+/// `x-forwarded-for` line of it in order, and its address appended; from any other client, or
+/// without a chain, the chain is the client's address alone (no lookup), so an app that reads
+/// the leftmost entry gets an address vmesh saw, not one a caller wrote.
+pub fn set_forwarded_for(h: &mut HeaderMap, client: &HeaderValue, trusted: bool, fields: &Fields) {
+    if !(trusted && fields.forwarded_for) {
+        h.insert(X_FORWARDED_FOR.clone(), client.clone());
+        return;
+    }
     let mut chain = h.get_all(&X_FORWARDED_FOR).iter();
     let value = match (trusted, chain.next()) {
         (true, Some(first)) => {
@@ -210,11 +209,16 @@ pub const MAX_REQUEST_ID: usize = 128;
 /// Ensures the request carries one usable `x-request-id`: the client's when it sent exactly one
 /// of 1..=[`MAX_REQUEST_ID`] visible ASCII characters (`!`..=`~`: no spaces, controls or
 /// non-ASCII bytes, which would break log lines and the tools that split them), else a fresh
-/// one in its place. (The request path reads this from [`scan`]'s `request_id_usable`.)
-pub fn ensure_request_id(h: &mut HeaderMap) {
-    if !scan(h).request_id_usable {
-        h.insert(X_REQUEST_ID.clone(), new_request_id());
+/// one in its place (whether the client's is usable is `fields.request_id_usable`, from
+/// [`scan`]). With `copy`, a fresh id is also returned (for the access log: no lookup after).
+pub fn ensure_request_id(h: &mut HeaderMap, fields: &Fields, copy: bool) -> Option<HeaderValue> {
+    if fields.request_id_usable {
+        return None;
     }
+    let id = new_request_id();
+    let fresh = copy.then(|| id.clone());
+    h.insert(X_REQUEST_ID.clone(), id);
+    fresh
 }
 
 fn is_usable_request_id(id: &[u8]) -> bool {
@@ -242,7 +246,7 @@ fn is_vmesh(name: &HeaderName) -> bool {
 }
 
 /// A random version-4 UUID, formatted without allocation before the header value itself.
-pub fn new_request_id() -> HeaderValue {
+fn new_request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut r = fastrand::u128(..).to_be_bytes();
     r[6] = (r[6] & 0x0f) | 0x40;

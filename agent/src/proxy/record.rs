@@ -22,7 +22,7 @@ pub fn try_ended(
     now: Instant,
 ) {
     if matches!(outcome, TryOutcome::Status(_)) {
-        endpoint.stats.observe_rtt_at(rtt, now);
+        endpoint.stats.observe_rtt(rtt, now);
     }
     // A try that ran out of time counts against the endpoint (a hanging endpoint is ejected
     // like a refusing one); a TCP connection made is a success.

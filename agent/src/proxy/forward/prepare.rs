@@ -61,7 +61,7 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
     } else {
         None
     };
-    headers::strip_hop_by_hop_scanned(&mut parts.headers, upgrade, &fields);
+    headers::strip_hop_by_hop(&mut parts.headers, upgrade, &fields);
     let te_trailers = fields.te_trailers;
     // Fields a `Connection` token named (`Host`, `x-request-id`, ...) are gone now: looked at
     // again (rare), so that what follows does not count on them.
@@ -88,20 +88,8 @@ pub fn head(ctx: &ConnCtx, mut parts: Parts, h2: bool, completion: &mut Completi
         .trust_forwarded_for
         .iter()
         .any(|net| net.contains(ctx.client.ip()));
-    if trusted && fields.forwarded_for {
-        headers::set_forwarded_for(&mut parts.headers, &ctx.client_ip, true);
-    } else {
-        // No chain to keep: the client's address alone.
-        parts
-            .headers
-            .insert(headers::X_FORWARDED_FOR.clone(), ctx.client_ip.clone());
-    }
-    let mut fresh_id = None;
-    if !fields.request_id_usable {
-        let id = headers::new_request_id();
-        fresh_id = completion.log.is_some().then(|| id.clone());
-        parts.headers.insert(headers::X_REQUEST_ID.clone(), id);
-    }
+    headers::set_forwarded_for(&mut parts.headers, &ctx.client_ip, trusted, &fields);
+    let fresh_id = headers::ensure_request_id(&mut parts.headers, &fields, completion.log.is_some());
     if let Some(log) = completion.log.as_mut() {
         log.request_id = fresh_id.or_else(|| parts.headers.get(&headers::X_REQUEST_ID).cloned());
         log.authority = parts.headers.get(header::HOST).cloned().or_else(|| {

@@ -2,6 +2,39 @@
 
 use super::*;
 
+/// The request path's steps, each after one scan of the head as it is now.
+fn strip(h: &mut HeaderMap, keep_upgrade: bool) -> bool {
+    let f = scan(h);
+    strip_hop_by_hop(h, keep_upgrade, &f);
+    f.te_trailers
+}
+
+fn forwarded(h: &mut HeaderMap, client: &HeaderValue, trusted: bool) {
+    let f = scan(h);
+    set_forwarded_for(h, client, trusted, &f);
+}
+
+fn ensure(h: &mut HeaderMap) {
+    let f = scan(h);
+    ensure_request_id(h, &f, false);
+}
+
+#[test]
+fn a_fresh_request_id_is_returned_only_when_asked_and_a_kept_one_never() {
+    let mut h = HeaderMap::new();
+    let f = scan(&h);
+    let copy = ensure_request_id(&mut h, &f, true).expect("a fresh id, copied");
+    assert_eq!(h.get(&X_REQUEST_ID), Some(&copy));
+    let mut none = HeaderMap::new();
+    let f = scan(&none);
+    assert!(ensure_request_id(&mut none, &f, false).is_none());
+    assert!(none.contains_key(&X_REQUEST_ID));
+    // A usable id of the client's stays, and nothing is returned.
+    let f = scan(&h);
+    assert!(ensure_request_id(&mut h, &f, true).is_none());
+    assert_eq!(h.get(&X_REQUEST_ID), Some(&copy));
+}
+
 #[test]
 fn hop_by_hop_headers_are_removed() {
     let mut h = HeaderMap::new();
@@ -12,7 +45,7 @@ fn hop_by_hop_headers_are_removed() {
     h.insert("proxy-connection", HeaderValue::from_static("close"));
     h.insert("upgrade", HeaderValue::from_static("h2c"));
     h.insert("x-keep", HeaderValue::from_static("yes"));
-    assert!(strip_hop_by_hop(&mut h, false));
+    assert!(strip(&mut h, false));
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(h.contains_key("x-keep"));
 }
@@ -43,7 +76,7 @@ fn messages_without_hop_by_hop_headers_are_untouched() {
     h.append("x-a", HeaderValue::from_static("1"));
     h.append("x-a", HeaderValue::from_static("2"));
     let before = h.clone();
-    assert!(!strip_hop_by_hop(&mut h, false));
+    assert!(!strip(&mut h, false));
     assert_eq!(h, before);
 }
 
@@ -57,7 +90,7 @@ fn connection_tokens_across_several_headers_are_removed() {
     h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
     h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
     h.insert("x-keep", HeaderValue::from_static("yes"));
-    assert!(!strip_hop_by_hop(&mut h, false));
+    assert!(!strip(&mut h, false));
     assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
 }
 
@@ -67,7 +100,7 @@ fn upgrade_handshake_keeps_upgrade() {
     h.insert("connection", HeaderValue::from_static("Upgrade"));
     h.insert("upgrade", HeaderValue::from_static("websocket"));
     assert!(scan(&h).is_upgrade());
-    strip_hop_by_hop(&mut h, true);
+    strip(&mut h, true);
     assert_eq!(h["upgrade"], "websocket");
     assert_eq!(h["connection"], "upgrade");
 }
@@ -76,9 +109,9 @@ fn upgrade_handshake_keeps_upgrade() {
 fn forwarded_for_appends_to_a_trusted_chain() {
     let mut h = HeaderMap::new();
     let ip = HeaderValue::from_static("127.0.0.1");
-    set_forwarded_for(&mut h, &ip, true);
+    forwarded(&mut h, &ip, true);
     assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1");
-    set_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.2"), true);
+    forwarded(&mut h, &HeaderValue::from_static("127.0.0.2"), true);
     assert_eq!(h[&X_FORWARDED_FOR], "127.0.0.1, 127.0.0.2");
 }
 
@@ -87,7 +120,7 @@ fn forwarded_for_joins_every_line_of_a_trusted_chain() {
     let mut h = HeaderMap::new();
     h.append(&X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
     h.append(&X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1, 10.0.0.2"));
-    set_forwarded_for(&mut h, &HeaderValue::from_static("127.0.0.1"), true);
+    forwarded(&mut h, &HeaderValue::from_static("127.0.0.1"), true);
     let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
     assert_eq!(all, ["203.0.113.7, 198.51.100.1, 10.0.0.2, 127.0.0.1"]);
 }
@@ -97,25 +130,25 @@ fn forwarded_for_from_an_untrusted_client_is_its_address_only() {
     let mut h = HeaderMap::new();
     h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
     h.append(&X_FORWARDED_FOR, HeaderValue::from_static("5.6.7.8"));
-    set_forwarded_for(&mut h, &HeaderValue::from_static("10.1.2.3"), false);
+    forwarded(&mut h, &HeaderValue::from_static("10.1.2.3"), false);
     let all: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
     assert_eq!(all, ["10.1.2.3"]);
     let mut none = HeaderMap::new();
-    set_forwarded_for(&mut none, &HeaderValue::from_static("10.1.2.3"), false);
+    forwarded(&mut none, &HeaderValue::from_static("10.1.2.3"), false);
     assert_eq!(none[&X_FORWARDED_FOR], "10.1.2.3");
 }
 
 #[test]
 fn request_ids_are_kept_or_made() {
     let mut h = HeaderMap::new();
-    ensure_request_id(&mut h);
+    ensure(&mut h);
     let id = h[&X_REQUEST_ID].clone();
     assert_eq!(id.len(), 36);
     assert_eq!(id.as_bytes()[14], b'4');
-    ensure_request_id(&mut h);
+    ensure(&mut h);
     assert_eq!(h[&X_REQUEST_ID], id);
     let mut other = HeaderMap::new();
-    ensure_request_id(&mut other);
+    ensure(&mut other);
     assert_ne!(other[&X_REQUEST_ID], id);
 }
 
@@ -136,7 +169,7 @@ fn bad_request_ids_are_replaced() {
     for bad in cases {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_bytes(bad).unwrap());
-        ensure_request_id(&mut h);
+        ensure(&mut h);
         let ids: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
         assert_eq!(ids.len(), 1, "{bad:?}");
         assert_eq!(ids[0].len(), 36, "{bad:?} -> {:?}", ids[0]);
@@ -156,7 +189,7 @@ fn good_request_ids_are_kept() {
     ] {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_str(good).unwrap());
-        ensure_request_id(&mut h);
+        ensure(&mut h);
         assert_eq!(h[&X_REQUEST_ID], good);
     }
 }
@@ -166,7 +199,7 @@ fn two_request_ids_become_one_fresh_one() {
     let mut h = HeaderMap::new();
     h.append(&X_REQUEST_ID, HeaderValue::from_static("a"));
     h.append(&X_REQUEST_ID, HeaderValue::from_static("b"));
-    ensure_request_id(&mut h);
+    ensure(&mut h);
     let ids: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
     assert_eq!(ids.len(), 1);
     assert_eq!(ids[0].len(), 36);
@@ -206,7 +239,7 @@ proptest::proptest! {
             }
         }
         let sent: Vec<HeaderValue> = h.get_all(&X_REQUEST_ID).iter().cloned().collect();
-        ensure_request_id(&mut h);
+        ensure(&mut h);
         let out: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
         proptest::prop_assert_eq!(out.len(), 1);
         proptest::prop_assert!(is_usable_request_id(out[0].as_bytes()), "{:?}", out[0]);
@@ -272,7 +305,7 @@ fn a_scanned_strip_removes_what_the_scan_found_and_nothing_else() {
         ("x-keep", "1"),
     ]);
     let f = scan(&h);
-    strip_hop_by_hop_scanned(&mut h, false, &f);
+    strip_hop_by_hop(&mut h, false, &f);
     let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
     assert_eq!(left, ["x-keep"]);
 }
