@@ -136,7 +136,7 @@ impl SledStore {
             path: dir.display().to_string(),
             problem: format!("cannot create: {e}"),
         })?;
-        match Self::open(&path).and_then(|s| s.check_schema().map(|()| s)) {
+        match Self::open_when_free(&path).and_then(|s| s.check_schema().map(|()| s)) {
             Ok(s) => Ok(s),
             // Another process holds the store: that is not corruption; never move it aside.
             Err(e @ StoreError::Sled { .. }) if e.to_string().contains("lock") => Err(StoreError::Io {
@@ -155,6 +155,27 @@ impl SledStore {
                 let s = Self::open(&path)?;
                 s.check_schema()?;
                 Ok(s)
+            }
+        }
+    }
+
+    /// How long an open waits for the store's file lock before it calls the store in use. A
+    /// store dropped in this process is unlocked only once sled's background threads let go of
+    /// it (a reopen after an I/O error, or a test), which takes milliseconds.
+    const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// Opens `path`, trying again while its lock is held, up to [`Self::LOCK_WAIT`].
+    fn open_when_free(path: &Path) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + Self::LOCK_WAIT;
+        loop {
+            match Self::open(path) {
+                Err(e @ StoreError::Sled { .. })
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %e, "state store locked; trying again");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
             }
         }
     }
@@ -526,6 +547,23 @@ mod tests {
             .file_name()
             .to_string_lossy()
             .starts_with("state.corrupt-")));
+    }
+
+    #[test]
+    fn a_store_held_elsewhere_is_in_use_and_left_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = SledStore::open_or_rebuild(dir.path()).unwrap();
+        held.put_raw(keys::DRAIN, b"true").unwrap();
+        let e = SledStore::open_or_rebuild(dir.path())
+            .err()
+            .expect("a held store does not open twice");
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("state.corrupt-")));
+        assert_eq!(held.get_raw(keys::DRAIN).unwrap().as_deref(), Some(&b"true"[..]));
     }
 
     #[test]
