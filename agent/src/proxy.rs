@@ -45,6 +45,9 @@ pub struct Shared {
     pub connections: Arc<tokio::sync::Semaphore>,
     /// Requests in progress over all listeners (`proxy.max_requests_in_flight`).
     pub in_flight: Arc<InFlightCap>,
+    /// Where idle HTTP/1.1 connections park (`downstream/park.rs`): made at the first park;
+    /// `None` when it could not be made (connections then stay on their tasks).
+    pub(crate) lot: std::sync::OnceLock<Option<Arc<downstream::park::Lot>>>,
 }
 
 /// Requests in progress over all listeners, and the cap on them.
@@ -89,6 +92,7 @@ impl Shared {
             limits,
             draining: std::sync::atomic::AtomicBool::new(false),
             own_colour: arc_swap::ArcSwapOption::empty(),
+            lot: std::sync::OnceLock::new(),
         }
     }
 }
@@ -121,9 +125,31 @@ pub struct ConnActivity {
     progress: std::sync::atomic::AtomicU64,
     /// Set when the stall watch closed the connection: the requests it cut log the reason.
     stalled: std::sync::atomic::AtomicBool,
-    _permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
-    counted: prometheus_client::metrics::gauge::Gauge,
+    /// Set for a connection resumed after it parked (`downstream/park.rs`, only ever after a
+    /// request): it is one that was served.
+    parked_once: std::sync::atomic::AtomicBool,
+    /// Its places under the caps and its count (`None` once handed to its parked entry,
+    /// [`ConnActivity::into_held`]).
+    held: Option<Held>,
     pub drain: DrainWatch,
+}
+
+/// A connection's places under the listener's connection cap and the agent's.
+pub type Permits = (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit);
+
+/// What an open connection holds, with its activity or, parked, in its entry
+/// (`downstream/park.rs`): its places under the caps, and its count in
+/// `vmesh_downstream_connections_active` (decremented when this drops).
+#[derive(Debug)]
+pub struct Held {
+    _permits: Permits,
+    counted: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counted.dec();
+    }
 }
 
 /// A request in progress; its drop stamps the connection's last activity.
@@ -134,10 +160,23 @@ impl ConnActivity {
     /// in `counted` (decremented when the last holder drops it) and holding `drain`.
     pub fn new(
         global: Arc<InFlightCap>,
-        permits: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+        permits: Permits,
         counted: prometheus_client::metrics::gauge::Gauge,
         drain: DrainWatch,
     ) -> Arc<Self> {
+        let held = Held {
+            _permits: permits,
+            counted,
+        };
+        Self::holding(global, held, drain, false)
+    }
+
+    /// A connection resumed after it parked (after a request), from what it held while parked.
+    pub fn resumed(global: Arc<InFlightCap>, held: Held, drain: DrainWatch) -> Arc<Self> {
+        Self::holding(global, held, drain, true)
+    }
+
+    fn holding(global: Arc<InFlightCap>, held: Held, drain: DrainWatch, parked_once: bool) -> Arc<Self> {
         Arc::new(Self {
             start: std::time::Instant::now(),
             global,
@@ -145,8 +184,8 @@ impl ConnActivity {
             last_end_ms: std::sync::atomic::AtomicU64::new(0),
             progress: std::sync::atomic::AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
-            _permits: permits,
-            counted,
+            parked_once: std::sync::atomic::AtomicBool::new(parked_once),
+            held: Some(held),
             drain,
         })
     }
@@ -172,6 +211,21 @@ impl ConnActivity {
         self.global.full()
     }
 
+    /// What the connection holds and its drain watch, for its parked entry; the activity back
+    /// when something else still holds it.
+    pub fn into_held(self: Arc<Self>) -> Result<(Held, DrainWatch), Arc<Self>> {
+        let mut me = Arc::try_unwrap(self)?;
+        match me.held.take() {
+            Some(held) => Ok((held, me.drain)),
+            None => Err(Arc::new(me)),
+        }
+    }
+
+    /// Whether the connection parked (after a request) at least once.
+    pub fn parked_once(&self) -> bool {
+        self.parked_once.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether the stall watch closed this connection.
     pub fn stalled(&self) -> bool {
         self.stalled.load(std::sync::atomic::Ordering::Relaxed)
@@ -184,12 +238,6 @@ impl ConnActivity {
         }
         let last = std::time::Duration::from_millis(self.last_end_ms.load(std::sync::atomic::Ordering::Relaxed));
         Some(self.start.elapsed().saturating_sub(last))
-    }
-}
-
-impl Drop for ConnActivity {
-    fn drop(&mut self) {
-        self.counted.dec();
     }
 }
 
@@ -218,7 +266,8 @@ pub struct ConnCtx {
     /// The client's IP as a header value, built once per connection for `x-forwarded-for`.
     pub client_ip: ::http::HeaderValue,
     /// When serving began (after the TLS handshake, or the wait for a first byte on a
-    /// permissive listener): the first head is due `proxy.header_read_timeout` after it.
+    /// permissive listener; for a connection resumed after it parked, when it began to wait
+    /// for the head it waits for): the first head is due `proxy.header_read_timeout` after it.
     pub opened: std::time::Instant,
     pub activity: Arc<ConnActivity>,
     /// The caller's verified identity (mutual TLS on the inbound listener), else `None`.
@@ -229,6 +278,56 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
+    /// What the connection holds while parked, and its listener; the context back when something
+    /// else still holds it or its activity.
+    pub fn into_held(self: Arc<Self>) -> Result<(Held, DrainWatch, Arc<ListenerCtx>), Arc<Self>> {
+        let me = Arc::try_unwrap(self)?;
+        let Self {
+            shared,
+            listener,
+            client,
+            client_ip,
+            opened,
+            activity,
+            peer,
+            slot,
+        } = me;
+        // (`activity` and `slot` are the same allocation.)
+        drop(activity);
+        match slot.into_held() {
+            Ok((held, drain)) => Ok((held, drain, listener)),
+            Err(slot) => Err(Arc::new(Self {
+                shared,
+                listener,
+                client,
+                client_ip,
+                opened,
+                activity: slot.clone(),
+                peer,
+                slot,
+            })),
+        }
+    }
+
+    /// This context for a connection resumed after it parked, which began to wait for its next
+    /// head at `since` (the same allocation when nothing else holds it, as is usual).
+    pub fn waiting_since(mut self: Arc<Self>, since: std::time::Instant) -> Arc<Self> {
+        if let Some(me) = Arc::get_mut(&mut self) {
+            me.opened = since;
+            return self;
+        }
+        Arc::new(Self {
+            shared: self.shared.clone(),
+            listener: self.listener.clone(),
+            client: self.client,
+            client_ip: self.client_ip.clone(),
+            opened: since,
+            activity: self.activity.clone(),
+            peer: self.peer.clone(),
+            slot: self.slot.clone(),
+        })
+    }
+
     /// The context of a connection from `client`, accepted on `listener` and holding `slot`.
     pub fn new(
         shared: Arc<Shared>,

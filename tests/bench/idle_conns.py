@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Memory of a proxy holding many client connections, for tests/bench/run.sh (stdlib only).
 
-  idle_conns.py idle --port P --pid PID [--conns 10000] [--concurrency 64] [--no-request]
+  idle_conns.py idle --port P --pid PID [--conns 10000] [--concurrency 64] [--idle-s 3]
+                     [--no-request]
       Opens CONNS keep-alive connections to 127.0.0.1:P and sends one `GET /` on each (at most
       CONCURRENCY requests at a time, so the proxy's upstream pool stays as small as that),
-      reads each whole response, then keeps every connection open and idle, waits for the RSS of
-      PID's process tree to settle and measures it. --no-request (a diagnostic) opens the
+      reads each whole response, then keeps every connection open and idle for IDLE_S seconds
+      (the same for every proxy: an idle connection is one that has been idle a while; vmesh
+      parks a connection idle for 1 s, proxy.idle_park_after), waits for the RSS of PID's
+      process tree to settle and measures it. --no-request (a diagnostic) opens the
       connections and sends nothing: the cost of an accepted connection alone.
   idle_conns.py slow --port P --pid PID --upstream U [--requests 1000]
       Opens REQUESTS connections to 127.0.0.1:P, each sending `GET /gate`, which
@@ -155,6 +158,7 @@ async def idle(args):
     conns = [r for r in results if not isinstance(r, BaseException)]
     errors = [r for r in results if isinstance(r, BaseException)]
     setup_s = time.monotonic() - t0
+    await asyncio.sleep(args.idle_s)
     rss = await settled_rss(args.pid)
     await asyncio.sleep(0)  # let pending EOFs land before counting
     fields = {
@@ -241,6 +245,7 @@ def main():
     p.add_argument("--requests", type=int, default=1000, help="slow: requests to hold in flight")
     p.add_argument("--upstream", type=int, help="slow: port of tests/fixtures/upstream.py")
     p.add_argument("--concurrency", type=int, default=64, help="connections opened at once")
+    p.add_argument("--idle-s", type=float, default=3.0, help="idle: seconds the connections are held idle before the RSS is sampled")
     p.add_argument("--no-request", action="store_true", help="idle: open the connections, send nothing")
     p.add_argument("--timeout", type=float, default=120.0, help="bound of each phase, seconds")
     args = p.parse_args()

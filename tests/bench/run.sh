@@ -50,9 +50,9 @@
 #      connections stay open; HAProxy maxconn; nginx worker_connections), one instance per
 #      phase, measured by tests/bench/idle_conns.py:
 #        idle           RSS after start, then with <idle-conns> keep-alive client connections
-#                       open and idle, each after one request to the nginx upstream (at most 64
-#                       at once, so the upstream pool holds <= 64 connections) -> KiB per idle
-#                       connection over the fresh RSS
+#                       open and idle (held idle 3 s before the RSS is sampled), each after one
+#                       request to the nginx upstream (at most 64 at once, so the upstream pool
+#                       holds <= 64 connections) -> KiB per idle connection over the fresh RSS
 #        in flight      RSS with <slow-requests> requests held in flight by
 #                       tests/fixtures/upstream.py's /gate (each on its own client connection,
 #                       so one client and one upstream connection per request) -> KiB per

@@ -277,6 +277,9 @@ pub struct ProxyConfig {
     /// client that stops reading, an HTTP/2 client that never opens its window. Envoy's
     /// `stream_idle_timeout`.
     pub stream_idle_timeout: Dur,
+    /// A plaintext HTTP/1.1 connection idle this long between requests is parked: its task
+    /// ends and its socket waits outside the runtime's reactor until the client sends (0: off).
+    pub idle_park_after: Dur,
     /// Time a client has to send a whole request body, counted from the request's arrival;
     /// past it the request is answered 408 `REQUEST_BODY_TIMEOUT` (or cut, once the response
     /// has begun).
@@ -596,6 +599,7 @@ impl Default for ProxyConfig {
             header_read_timeout: Dur::secs(10),
             idle_timeout: Dur::secs(60),
             stream_idle_timeout: Dur::secs(300),
+            idle_park_after: Dur::secs(1),
             request_body_timeout: Dur::secs(300),
             h2_max_send_buffer: ByteSize(64 << 10),
             max_connections_total: 20_000,

@@ -108,6 +108,7 @@ fn settle_proxy(old: &ProxyConfig, new: &mut ProxyConfig, kept: &mut Vec<&'stati
         header_read_timeout,
         idle_timeout,
         stream_idle_timeout,
+        idle_park_after,
         request_body_timeout,
         h2_max_send_buffer,
         max_connections_total,
@@ -133,6 +134,7 @@ fn settle_proxy(old: &ProxyConfig, new: &mut ProxyConfig, kept: &mut Vec<&'stati
         &old.stream_idle_timeout,
         stream_idle_timeout,
     );
+    keep(kept, "proxy.idle_park_after", &old.idle_park_after, idle_park_after);
     keep(
         kept,
         "proxy.request_body_timeout",

@@ -7,6 +7,7 @@ pub mod aside;
 pub mod body;
 pub mod h1;
 pub mod io;
+pub mod park;
 pub mod request;
 pub mod response;
 pub mod watch;

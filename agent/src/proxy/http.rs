@@ -72,7 +72,22 @@ pub fn serve<S: Transport>(stream: S, ctx: Arc<ConnCtx>) -> impl Future<Output =
             Box::pin(serve_h2(stream, prefix, ctx)).await;
             return;
         }
-        downstream::h1::serve(stream, prefix, &ctx, Proxy).await;
+        if let Some(p) = downstream::h1::serve(stream, prefix, &ctx, Proxy).await {
+            downstream::park::park(p.stream, ctx, p.head_due, p.close_at);
+        }
+    }
+}
+
+/// Serves an HTTP/1.1 connection that was parked (`downstream/park.rs`) again: its context
+/// says since when its next head is waited for (`ConnCtx::opened`). It may park again.
+pub fn resume(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>) -> impl Future<Output = ()> + Send {
+    // Boxed until the connection is made from it: a stream the future captured would stay in
+    // it, beside the connection (the future every resumed connection holds while idle).
+    let stream = Box::new(stream);
+    async move {
+        if let Some(p) = downstream::h1::serve(*stream, BytesMut::new(), &ctx, Proxy).await {
+            downstream::park::park(p.stream, ctx, p.head_due, p.close_at);
+        }
     }
 }
 

@@ -343,6 +343,12 @@ mod tests {
             &builder,
         );
         let conn = ConnCtx::new(shared, target.ctx, peer, None, slot);
+        // A connection resumed after it parked has a task of its own, as small.
+        let resumed = std::mem::size_of_val(&http::resume(
+            TcpStream::connect(listener.local_addr().unwrap()).await.unwrap(),
+            conn.clone(),
+        ));
+        assert!(resumed <= 408, "resumed: {resumed} bytes");
         let fut = http::serve(stream, conn);
         let size = std::mem::size_of_val(&fut);
         // With the task's header and trailer (104 bytes), a task cell of 512 bytes (tokio's cells

@@ -131,6 +131,8 @@ pub struct Metrics {
     /// The inbound adaptive concurrency limit now (set once a second).
     pub adaptive_limit: Family<ClusterLabels, Gauge>,
     pub connections_active: Family<ListenerLabels, Gauge>,
+    /// Idle HTTP/1.1 client connections parked outside the runtime (`proxy.idle_park_after`).
+    pub connections_parked: Gauge,
     pub connections: Family<ListenerLabels, Counter>,
     /// Downstream connections the agent closed to protect itself, by reason
     /// (`stream_idle_timeout`).
@@ -246,6 +248,7 @@ impl Metrics {
             registry_errors: Family::default(),
             cmdb_errors: Family::default(),
             identity_from_cache: Gauge::default(),
+            connections_parked: Gauge::default(),
             weight: Gauge::default(),
             registered: Gauge::default(),
             discovery_updates: Family::default(),
@@ -311,6 +314,11 @@ impl Metrics {
             "downstream_connections_active",
             "Open downstream connections",
             m.connections_active.clone(),
+        );
+        registry.register(
+            "downstream_connections_parked",
+            "Idle HTTP/1.1 downstream connections parked outside the runtime until the client sends",
+            m.connections_parked.clone(),
         );
         registry.register(
             "downstream_connections",

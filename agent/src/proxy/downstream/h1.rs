@@ -15,10 +15,10 @@ use std::time::Instant;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::body::{ClientBody, H1Body, Return};
-use super::io::{ReadHalf, ReadSide, Transport, Upgraded};
+use super::io::{ReadHalf, ReadSide, Transport, Upgraded, WriteHalf};
 use super::request::{Framing, HeadError, HeadParser, RequestHead};
 use super::response::{self, Answering, Out};
 use super::watch::{End, Watch};
@@ -67,11 +67,18 @@ const LINGER_BYTES: usize = 1 << 20;
 const WRITE_HIGH: usize = 64 * 1024;
 
 /// Serves HTTP/1.1 on `io` (with `prefix`, bytes already read from it) until the client closes,
-/// a request asks to close, a timeout, the agent's drain, or an error. `handle` runs each
-/// request. The connection's watches (`watch.rs`: header read, idle and stall timeouts, drain)
-/// run in the same future, on one timer; the first head is due `proxy.header_read_timeout` after
-/// serving began (`ConnCtx::opened`, after a TLS handshake).
-pub fn serve<'a, T, H>(io: T, prefix: BytesMut, ctx: &'a ConnCtx, handle: H) -> impl Future<Output = ()> + Send + 'a
+/// a request asks to close, a timeout, the agent's drain, or an error, or until the connection
+/// parks (idle for `proxy.idle_park_after` with nothing buffered: the TCP stream comes back, for
+/// `park.rs`). `handle` runs each request. The connection's watches (`watch.rs`: header read,
+/// idle and stall timeouts, drain, parking) run in the same future, on one timer; the first head
+/// is due `proxy.header_read_timeout` after serving began (`ConnCtx::opened`, after a TLS
+/// handshake; for a resumed connection, when it began to wait before it parked).
+pub fn serve<'a, T, H>(
+    io: T,
+    prefix: BytesMut,
+    ctx: &'a ConnCtx,
+    handle: H,
+) -> impl Future<Output = Option<Parking>> + Send + 'a
 where
     T: Transport,
     H: Handle + 'a,
@@ -90,6 +97,14 @@ where
         home: None,
     };
     async move { conn.run(handle).await }
+}
+
+/// A connection that parks: its stream, when its next head is due, and when it closes if the
+/// client sends nothing (`header_read_timeout` or `idle_timeout`, whichever is first).
+pub struct Parking {
+    pub stream: tokio::net::TcpStream,
+    pub head_due: Instant,
+    pub close_at: Instant,
 }
 
 struct Conn<'c, W> {
@@ -117,42 +132,53 @@ enum NoHead {
     TimedOut,
     /// The watch ended the connection (idle, drained).
     Ended,
+    /// Idle for `proxy.idle_park_after` with nothing buffered: the connection parks.
+    Park,
     Refused(HeadError),
 }
 
-impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
-    async fn run<H>(&mut self, handle: H)
+impl<'c, W: WriteHalf> Conn<'c, W> {
+    async fn run<H>(&mut self, handle: H) -> Option<Parking>
     where
         H: Handle,
     {
         let mut watch = std::pin::pin!(Watch::new(self.ctx));
-        // Whether a head was read on this connection.
-        let mut served = false;
+        // Whether a head was read on this connection (one that parked was, after a request).
+        let mut served = self.ctx.activity.parked_once();
+        // The first head's time counts from when serving began (the version detection waited
+        // for its first bytes; a TLS handshake before it had its own time), not again from
+        // zero; a resumed connection's from when it began to wait, before it parked. (Each
+        // later head's is set after the response before it. What is kept across the awaits
+        // below is part of every idle connection's future: the deadlines live in the watch.)
+        let first = self.ctx.opened + self.ctx.shared.limits.header_read_timeout.get();
+        watch.as_mut().head_due(Some(first), None);
         'heads: loop {
-            // The first head's time counts from when serving began (the version detection
-            // waited for its first bytes; a TLS handshake before it had its own time), not
-            // again from zero.
-            let timeout = self.ctx.shared.limits.header_read_timeout.get();
-            let due = match served {
-                false => self.ctx.opened + timeout,
-                true => Instant::now() + timeout,
-            };
-            watch.as_mut().head_due(Some(due));
             // Boxed, one allocation per request: what a request needs while it runs (the
             // handler's whole state) is not part of an idle connection's future. (The head goes
             // into it at once, and no await follows in the match: a head in a local or a
             // match's scrutinee across an await would be part of it.)
             let no_head = 'served: {
                 let ctx = self.ctx;
-                let exchange = match poll_fn(|cx| self.poll_head(cx, watch.as_mut())).await {
+                // Only a plain TCP connection parks, and only between requests.
+                let parkable = served && W::PARKS && !self.ctx.shared.limits.idle_park_after.get().is_zero();
+                let exchange = match poll_fn(|cx| self.poll_head(cx, watch.as_mut(), parkable)).await {
                     Ok(head) => Box::pin(self.exchange(head, &handle)),
                     Err(no) => break 'served no,
                 };
-                watch.as_mut().head_due(None);
+                watch.as_mut().head_due(None, None);
                 served = true;
                 let next = guarded(watch.as_mut(), ctx, exchange).await;
                 match next {
-                    Some(Next::KeepAlive) => continue 'heads,
+                    Some(Next::KeepAlive) => {
+                        let limits = &self.ctx.shared.limits;
+                        let now = Instant::now();
+                        let park_after = limits.idle_park_after.get();
+                        let park = (W::PARKS && !park_after.is_zero()).then(|| now + park_after);
+                        watch
+                            .as_mut()
+                            .head_due(Some(now + limits.header_read_timeout.get()), park);
+                        continue 'heads;
+                    }
                     Some(Next::Close) => {
                         // A request body dropped unread hands the read side back now (its
                         // exchange is over): what the client still sends is read and dropped
@@ -165,15 +191,16 @@ impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
                         } else {
                             guarded(watch.as_mut(), self.ctx, Box::pin(self.shut_write())).await;
                         }
-                        return;
+                        return None;
                     }
-                    Some(Next::Gone) | None => return,
+                    Some(Next::Gone) | None => return None,
                 }
             };
             // (What the refusal needs is worked out first: nothing of the head's error is
             // kept across the await.)
             let (status, linger) = match no_head {
-                NoHead::Closed | NoHead::Ended => return,
+                NoHead::Closed | NoHead::Ended => return None,
+                NoHead::Park => return self.park(watch.head()),
                 NoHead::TimedOut => {
                     let begun = self.read.as_ref().is_some_and(|r| !r.buf.is_empty());
                     // A head begun and not finished, or a connection that never sent a whole
@@ -185,7 +212,7 @@ impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
                             .downstream_closed(&self.ctx.listener.name, "header_read_timeout");
                     }
                     if !begun {
-                        return;
+                        return None;
                     }
                     (StatusCode::REQUEST_TIMEOUT, false)
                 }
@@ -196,16 +223,40 @@ impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
             };
             // The answer and its lingering close run under the other watches only: the head's
             // deadline must not cut the linger short (a reset could destroy the answer).
-            watch.as_mut().head_due(None);
+            watch.as_mut().head_due(None, None);
             guarded(watch.as_mut(), self.ctx, Box::pin(self.refuse(status, linger))).await;
-            return;
+            return None;
         }
+    }
+
+    /// The connection's stream, to park with its head `due`: idle, nothing buffered (the read
+    /// buffer and the write buffer are back in the thread's pools).
+    fn park(&mut self, head_due: Option<Instant>) -> Option<Parking> {
+        let head_due = head_due?;
+        let (mut side, write) = (self.read.take()?, self.write.take()?);
+        side.release();
+        let stream = write.rejoin(side.io)?;
+        // Closed when the unparked connection would have been: at its head's deadline, or
+        // `proxy.idle_timeout` after its last request, whichever is first.
+        let idle = self.ctx.shared.limits.idle_timeout.get();
+        let idle_for = self.ctx.activity.idle_for().unwrap_or_default();
+        let close_at = head_due.min(Instant::now() + idle.saturating_sub(idle_for));
+        Some(Parking {
+            stream,
+            head_due,
+            close_at,
+        })
     }
 
     /// Reads the next head: from what is buffered (a pipelined request), else from the socket,
     /// before the watch's head deadline (`proxy.header_read_timeout`). (A poll function, not an
     /// async one: an idle connection waits here, and its future holds no more than it needs.)
-    fn poll_head(&mut self, cx: &mut Context<'_>, watch: Pin<&mut Watch<'c>>) -> Poll<Result<RequestHead, NoHead>> {
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        watch: Pin<&mut Watch<'c>>,
+        parkable: bool,
+    ) -> Poll<Result<RequestHead, NoHead>> {
         let Some(side) = self.read.as_mut() else {
             return Poll::Ready(Err(NoHead::Closed));
         };
@@ -245,8 +296,10 @@ impl<'c, W: AsyncWrite + Send + Unpin + 'static> Conn<'c, W> {
                 Some(Ok(_)) => continue,
                 None => {}
             }
-            return watch.poll_end(cx, self.ctx).map(|end| match end {
+            let park = parkable && side.buf.is_empty();
+            return watch.poll_end(cx, self.ctx, park).map(|end| match end {
                 End::HeadTimedOut => Err(NoHead::TimedOut),
+                End::Park => Err(NoHead::Park),
                 _ => Err(NoHead::Ended),
             });
         }
@@ -565,7 +618,7 @@ fn guarded<'w, 'c, F: Future + Unpin>(
         if let Poll::Ready(out) = Pin::new(&mut fut).poll(cx) {
             return Poll::Ready(Some(out));
         }
-        watch.as_mut().poll_end(cx, ctx).map(|_| None)
+        watch.as_mut().poll_end(cx, ctx, false).map(|_| None)
     })
 }
 

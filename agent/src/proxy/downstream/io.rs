@@ -62,9 +62,38 @@ impl ReadHalf for ReadIo {
     }
 }
 
+/// A transport's write half.
+pub trait WriteHalf: AsyncWrite + Send + Unpin + 'static {
+    /// Whether the connection can park when idle (`park.rs`): a plain TCP stream, whose halves
+    /// join again ([`WriteHalf::rejoin`]).
+    const PARKS: bool = false;
+
+    /// The TCP stream of this half and `read` (`None`: not a plain TCP stream, or not its
+    /// halves).
+    fn rejoin(self, _read: ReadIo) -> Option<TcpStream>
+    where
+        Self: Sized,
+    {
+        None
+    }
+}
+
+impl WriteHalf for tokio::net::tcp::OwnedWriteHalf {
+    const PARKS: bool = true;
+
+    fn rejoin(self, read: ReadIo) -> Option<TcpStream> {
+        match read {
+            ReadIo::Tcp(read) => read.reunite(self).ok(),
+            ReadIo::Other(_) => None,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Send + 'static> WriteHalf for tokio::io::WriteHalf<T> {}
+
 /// A client transport that splits into a read half and a write half.
 pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
-    type Write: AsyncWrite + Send + Unpin + 'static;
+    type Write: WriteHalf;
     fn split(self) -> (ReadIo, Self::Write);
     /// As [`ReadHalf::poll_ready`], before the split.
     fn poll_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,6 +1,7 @@
 //! The watches of one HTTP/1.1 client connection on one timer: the head's
 //! `proxy.header_read_timeout`, `proxy.idle_timeout`, the stall watch
-//! (`proxy.stream_idle_timeout`) and the agent's drain.
+//! (`proxy.stream_idle_timeout`), the agent's drain, and when an idle connection parks
+//! (`proxy.idle_park_after`, `park.rs`).
 //!
 //! Every idle keep-alive connection holds these, so they are kept small: one `Sleep` (not one per
 //! deadline), armed for the earliest deadline that matters and moved on when it fires (the next
@@ -51,6 +52,9 @@ pub enum End {
     Stalled,
     /// The agent drains, and the connection was idle at the end of [`DRAIN_LINGER`].
     Drained,
+    /// Idle for `proxy.idle_park_after` where the caller said it could park: the connection
+    /// parks (`park.rs`).
+    Park,
 }
 
 enum Phase {
@@ -80,18 +84,29 @@ impl<'c> Watch<'c> {
         }
     }
 
-    /// Sets when the head waited for is due (`None`: no head is waited for).
-    pub fn head_due(self: Pin<&mut Self>, due: Option<Instant>) {
+    /// Sets when the head waited for is due (`None`: no head is waited for), and when the
+    /// connection may park if it is idle then (`park`: the timer is set for it; whether it parks
+    /// is worked out when it fires).
+    pub fn head_due(self: Pin<&mut Self>, due: Option<Instant>, park: Option<Instant>) {
         let this = self.project();
         *this.head = due;
-        if let Some(due) = due {
-            arm(this.timer, this.armed, this.fresh, due);
+        let at = match (due, park) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(at) = at {
+            arm(this.timer, this.armed, this.fresh, at);
         }
     }
 
-    /// `Ready` when the connection must end. Cheap unless the timer fired, the deadline moved
-    /// up, or the agent began draining.
-    pub fn poll_end(self: Pin<&mut Self>, cx: &mut Context<'_>, ctx: &'c ConnCtx) -> Poll<End> {
+    /// When the head waited for is due, if one is.
+    pub fn head(&self) -> Option<Instant> {
+        self.head
+    }
+
+    /// `Ready` when the connection must end, or park (`park`: the caller can park it now).
+    /// Cheap unless the timer fired, the deadline moved up, or the agent began draining.
+    pub fn poll_end(self: Pin<&mut Self>, cx: &mut Context<'_>, ctx: &'c ConnCtx, park: bool) -> Poll<End> {
         let mut this = self.project();
         let head_due = *this.head;
         if this.drain.is_none() {
@@ -120,7 +135,7 @@ impl<'c> Watch<'c> {
                 *this.head = None;
                 return Poll::Ready(End::HeadTimedOut);
             }
-            let next = match next(this.phase, ctx, now) {
+            let next = match next(this.phase, ctx, now, park) {
                 Ok(next) => next,
                 Err(end) => {
                     ended(ctx, end);
@@ -154,20 +169,27 @@ fn arm(timer: Pin<&mut Sleep>, armed: &mut bool, fresh: &mut bool, at: Instant) 
     }
 }
 
-/// The timer fired at `now`: the end of the connection, or the next deadline of `phase`.
-fn next(phase: &mut Phase, ctx: &ConnCtx, now: Instant) -> Result<Option<Instant>, End> {
+/// The timer fired at `now`: the end of the connection (or its parking, where `park` says it
+/// can), or the next deadline of `phase`.
+fn next(phase: &mut Phase, ctx: &ConnCtx, now: Instant, park: bool) -> Result<Option<Instant>, End> {
     let limits = &ctx.shared.limits;
     let idle = limits.idle_timeout.get();
     let stall_after = limits.stream_idle_timeout.get();
+    let park_after = limits.idle_park_after.get();
     let activity = &ctx.activity;
     match phase {
         Phase::Serving { stall } => match activity.idle_for() {
             Some(d) if d >= idle => Err(End::Idle),
+            Some(d) if park && !park_after.is_zero() && d >= park_after => Err(End::Park),
             Some(d) => {
                 *stall = None;
                 // (Looked at again within `stall_after`: a request that starts meanwhile is
                 // watched for stalls from then.)
-                Ok(Some(now + (idle - d).min(stall_after)))
+                let mut at = now + (idle - d).min(stall_after);
+                if park && !park_after.is_zero() {
+                    at = at.min(now + (park_after - d));
+                }
+                Ok(Some(at))
             }
             None => {
                 // Requests in progress: looked at again every `idle` at most (the last one may
@@ -216,6 +238,6 @@ fn ended(ctx: &ConnCtx, end: End) {
                 .metrics
                 .downstream_closed(&ctx.listener.name, "stream_idle_timeout");
         }
-        End::HeadTimedOut | End::Drained => {}
+        End::HeadTimedOut | End::Drained | End::Park => {}
     }
 }
