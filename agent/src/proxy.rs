@@ -125,8 +125,8 @@ pub struct ConnActivity {
     progress: std::sync::atomic::AtomicU64,
     /// Set when the stall watch closed the connection: the requests it cut log the reason.
     stalled: std::sync::atomic::AtomicBool,
-    /// Set for a connection resumed after it parked (`downstream/park.rs`, only ever after a
-    /// request): it is one that was served.
+    /// Set for a connection resumed after it parked, or that came to park and was served on
+    /// (`downstream/park.rs`, only ever after a request): it is one that was served.
     parked_once: std::sync::atomic::AtomicBool,
     /// Its places under the caps and its count (`None` once handed to its parked entry,
     /// [`ConnActivity::into_held`]).
@@ -224,6 +224,11 @@ impl ConnActivity {
     /// Whether the connection parked (after a request) at least once.
     pub fn parked_once(&self) -> bool {
         self.parked_once.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Marks a connection that came to park after a request (and was served on instead).
+    pub fn mark_parked_once(&self) {
+        self.parked_once.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the stall watch closed this connection.

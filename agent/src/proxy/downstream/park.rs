@@ -126,8 +126,10 @@ pub fn park(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>, head_due: Instant,
     }
 }
 
-/// Serves a connection that did not park on a new task, its next head due at `head_due`.
+/// Serves a connection that did not park on a new task, its next head due at `head_due` (one
+/// that was served: it came to park after a request).
 fn serve_on(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>, head_due: Instant) {
+    ctx.activity.mark_parked_once();
     let since = head_due
         .checked_sub(ctx.shared.limits.header_read_timeout.get())
         .unwrap_or(head_due);
