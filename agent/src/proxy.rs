@@ -168,23 +168,36 @@ impl ConnActivity {
             _permits: permits,
             counted,
         };
-        Self::holding(global, held, drain, false)
+        Self::holding(global, held, drain, None)
     }
 
-    /// A connection resumed after it parked (after a request), from what it held while parked.
-    pub fn resumed(global: Arc<InFlightCap>, held: Held, drain: DrainWatch) -> Arc<Self> {
-        Self::holding(global, held, drain, true)
+    /// A connection resumed after it parked (after a request), from what it held while parked;
+    /// idle since `idle_since` (its last request's end).
+    pub fn resumed(
+        global: Arc<InFlightCap>,
+        held: Held,
+        drain: DrainWatch,
+        idle_since: std::time::Instant,
+    ) -> Arc<Self> {
+        Self::holding(global, held, drain, Some(idle_since))
     }
 
-    fn holding(global: Arc<InFlightCap>, held: Held, drain: DrainWatch, parked_once: bool) -> Arc<Self> {
+    /// `idle_since`: a resumed connection's; none for a new one (idle since now).
+    fn holding(
+        global: Arc<InFlightCap>,
+        held: Held,
+        drain: DrainWatch,
+        idle_since: Option<std::time::Instant>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            start: std::time::Instant::now(),
+            // (No request yet on this activity: idle since `start`.)
+            start: idle_since.unwrap_or_else(std::time::Instant::now),
             global,
             active: std::sync::atomic::AtomicU32::new(0),
             last_end_ms: std::sync::atomic::AtomicU64::new(0),
             progress: std::sync::atomic::AtomicU64::new(0),
             stalled: std::sync::atomic::AtomicBool::new(false),
-            parked_once: std::sync::atomic::AtomicBool::new(parked_once),
+            parked_once: std::sync::atomic::AtomicBool::new(idle_since.is_some()),
             held: Some(held),
             drain,
         })

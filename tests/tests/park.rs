@@ -460,6 +460,41 @@ fn a_head_begun_after_parking_keeps_the_keep_alive_deadline() {
     );
 }
 
+/// The idle timeout counts from the last answer, parked or not: a connection woken by half a
+/// head is still closed at it, not `idle_timeout` after it was resumed.
+#[test]
+fn a_resumed_connection_keeps_the_idle_timeout_of_its_last_answer() {
+    let deadline = Duration::from_secs(4);
+    let (agent, _app) = agent_with(&[
+        ("idle_park_after", "200ms"),
+        ("idle_timeout", "4s"),
+        ("header_read_timeout", "30s"),
+    ]);
+    let mut conn = Conn::open(agent.outbound_addr("orders"));
+    assert_echo(&conn.get("/one"), "/one");
+    let answered = Instant::now();
+    wait_parked(&agent, 1.0, Duration::from_secs(2), "the idle connection parked");
+    // Halfway through its idle time (the stimulus's timing, not a wait for state), half a head
+    // resumes it: an idle time counted again from here would end at 6 s.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(answered.elapsed()));
+    assert!(conn.still_open(), "closed before its idle timeout");
+    conn.send(b"GET /late HTTP/1.1\r\nHost: orders\r\n");
+    let ended = conn.until_closed(Duration::from_secs(15));
+    let took = answered.elapsed();
+    if let Err(text) = ended {
+        panic!("still open {took:?} after the answer (idle timeout {deadline:?}); got {text:?}");
+    }
+    assert!(
+        took >= deadline - Duration::from_millis(500) && took <= deadline + Duration::from_millis(1400),
+        "closed {took:?} after the last answer, not at its idle timeout ({deadline:?})"
+    );
+    wait_all_closed(
+        &agent,
+        Duration::from_secs(5),
+        "the closed connection gone from the gauges",
+    );
+}
+
 #[test]
 fn draining_resumes_parked_connections() {
     // A drain held to its timeout would show: 30 s here.

@@ -73,7 +73,7 @@ pub fn serve<S: Transport>(stream: S, ctx: Arc<ConnCtx>) -> impl Future<Output =
             return;
         }
         if let Some(p) = downstream::h1::serve(stream, prefix, &ctx, Proxy).await {
-            downstream::park::park(p.stream, ctx, p.head_due, p.close_at);
+            downstream::park::park(p, ctx);
         }
     }
 }
@@ -86,7 +86,7 @@ pub fn resume(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>) -> impl Future<O
     let stream = Box::new(stream);
     async move {
         if let Some(p) = downstream::h1::serve(*stream, BytesMut::new(), &ctx, Proxy).await {
-            downstream::park::park(p.stream, ctx, p.head_due, p.close_at);
+            downstream::park::park(p, ctx);
         }
     }
 }

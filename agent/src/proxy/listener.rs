@@ -275,9 +275,12 @@ async fn serve_tls_conn(
     slot: Arc<ConnSlot>,
 ) {
     let accepted = crate::tls::accept(stream, mode, shared.limits.header_read_timeout.get()).await;
-    let ctx = |identity| ConnCtx::new(shared.clone(), listener.clone(), peer, identity, slot.clone());
+    // The slot moves into the connection's context (no copy kept here: an idle plaintext
+    // connection parks only when nothing else holds its context and slot).
     match accepted {
-        Ok(Accepted::Tls(tls, identity)) => http::serve(tls, ctx(identity)).await,
+        Ok(Accepted::Tls(tls, identity)) => {
+            http::serve(tls, ConnCtx::new(shared, listener, peer, identity, slot)).await
+        }
         Ok(Accepted::Plain(tcp)) => {
             shared
                 .metrics
@@ -286,7 +289,7 @@ async fn serve_tls_conn(
                     listener: listener.name.clone(),
                 })
                 .inc();
-            http::serve(tcp, ctx(None)).await;
+            http::serve(tcp, ConnCtx::new(shared, listener, peer, None, slot)).await;
         }
         Err(e) => {
             tracing::debug!(listener = %listener.name, client = %peer, error = %e, "connection refused");

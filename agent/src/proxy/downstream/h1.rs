@@ -99,12 +99,14 @@ where
     async move { conn.run(handle).await }
 }
 
-/// A connection that parks: its stream, when its next head is due, and when it closes if the
-/// client sends nothing (`header_read_timeout` or `idle_timeout`, whichever is first).
+/// A connection that parks: its stream, when its next head is due, when it closes if the client
+/// sends nothing (`header_read_timeout` or `idle_timeout`, whichever is first), and since when it
+/// has had no request.
 pub struct Parking {
     pub stream: tokio::net::TcpStream,
     pub head_due: Instant,
     pub close_at: Instant,
+    pub idle_since: Instant,
 }
 
 struct Conn<'c, W> {
@@ -240,11 +242,14 @@ impl<'c, W: WriteHalf> Conn<'c, W> {
         // `proxy.idle_timeout` after its last request, whichever is first.
         let idle = self.ctx.shared.limits.idle_timeout.get();
         let idle_for = self.ctx.activity.idle_for().unwrap_or_default();
-        let close_at = head_due.min(Instant::now() + idle.saturating_sub(idle_for));
+        let now = Instant::now();
+        let idle_since = now.checked_sub(idle_for).unwrap_or(now);
+        let close_at = head_due.min(idle_since + idle);
         Some(Parking {
             stream,
             head_due,
             close_at,
+            idle_since,
         })
     }
 

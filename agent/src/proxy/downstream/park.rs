@@ -13,8 +13,10 @@
 //! One lot per proxy (`Shared::lot`), made at the first park: one task that waits on the lot's
 //! epoll set (itself registered in tokio's reactor), on its earliest deadline and on the drain.
 //! Parking and resuming each cost two `epoll_ctl` calls (out of tokio's set and into the lot's,
-//! and back): the reason connections park only after a pause, not between the requests of a
-//! busy connection.
+//! and back), resuming also a `getpeername` and a task: the reason connections park only after a
+//! pause, not between the requests of a busy connection. The lot's task looks at readiness before
+//! deadlines (a client that sent is served, not closed with its bytes unread), and gives memory
+//! back (`malloc_trim`) on the blocking pool, not on a worker of the runtime.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -27,6 +29,7 @@ use mio::{Events, Interest, Token};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
+use super::h1::Parking;
 use crate::proxy::{ConnActivity, ConnCtx, DrainWatch, Held, ListenerCtx, Shared};
 
 /// Events taken from the lot's set per wake.
@@ -61,6 +64,9 @@ struct State {
     /// Deadlines by slot and generation; entries of connections resumed since are stale
     /// (their generation moved on), skipped when reached and swept when many.
     deadlines: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// The generation of the next park, over the whole lot (never reused with a slot: a slot
+    /// dropped by a trim and made again cannot match a deadline left from before).
+    next_generation: u32,
     parked: usize,
     /// Parks since the last trim, and when the last one was.
     parks_untrimmed: usize,
@@ -71,6 +77,7 @@ struct State {
 
 #[derive(Default)]
 struct Slot {
+    /// The generation of the connection parked here (or last parked here).
     generation: u32,
     conn: Option<Parked>,
 }
@@ -86,6 +93,8 @@ struct Parked {
     drain: DrainWatch,
     /// When the head the connection waits for is due (it resumes under the same deadline).
     head_due: Instant,
+    /// Since when it has had no request (its `proxy.idle_timeout` counts from then, resumed too).
+    idle_since: Instant,
 }
 
 /// The lot's epoll set, as tokio polls it.
@@ -97,6 +106,9 @@ impl AsRawFd for PollFd {
     }
 }
 
+// A token holds a slot and its generation in 64 bits.
+const _: () = assert!(usize::BITS >= 64, "the lot of parked connections needs 64-bit tokens");
+
 fn token(index: u32, generation: u32) -> Token {
     Token((usize::try_from(generation).unwrap_or(0) << 32) | usize::try_from(index).unwrap_or(0))
 }
@@ -106,11 +118,10 @@ fn untoken(t: Token) -> (u32, u32) {
     ((t & u64::from(u32::MAX)) as u32, (t >> 32) as u32)
 }
 
-/// Parks `stream`, the connection of `ctx`, idle with nothing buffered: its head is due at
-/// `head_due`, and it is closed at `close_at` (no later than `head_due`) if the client sends
-/// nothing before. Served on at once where it cannot park (the agent drains, no lot, its
-/// context still held elsewhere).
-pub fn park(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>, head_due: Instant, close_at: Instant) {
+/// Parks the connection of `ctx`, idle with nothing buffered (`p`: its stream and deadlines).
+/// Served on at once where it cannot park (the agent drains, no lot, its context still held
+/// elsewhere).
+pub fn park(p: Parking, ctx: Arc<ConnCtx>) {
     let lot = ctx
         .shared
         .lot
@@ -121,8 +132,8 @@ pub fn park(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>, head_due: Instant,
         })
         .clone();
     match lot {
-        Some(lot) => lot.park(stream, ctx, head_due, close_at),
-        None => serve_on(stream, ctx, head_due),
+        Some(lot) => lot.park(p, ctx),
+        None => serve_on(p.stream, ctx, p.head_due),
     }
 }
 
@@ -162,7 +173,13 @@ impl Lot {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn park(&self, stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>, head_due: Instant, close_at: Instant) {
+    fn park(&self, parking: Parking, ctx: Arc<ConnCtx>) {
+        let Parking {
+            stream,
+            head_due,
+            close_at,
+            idle_since,
+        } = parking;
         if self.state().closed {
             serve_on(stream, ctx, head_due);
             return;
@@ -189,6 +206,7 @@ impl Lot {
             held,
             drain,
             head_due,
+            idle_since,
         };
         let mut state = self.state();
         if state.closed {
@@ -210,7 +228,9 @@ impl Lot {
                 }
             },
         };
-        let generation = state.slots[index as usize].generation;
+        let generation = state.next_generation;
+        state.next_generation = generation.wrapping_add(1);
+        state.slots[index as usize].generation = generation;
         if let Err(e) = self
             .registry
             .register(&mut p.stream, token(index, generation), Interest::READABLE)
@@ -242,7 +262,6 @@ impl Lot {
             return None;
         }
         let parked = slot.conn.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
         state.free.push(index);
         state.parked -= 1;
         self.gauge.dec();
@@ -257,6 +276,7 @@ impl Lot {
             held,
             drain,
             head_due,
+            idle_since,
         } = p;
         let _ = self.registry.deregister(&mut stream);
         let Some(shared) = self.shared.upgrade() else {
@@ -273,7 +293,7 @@ impl Lot {
             // The client is gone (reset): nothing to serve.
             return;
         };
-        let activity = ConnActivity::resumed(shared.in_flight.clone(), held, drain);
+        let activity = ConnActivity::resumed(shared.in_flight.clone(), held, drain, idle_since);
         let since = head_due
             .checked_sub(shared.limits.header_read_timeout.get())
             .unwrap_or(head_due);
@@ -357,11 +377,13 @@ impl Lot {
             }
             let len = u32::try_from(state.slots.len()).unwrap_or(u32::MAX);
             state.free.retain(|i| *i < len);
+            state.deadlines.retain(|Reverse((_, i, _))| *i < len);
             state.slots.shrink_to_fit();
             state.free.shrink_to_fit();
         }
         drop(state);
-        give_back_free_memory();
+        // It walks and locks the allocator's arenas: not on a worker of the runtime.
+        tokio::task::spawn_blocking(give_back_free_memory);
     }
 
     /// The agent drains: every parked connection is served again (to linger and close as an
@@ -416,6 +438,9 @@ async fn run(lot: Arc<Lot>, mut fd: AsyncFd<PollFd>, mut drain: DrainWatch) {
             }
         };
         tokio::select! {
+            // Readiness first: a connection whose client sent is resumed, not closed at its
+            // deadline with the bytes unread.
+            biased;
             ready = fd.readable_mut() => {
                 let mut guard = match ready {
                     Ok(g) => g,
@@ -440,6 +465,17 @@ async fn run(lot: Arc<Lot>, mut fd: AsyncFd<PollFd>, mut drain: DrainWatch) {
                 }
             }
             () = timer => {
+                // What became readable since the set was last looked at resumes before the
+                // deadlines are looked at (the task may run late).
+                loop {
+                    match fd.get_mut().0.poll(&mut events, Some(Duration::ZERO)) {
+                        Ok(()) => lot.woken(&events),
+                        Err(e) => tracing::debug!(error = %e, "the lot's set could not be looked at before its deadlines"),
+                    }
+                    if events.iter().count() < EVENTS {
+                        break;
+                    }
+                }
                 let now = Instant::now();
                 lot.expire(now);
                 lot.trim(now);
@@ -525,12 +561,43 @@ mod tests {
                 held,
                 drain,
                 head_due: t0,
+                idle_since: t0,
             });
             state.parked = 1;
         });
         assert_eq!(lot.next_wake(), Some(t0 + Duration::from_millis(1000)));
         assert_eq!(lot.state().deadlines.len(), 1, "the stale ones are swept");
         drop(client);
+    }
+
+    /// After a flood the trim drops the free slots at the end, and with them every deadline
+    /// that names one: a slot made again later (with a new generation from the lot's counter)
+    /// is never matched by a deadline left from before.
+    #[tokio::test]
+    async fn a_trim_drops_the_deadlines_of_the_slots_it_drops() {
+        let lot = lot();
+        let t0 = Instant::now();
+        {
+            let mut state = lot.state();
+            for i in 0..2000u32 {
+                state.slots.push(Slot {
+                    generation: i,
+                    conn: None,
+                });
+                state.free.push(i);
+                state.deadlines.push(Reverse((t0 + Duration::from_secs(60), i, i)));
+            }
+            state.next_generation = 2000;
+            state.parks_untrimmed = TRIM_AFTER_PARKS;
+            state.last_park = Some(t0);
+        }
+        lot.trim(t0 + TRIM_QUIET);
+        let state = lot.state();
+        assert!(state.slots.is_empty(), "{} slots kept", state.slots.len());
+        assert!(state.free.is_empty());
+        assert!(state.deadlines.is_empty(), "{} deadlines kept", state.deadlines.len());
+        assert_eq!(state.parks_untrimmed, 0);
+        assert_eq!(state.next_generation, 2000, "generations are not reused");
     }
 
     #[test]

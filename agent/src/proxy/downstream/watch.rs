@@ -74,8 +74,10 @@ impl<'c> Watch<'c> {
         let limits = &ctx.shared.limits;
         let idle = limits.idle_timeout.get();
         let stall = limits.stream_idle_timeout.get();
+        // (A connection resumed after it parked has been idle since before its task began.)
+        let idle_left = idle.saturating_sub(ctx.activity.idle_for().unwrap_or_default());
         Self {
-            timer: tokio::time::sleep_until((Instant::now() + idle.min(stall)).into()),
+            timer: tokio::time::sleep_until((Instant::now() + idle_left.min(stall)).into()),
             drain: None,
             phase: Phase::Serving { stall: None },
             head: None,
