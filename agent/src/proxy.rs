@@ -287,19 +287,17 @@ pub struct ConnCtx {
     /// permissive listener; for a connection resumed after it parked, when it began to wait
     /// for the head it waits for): the first head is due `proxy.header_read_timeout` after it.
     pub opened: std::time::Instant,
+    /// Its requests in progress and what it holds (`listener::ConnSlot`: its places under the
+    /// caps, its count, its drain watch); an upgrade tunnel keeps it.
     pub activity: Arc<ConnActivity>,
     /// The caller's verified identity (mutual TLS on the inbound listener), else `None`.
     pub peer: Option<Arc<crate::tls::PeerIdentity>>,
-    /// The connection's slot under the caps; an upgrade tunnel keeps it. (The same allocation
-    /// as `activity`.)
-    pub slot: Arc<listener::ConnSlot>,
 }
 
 impl ConnCtx {
     /// What the connection holds while parked, and its listener; the context back when something
     /// else still holds it or its activity.
     pub fn into_held(self: Arc<Self>) -> Result<(Held, DrainWatch, Arc<ListenerCtx>), Arc<Self>> {
-        let me = Arc::try_unwrap(self)?;
         let Self {
             shared,
             listener,
@@ -308,28 +306,28 @@ impl ConnCtx {
             opened,
             activity,
             peer,
-            slot,
-        } = me;
-        // (`activity` and `slot` are the same allocation.)
-        drop(activity);
-        match slot.into_held() {
+        } = Arc::try_unwrap(self)?;
+        match activity.into_held() {
             Ok((held, drain)) => Ok((held, drain, listener)),
-            Err(slot) => Err(Arc::new(Self {
+            Err(activity) => Err(Arc::new(Self {
                 shared,
                 listener,
                 client,
                 client_ip,
                 opened,
-                activity: slot.clone(),
+                activity,
                 peer,
-                slot,
             })),
         }
     }
 
-    /// This context for a connection resumed after it parked, which began to wait for its next
-    /// head at `since` (the same allocation when nothing else holds it, as is usual).
-    pub fn waiting_since(mut self: Arc<Self>, since: std::time::Instant) -> Arc<Self> {
+    /// This context for a connection resumed after it parked, whose next head is due at
+    /// `head_due` (as before it parked): it began to wait `proxy.header_read_timeout` before.
+    /// The same allocation when nothing else holds it, as is usual.
+    pub fn head_due_at(mut self: Arc<Self>, head_due: std::time::Instant) -> Arc<Self> {
+        let since = head_due
+            .checked_sub(self.shared.limits.header_read_timeout.get())
+            .unwrap_or(head_due);
         if let Some(me) = Arc::get_mut(&mut self) {
             me.opened = since;
             return self;
@@ -342,7 +340,6 @@ impl ConnCtx {
             opened: since,
             activity: self.activity.clone(),
             peer: self.peer.clone(),
-            slot: self.slot.clone(),
         })
     }
 
@@ -361,9 +358,8 @@ impl ConnCtx {
             client,
             client_ip,
             opened: std::time::Instant::now(),
-            activity: slot.clone(),
+            activity: slot,
             peer,
-            slot,
         })
     }
 }

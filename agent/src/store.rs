@@ -45,6 +45,13 @@ impl StoreError {
         }
     }
 
+    /// sled could not take the store's file lock: another process holds it (or, for a moment,
+    /// the background threads of a store this process dropped). sled reports it as an I/O error
+    /// whose text names the lock.
+    fn is_locked(&self) -> bool {
+        matches!(self, Self::Sled { .. }) && self.to_string().contains("lock")
+    }
+
     /// The store's content cannot be used (as opposed to the disk under it failing): what
     /// `open_or_rebuild` moves aside.
     pub fn is_corruption(&self) -> bool {
@@ -139,7 +146,7 @@ impl SledStore {
         match Self::open_when_free(&path).and_then(|s| s.check_schema().map(|()| s)) {
             Ok(s) => Ok(s),
             // Another process holds the store: that is not corruption; never move it aside.
-            Err(e @ StoreError::Sled { .. }) if e.to_string().contains("lock") => Err(StoreError::Io {
+            Err(e) if e.is_locked() => Err(StoreError::Io {
                 path: path.display().to_string(),
                 problem: format!("in use by another process (is another vmesh running with this data_dir?): {e}"),
             }),
@@ -169,9 +176,7 @@ impl SledStore {
         let deadline = std::time::Instant::now() + Self::LOCK_WAIT;
         loop {
             match Self::open(path) {
-                Err(e @ StoreError::Sled { .. })
-                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
-                {
+                Err(e) if e.is_locked() && std::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "state store locked; trying again");
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }

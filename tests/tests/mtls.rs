@@ -12,7 +12,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 use vmesh_tests::pki::{leaf_serial, s_client, Leaf, Pki};
 use vmesh_tests::{
-    eventually, h2load, Agent, AgentBuilder, Curl, CurlResponse, Inbound, Outbound, Upstream, DEFAULT_WAIT,
+    eventually, h2load, keep_alive, Agent, AgentBuilder, Curl, CurlResponse, Inbound, Outbound, Upstream, DEFAULT_WAIT,
 };
 
 const TD: &str = "mesh.test";
@@ -214,10 +214,9 @@ fn a_permissive_listeners_wait_for_the_first_byte_does_not_use_up_the_heads_time
 
 /// A plaintext connection on a permissive inbound parks when idle after its first answer, as on
 /// a plaintext listener (nothing of the TLS detection keeps its context), and is answered on the
-/// same socket afterwards.
+/// same connection afterwards.
 #[test]
 fn a_plaintext_connection_on_a_permissive_inbound_parks_after_its_first_answer() {
-    use std::io::{Read, Write};
     let mesh = Mesh::new();
     let app = Upstream::python("app").spawn();
     let agent = AgentBuilder::new()
@@ -225,48 +224,18 @@ fn a_plaintext_connection_on_a_permissive_inbound_parks_after_its_first_answer()
         .inbound(Inbound::new(app.addr(), "http").set("mode", "permissive"))
         .tls(mesh.tls(&mesh.leaf("orders-sidecar", "orders")))
         .start();
-    let mut s = std::net::TcpStream::connect(agent.inbound_addr()).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(15))).expect("read timeout");
-    let mut answer = |path: &str| {
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: orders\r\n\r\n").as_bytes())
-            .expect("the request");
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        // The app's answer is a small JSON body with a Content-Length: read until it is whole.
-        loop {
-            let n = s.read(&mut chunk).expect("the answer");
-            assert!(n > 0, "closed; got {:?}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&chunk[..n]);
-            let text = String::from_utf8_lossy(&got).to_string();
-            if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                let len = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().to_owned())
-                    })
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .expect("a Content-Length");
-                if body.len() >= len {
-                    return text;
-                }
-            }
-        }
-    };
-    let first = answer("/first");
-    assert!(first.starts_with("HTTP/1.1 200"), "{first:?}");
+    let counters = std::sync::Arc::new(keep_alive::Counters::default());
+    let mut client = keep_alive::Client::new(agent.inbound_addr(), "/plain", counters.clone());
+    client.request().expect("the first answer");
     eventually(DEFAULT_WAIT, "the idle plaintext connection parked", || {
         match agent.metric("vmesh_downstream_connections_parked") {
             Some(1.0) => Ok(()),
             other => Err(format!("{other:?}")),
         }
     });
-    let second = answer("/second");
-    assert!(
-        second.starts_with("HTTP/1.1 200") && second.contains("/second"),
-        "{second:?}"
-    );
+    client.request().expect("the answer after parking");
+    // (connections, reused, resent): the second answer came on the parked connection.
+    assert_eq!(counters.snapshot(), (1, 1, 0));
 }
 
 #[test]

@@ -426,25 +426,41 @@ fn a_head_begun_is_not_parked_and_still_answered() {
     wait_parked(&agent, 1.0, PARK_WAIT, "the idle connection parked after its answer");
 }
 
-#[test]
-fn a_head_begun_after_parking_keeps_the_keep_alive_deadline() {
-    let deadline = Duration::from_secs(6);
-    let (agent, _app) = agent_with(&[("idle_park_after", "200ms"), ("header_read_timeout", "6s")]);
+/// A parked connection sent half a head `at` after its answer: what it got before the agent
+/// closed it, and when that was (after the answer). Both gauges are back to 0 afterwards.
+fn half_head_after_parking(proxy: &[(&str, &str)], at: Duration) -> (String, Duration) {
+    let (agent, _app) = agent_with(proxy);
     let mut conn = Conn::open(agent.outbound_addr("orders"));
     assert_echo(&conn.get("/one"), "/one");
     let answered = Instant::now();
-    wait_parked(&agent, 1.0, Duration::from_secs(3), "the idle connection parked");
-    // Late in its idle time (the stimulus's timing, not a wait for state), half a head: a
-    // deadline counted again from here would come at 10 s or later.
-    std::thread::sleep(Duration::from_secs(4).saturating_sub(answered.elapsed()));
-    assert!(conn.still_open(), "closed before its deadline");
+    wait_parked(&agent, 1.0, at, "the idle connection parked");
+    // (The stimulus's timing, not a wait for state.)
+    std::thread::sleep(at.saturating_sub(answered.elapsed()));
+    assert!(
+        conn.still_open(),
+        "closed {:?} after its answer, before the half head",
+        answered.elapsed()
+    );
     conn.send(b"GET /late HTTP/1.1\r\nHost: orders\r\n");
     let ended = conn.until_closed(Duration::from_secs(15));
     let took = answered.elapsed();
-    let text = match ended {
-        Ok(text) => text,
-        Err(text) => panic!("still open {took:?} after the answer (deadline {deadline:?}); got {text:?}"),
-    };
+    let text = ended.unwrap_or_else(|text| panic!("still open {took:?} after the answer; got {text:?}"));
+    wait_all_closed(
+        &agent,
+        Duration::from_secs(5),
+        "the closed connection gone from the gauges",
+    );
+    (text, took)
+}
+
+#[test]
+fn a_head_begun_after_parking_keeps_the_keep_alive_deadline() {
+    let deadline = Duration::from_secs(6);
+    // Late in its idle time: a deadline counted again from the half head would come at 10 s.
+    let (text, took) = half_head_after_parking(
+        &[("idle_park_after", "200ms"), ("header_read_timeout", "6s")],
+        Duration::from_secs(4),
+    );
     assert!(
         text.starts_with("HTTP/1.1 408"),
         "a head begun and cut at its deadline is answered 408: {text:?}"
@@ -453,11 +469,6 @@ fn a_head_begun_after_parking_keeps_the_keep_alive_deadline() {
         took >= deadline - Duration::from_millis(500) && took <= deadline + Duration::from_millis(2500),
         "the head was cut {took:?} after the last answer, not at its deadline ({deadline:?})"
     );
-    wait_all_closed(
-        &agent,
-        Duration::from_secs(5),
-        "the closed connection gone from the gauges",
-    );
 }
 
 /// The idle timeout counts from the last answer, parked or not: a connection woken by half a
@@ -465,33 +476,18 @@ fn a_head_begun_after_parking_keeps_the_keep_alive_deadline() {
 #[test]
 fn a_resumed_connection_keeps_the_idle_timeout_of_its_last_answer() {
     let deadline = Duration::from_secs(4);
-    let (agent, _app) = agent_with(&[
-        ("idle_park_after", "200ms"),
-        ("idle_timeout", "4s"),
-        ("header_read_timeout", "30s"),
-    ]);
-    let mut conn = Conn::open(agent.outbound_addr("orders"));
-    assert_echo(&conn.get("/one"), "/one");
-    let answered = Instant::now();
-    wait_parked(&agent, 1.0, Duration::from_secs(2), "the idle connection parked");
-    // Halfway through its idle time (the stimulus's timing, not a wait for state), half a head
-    // resumes it: an idle time counted again from here would end at 6 s.
-    std::thread::sleep(Duration::from_secs(2).saturating_sub(answered.elapsed()));
-    assert!(conn.still_open(), "closed before its idle timeout");
-    conn.send(b"GET /late HTTP/1.1\r\nHost: orders\r\n");
-    let ended = conn.until_closed(Duration::from_secs(15));
-    let took = answered.elapsed();
-    if let Err(text) = ended {
-        panic!("still open {took:?} after the answer (idle timeout {deadline:?}); got {text:?}");
-    }
+    // Halfway through its idle time: an idle time counted again from there would end at 6 s.
+    let (_, took) = half_head_after_parking(
+        &[
+            ("idle_park_after", "200ms"),
+            ("idle_timeout", "4s"),
+            ("header_read_timeout", "30s"),
+        ],
+        Duration::from_secs(2),
+    );
     assert!(
         took >= deadline - Duration::from_millis(500) && took <= deadline + Duration::from_millis(1400),
         "closed {took:?} after the last answer, not at its idle timeout ({deadline:?})"
-    );
-    wait_all_closed(
-        &agent,
-        Duration::from_secs(5),
-        "the closed connection gone from the gauges",
     );
 }
 

@@ -3,13 +3,13 @@
 //! watches on one timer). HTTP/2 clients are detected by their preface and served by hyper
 //! (`proxy/http.rs`).
 
-pub mod aside;
 pub mod body;
 pub mod h1;
 pub mod io;
 pub mod park;
 pub mod request;
 pub mod response;
+pub mod wake_gate;
 pub mod watch;
 
 pub use body::ClientBody;

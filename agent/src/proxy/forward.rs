@@ -349,7 +349,7 @@ pub async fn forward(
                 let tunnel = p.on_upgrade.map(|client| Tunnel {
                     client,
                     idle: ctx.shared.limits.idle_timeout.get(),
-                    slot: ctx.slot.clone(),
+                    slot: ctx.activity.clone(),
                 });
                 respond(resp, completion, tunnel, answered_at)
             }

@@ -96,7 +96,7 @@ pub fn resume(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>) -> impl Future<O
 /// time (counted), or the agent drained.
 async fn detect_version<S: Transport>(mut stream: S, ctx: Arc<ConnCtx>) -> Option<(S, bool, BytesMut)> {
     let head_timeout = ctx.shared.limits.header_read_timeout.get();
-    let mut drain = ctx.slot.drain.clone();
+    let mut drain = ctx.activity.drain.clone();
     let detected = {
         let first = tokio::time::timeout(head_timeout, detect(&mut stream));
         tokio::pin!(first);
@@ -123,7 +123,7 @@ async fn detect_version<S: Transport>(mut stream: S, ctx: Arc<ConnCtx>) -> Optio
 /// The HTTP/2 connection, on hyper's server, with the preface already read in `prefix`.
 async fn serve_h2<S: Transport>(stream: S, prefix: BytesMut, ctx: Arc<ConnCtx>) {
     let builder = ctx.listener.http.clone();
-    let mut drain = ctx.slot.drain.clone();
+    let mut drain = ctx.activity.drain.clone();
     let activity = ctx.activity.clone();
     let idle_timeout = ctx.shared.limits.idle_timeout.get();
     let stall_timeout = ctx.shared.limits.stream_idle_timeout.get();

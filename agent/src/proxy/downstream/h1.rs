@@ -90,7 +90,7 @@ where
         ctx,
         read: Some(ReadSide::new(read, prefix)),
         write: Some(write),
-        client_gate: super::aside::WakeGate::new(),
+        client_gate: super::wake_gate::WakeGate::new(),
         unfinished: false,
         out: Vec::new(),
         parser: HeadParser::default(),
@@ -116,7 +116,7 @@ struct Conn<'c, W> {
     /// `None` once handed to an upgrade tunnel.
     write: Option<W>,
     /// Filters the wakes of the client watch during a request (`client_gone`).
-    client_gate: super::aside::WakeGate,
+    client_gate: super::wake_gate::WakeGate,
     /// The read side came back from a request body dropped before its end: the connection
     /// only drains it before closing.
     unfinished: bool,
@@ -161,8 +161,8 @@ impl<'c, W: WriteHalf> Conn<'c, W> {
             // match's scrutinee across an await would be part of it.)
             let no_head = 'served: {
                 let ctx = self.ctx;
-                // Only a plain TCP connection parks, and only between requests.
-                let parkable = served && W::PARKS && !self.ctx.shared.limits.idle_park_after.get().is_zero();
+                // Only between requests.
+                let parkable = served && self.park_after().is_some();
                 let exchange = match poll_fn(|cx| self.poll_head(cx, watch.as_mut(), parkable)).await {
                     Ok(head) => Box::pin(self.exchange(head, &handle)),
                     Err(no) => break 'served no,
@@ -172,13 +172,10 @@ impl<'c, W: WriteHalf> Conn<'c, W> {
                 let next = guarded(watch.as_mut(), ctx, exchange).await;
                 match next {
                     Some(Next::KeepAlive) => {
-                        let limits = &self.ctx.shared.limits;
                         let now = Instant::now();
-                        let park_after = limits.idle_park_after.get();
-                        let park = (W::PARKS && !park_after.is_zero()).then(|| now + park_after);
-                        watch
-                            .as_mut()
-                            .head_due(Some(now + limits.header_read_timeout.get()), park);
+                        let head_due = now + self.ctx.shared.limits.header_read_timeout.get();
+                        let park = self.park_after().map(|d| now + d);
+                        watch.as_mut().head_due(Some(head_due), park);
                         continue 'heads;
                     }
                     Some(Next::Close) => {
@@ -229,6 +226,13 @@ impl<'c, W: WriteHalf> Conn<'c, W> {
             guarded(watch.as_mut(), self.ctx, Box::pin(self.refuse(status, linger))).await;
             return None;
         }
+    }
+
+    /// How long the connection waits idle before it parks: only a plain TCP connection parks,
+    /// and not at all with `proxy.idle_park_after` 0.
+    fn park_after(&self) -> Option<std::time::Duration> {
+        let d = self.ctx.shared.limits.idle_park_after.get();
+        (W::PARKS && !d.is_zero()).then_some(d)
     }
 
     /// The connection's stream, to park with its head `due`: idle, nothing buffered (the read

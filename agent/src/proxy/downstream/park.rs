@@ -1,11 +1,12 @@
 //! The lot of parked connections: plaintext HTTP/1.1 client connections idle between requests
-//! for `proxy.idle_park_after`, held as a socket and the connection's context, outside tokio.
+//! for `proxy.idle_park_after`, held outside tokio.
 //!
 //! An idle keep-alive connection otherwise holds its task (its future and tokio's header), its
-//! registration in tokio's reactor and its watches' timer; parked, it holds an entry here (the
-//! socket in an epoll set of the lot's own, the context, its deadline) and nothing else. The
-//! client's next bytes, or its close, resume it: a new task serves it as before, under the same
-//! head deadline. At that deadline (`proxy.header_read_timeout` after its last response, or
+//! registration in tokio's reactor, its context and its watches' timer; parked, it holds an entry
+//! here (the socket in an epoll set of the lot's own, its listener, its places under the caps,
+//! its drain watch, its deadlines) and nothing else. The client's next bytes, or its close,
+//! resume it: a new task serves it as before, with its context made again, under the same
+//! deadlines. At that deadline (`proxy.header_read_timeout` after its last response, or
 //! `proxy.idle_timeout`, whichever is first) the lot closes it, as the connection's own watch
 //! would have. The drain resumes every parked connection, which then lingers and closes as any
 //! idle connection does (`watch.rs`).
@@ -67,12 +68,18 @@ struct State {
     /// The generation of the next park, over the whole lot (never reused with a slot: a slot
     /// dropped by a trim and made again cannot match a deadline left from before).
     next_generation: u32,
-    parked: usize,
     /// Parks since the last trim, and when the last one was.
     parks_untrimmed: usize,
     last_park: Option<Instant>,
     /// The agent drains: nothing parks any more.
     closed: bool,
+}
+
+impl State {
+    /// Connections parked now: every slot is free or holds one.
+    fn parked(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
 }
 
 #[derive(Default)]
@@ -126,7 +133,7 @@ pub fn park(p: Parking, ctx: Arc<ConnCtx>) {
         .shared
         .lot
         .get_or_init(|| {
-            Lot::start(&ctx.shared, ctx.slot.drain.clone())
+            Lot::start(&ctx.shared, ctx.activity.drain.clone())
                 .map_err(|e| tracing::warn!(error = %e, "cannot make the lot of parked connections: idle connections stay on their tasks"))
                 .ok()
         })
@@ -141,10 +148,7 @@ pub fn park(p: Parking, ctx: Arc<ConnCtx>) {
 /// that was served: it came to park after a request).
 fn serve_on(stream: tokio::net::TcpStream, ctx: Arc<ConnCtx>, head_due: Instant) {
     ctx.activity.mark_parked_once();
-    let since = head_due
-        .checked_sub(ctx.shared.limits.header_read_timeout.get())
-        .unwrap_or(head_due);
-    tokio::spawn(crate::proxy::http::resume(stream, ctx.waiting_since(since)));
+    tokio::spawn(crate::proxy::http::resume(stream, ctx.head_due_at(head_due)));
 }
 
 impl Lot {
@@ -180,10 +184,6 @@ impl Lot {
             close_at,
             idle_since,
         } = parking;
-        if self.state().closed {
-            serve_on(stream, ctx, head_due);
-            return;
-        }
         let (held, drain, listener) = match ctx.into_held() {
             Ok(parts) => parts,
             Err(ctx) => {
@@ -244,7 +244,6 @@ impl Lot {
         state.slots[index as usize].conn = Some(p);
         let sooner = state.deadlines.peek().is_none_or(|Reverse((at, _, _))| close_at < *at);
         state.deadlines.push(Reverse((close_at, index, generation)));
-        state.parked += 1;
         state.parks_untrimmed += 1;
         state.last_park = Some(Instant::now());
         let trim_due = state.parks_untrimmed == TRIM_AFTER_PARKS;
@@ -263,7 +262,6 @@ impl Lot {
         }
         let parked = slot.conn.take()?;
         state.free.push(index);
-        state.parked -= 1;
         self.gauge.dec();
         Some(parked)
     }
@@ -294,10 +292,7 @@ impl Lot {
             return;
         };
         let activity = ConnActivity::resumed(shared.in_flight.clone(), held, drain, idle_since);
-        let since = head_due
-            .checked_sub(shared.limits.header_read_timeout.get())
-            .unwrap_or(head_due);
-        let ctx = ConnCtx::new(shared, listener, client, None, activity).waiting_since(since);
+        let ctx = ConnCtx::new(shared, listener, client, None, activity).head_due_at(head_due);
         tokio::spawn(crate::proxy::http::resume(stream, ctx));
     }
 
@@ -337,8 +332,9 @@ impl Lot {
     /// The heap is swept of stale entries when they are many.
     fn next_wake(&self) -> Option<Instant> {
         let mut state = self.state();
-        let stale = state.deadlines.len().saturating_sub(state.parked);
-        if stale > STALE_SWEEP && stale > state.parked {
+        let parked = state.parked();
+        let stale = state.deadlines.len().saturating_sub(parked);
+        if stale > STALE_SWEEP && stale > parked {
             let State { slots, deadlines, .. } = &mut *state;
             deadlines.retain(|Reverse((_, i, g))| {
                 slots
@@ -354,10 +350,7 @@ impl Lot {
             .then_some(state.last_park)
             .flatten()
             .map(|at| at + TRIM_QUIET);
-        match (deadline, trim) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        deadline.into_iter().chain(trim).min()
     }
 
     /// After a burst of parks, once parking paused: the allocator gives the free memory of the
@@ -392,14 +385,8 @@ impl Lot {
         let resumed: Vec<Parked> = {
             let mut state = self.state();
             state.closed = true;
-            let parked: Vec<(u32, u32)> = state
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.conn.is_some())
-                .map(|(i, s)| (u32::try_from(i).unwrap_or(u32::MAX), s.generation))
-                .collect();
-            let resumed = parked
+            let slots: Vec<(u32, u32)> = (0..).zip(&state.slots).map(|(i, s)| (i, s.generation)).collect();
+            let resumed = slots
                 .into_iter()
                 .filter_map(|(i, g)| self.take(&mut state, i, g))
                 .collect();
@@ -563,7 +550,6 @@ mod tests {
                 head_due: t0,
                 idle_since: t0,
             });
-            state.parked = 1;
         });
         assert_eq!(lot.next_wake(), Some(t0 + Duration::from_millis(1000)));
         assert_eq!(lot.state().deadlines.len(), 1, "the stale ones are swept");

@@ -92,11 +92,7 @@ impl<'c> Watch<'c> {
     pub fn head_due(self: Pin<&mut Self>, due: Option<Instant>, park: Option<Instant>) {
         let this = self.project();
         *this.head = due;
-        let at = match (due, park) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        if let Some(at) = at {
+        if let Some(at) = due.into_iter().chain(park).min() {
             arm(this.timer, this.armed, this.fresh, at);
         }
     }
@@ -114,9 +110,9 @@ impl<'c> Watch<'c> {
         if this.drain.is_none() {
             // The task's waker (the same at every wake of a tokio task), registered before the
             // flag below is first checked.
-            *this.drain = Some(ctx.slot.drain.register(cx.waker()));
+            *this.drain = Some(ctx.activity.drain.register(cx.waker()));
         }
-        if matches!(this.phase, Phase::Serving { .. }) && ctx.slot.drain.draining_now() {
+        if matches!(this.phase, Phase::Serving { .. }) && ctx.activity.drain.draining_now() {
             let until = Instant::now() + DRAIN_LINGER;
             *this.phase = Phase::Lingering { until };
             arm(this.timer.as_mut(), this.armed, this.fresh, until);
@@ -144,17 +140,11 @@ impl<'c> Watch<'c> {
                     return Poll::Ready(end);
                 }
             };
-            let next = match (next, head_due) {
-                (Some(a), Some(b)) => a.min(b),
-                (a, b) => match a.or(b) {
-                    Some(at) => at,
-                    None => {
-                        // Nothing to wait for until a head is: left as it fired.
-                        *this.armed = false;
-                        *this.fresh = false;
-                        return Poll::Pending;
-                    }
-                },
+            let Some(next) = next.into_iter().chain(head_due).min() else {
+                // Nothing to wait for until a head is: left as it fired.
+                *this.armed = false;
+                *this.fresh = false;
+                return Poll::Pending;
             };
             this.timer.as_mut().reset(next.into());
             *this.armed = true;
