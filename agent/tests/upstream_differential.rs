@@ -44,7 +44,7 @@ use hyper::client::conn::http1;
 use hyper::ext::ReasonPhrase;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use vmesh_agent::upstream::h1::{Conn, Limits};
+use vmesh_agent::upstream::h1::{fields_into_map, Conn, Limits};
 
 /// Polls that a future gets, with a yield to the other tasks (hyper's connection task) between
 /// two, before it counts as waiting for bytes that will not come. Everything is in memory on one
@@ -281,6 +281,8 @@ async fn through_vmesh(method: &Method, script: Script) -> Outcome {
         None => Outcome::Waiting,
         Some(Err(_)) => Outcome::Refused,
         Some(Ok(resp)) => {
+            // The fields as the request path puts them into a map for an HTTP/2 client.
+            let resp = fields_into_map(resp);
             let mut r = head(&resp);
             (r.body, r.trailers, r.end) = read_body(resp.into_body()).await;
             let returned = back.lock().expect("not poisoned").take();

@@ -70,6 +70,57 @@ fn an_upstreams_vmesh_headers_do_not_reach_the_client() {
     assert!(!metrics.contains("code=\"CIRCUIT_OPEN\""), "{metrics}");
 }
 
+/// The fields of an HTTP/1.1 upstream's response go to the client as they came (names in their
+/// case) without the ones that describe the upstream's connection: the fixed hop-by-hop ones
+/// and, when its `Connection` names more, those too.
+#[test]
+fn an_upstreams_hop_by_hop_fields_do_not_reach_the_client() {
+    let (agent, _app) = agent_with_app(Agent::builder());
+    let fixed = "header=Keep-Alive:timeout=5&header=Proxy-Connection:keep-alive&header=Upgrade:foo/1\
+                 &header=Trailer:x-t&header=TE:trailers&header=X-App-Header:kept";
+    let cases = [
+        // The fields kept as they came, written to the client from there.
+        (
+            format!("/respond?{fixed}"),
+            vec!["keep-alive", "proxy-connection", "upgrade", "trailer", "te"],
+        ),
+        // A `Connection` field naming another field: the fields go through the header map.
+        (
+            format!("/respond?{fixed}&header=Connection:X-App-Secret&header=X-App-Secret:s"),
+            vec![
+                "keep-alive",
+                "proxy-connection",
+                "upgrade",
+                "trailer",
+                "te",
+                "x-app-secret",
+                "connection",
+            ],
+        ),
+    ];
+    for (path, dropped) in &cases {
+        for (direction, url) in both_directions(&agent, path) {
+            for http2 in [false, true] {
+                let curl = Curl::get(url.clone());
+                let r = if http2 { curl.http2() } else { curl }.run();
+                r.expect_status(200);
+                assert_eq!(r.header("x-app-header"), Some("kept"), "{direction} (h2: {http2}): {r}");
+                assert_eq!(
+                    r.header("x-upstream-name"),
+                    Some("app"),
+                    "{direction} (h2: {http2}): {r}"
+                );
+                for name in dropped {
+                    assert!(
+                        r.header(name).is_none(),
+                        "{direction} (h2: {http2}): the upstream's `{name}` reached the client: {r}"
+                    );
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn the_agents_own_errors_still_carry_their_code() {
     let dead = free_addr();

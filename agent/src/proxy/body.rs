@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use http::Response;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
@@ -16,6 +17,7 @@ use super::complete::Completion;
 use super::downstream::ClientBody;
 use super::ConnActivity;
 pub use crate::upstream::body::BoxError;
+use crate::upstream::h1::RawFields;
 use crate::upstream::pool::H1Body;
 
 /// A request body streamed from the client: counts its bytes when asked to, marks the
@@ -142,6 +144,16 @@ impl ResponseBody {
         }
     }
 
+    /// An HTTP/1.1 upstream's response fields as they came (the response's header map does not
+    /// hold them): an HTTP/1.1 client is sent them from here, hop-by-hop and `x-vmesh-*` fields
+    /// left out (`downstream::response`); [`fields_into_map`] moves them into the map.
+    pub fn upstream_fields(&self) -> Option<&RawFields> {
+        match &self.inner {
+            Inner::H1(b) => Some(b.fields()),
+            _ => None,
+        }
+    }
+
     fn finish(&mut self) {
         if !self.ended && !self.is_end_stream() {
             // Cut short: by the client, or by the stall watch (`proxy.stream_idle_timeout`).
@@ -155,6 +167,17 @@ impl ResponseBody {
             c.finish(self.bytes);
         }
     }
+}
+
+/// `resp` with an HTTP/1.1 upstream's fields (see [`ResponseBody::upstream_fields`]) moved into
+/// its header map, for a client whose protocol reads them there (HTTP/2): hop-by-hop and
+/// `x-vmesh-*` fields are left out, as for an HTTP/1.1 client.
+pub fn fields_into_map(mut resp: Response<ResponseBody>) -> Response<ResponseBody> {
+    if let Inner::H1(b) = &mut resp.body_mut().inner {
+        let fields = b.take_fields();
+        fields.append_to(resp.headers_mut(), super::headers::passes);
+    }
+    resp
 }
 
 impl Body for ResponseBody {

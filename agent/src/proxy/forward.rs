@@ -395,6 +395,17 @@ fn respond(
 ) -> Response<ResponseBody> {
     completion.status = resp.status().as_u16();
     completion.headers_time = answered_at.saturating_duration_since(completion.start);
+    // An HTTP/1.1 upstream's fields stay as they came, in its body: the client's side leaves
+    // out the hop-by-hop and `x-vmesh-*` ones as it writes them (`headers::passes`). A 101,
+    // whose body is replaced below, and a `Connection` field that names more fields to drop
+    // put them into the map for the steps below.
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if let UpstreamBody::H1(b) = resp.body_mut() {
+        if switching || headers::names_more_hop_by_hop(b.fields()) {
+            let raw = b.take_fields();
+            raw.append_to(resp.headers_mut(), |_, _| true);
+        }
+    }
     // One pass over the fields; then only vmesh speaks for vmesh: an upstream's
     // `x-vmesh-error` or `x-vmesh-fallback` would pass for the proxy's own answer with
     // clients, dashboards and runbooks that act on it.

@@ -6,6 +6,8 @@ use std::cell::RefCell;
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::upstream::h1::{FieldKind, RawFields};
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -36,6 +38,32 @@ fn hop_index(name: &HeaderName) -> Option<usize> {
         "upgrade" => Some(6),
         _ => None,
     }
+}
+
+/// Whether a response field (as it came: name in any case, kind by name) passes to the client:
+/// not one that describes the connection (RFC 9110 §7.6.1, [`fixed_hop_by_hop`]), not one of
+/// vmesh's own `x-vmesh-*` (see [`strip_vmesh`]). The fields a `Connection` field names are not
+/// judged here: see [`names_more_hop_by_hop`].
+pub fn passes(name: &[u8], kind: FieldKind) -> bool {
+    !kind.is_hop_by_hop() && !is_vmesh_bytes(name)
+}
+
+/// [`is_vmesh`] for a name as it came (any case).
+fn is_vmesh_bytes(name: &[u8]) -> bool {
+    name.get(..VMESH_PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(VMESH_PREFIX.as_bytes()))
+}
+
+/// Whether a `Connection` field of `fields` names a field other than the fixed hop-by-hop ones,
+/// which must then go too (RFC 9110 §7.6.1): [`strip_hop_by_hop`] on a map does that.
+pub fn names_more_hop_by_hop(fields: &RawFields) -> bool {
+    fields.iter().any(|(_, value, kind)| {
+        kind == FieldKind::Connection
+            && value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .any(|t| !t.is_empty() && !is_fixed_token(t))
+    })
 }
 
 /// What one pass over a message's fields found, by name comparison only (no hashing): the

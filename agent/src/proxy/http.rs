@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use super::body::ResponseBody;
+use super::body::{fields_into_map, ResponseBody};
 use super::downstream::io::{Prefixed, Transport};
 use super::downstream::watch::DRAIN_LINGER;
 use super::downstream::{self, ClientBody};
@@ -262,7 +262,8 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let ctx = self.0.clone();
-        Box::pin(async move { handle(&ctx, req.map(ClientBody::H2)).await })
+        // HTTP/2 sends the fields from the response's map: an HTTP/1.1 upstream's go there.
+        Box::pin(async move { handle(&ctx, req.map(ClientBody::H2)).await.map(fields_into_map) })
     }
 }
 

@@ -20,7 +20,8 @@ pub mod conn;
 pub mod framing;
 pub mod head;
 
-pub use conn::{Conn, Discard, Error, Exchange, HeadRef, Recycle, ResponseBody, Upgraded};
+pub use conn::{fields_into_map, Conn, Discard, Error, Exchange, HeadRef, Recycle, ResponseBody, Upgraded};
+pub use head::{FieldKind, RawFields, RawIter};
 
 /// Bounds on what an upstream can make the client hold. The defaults are hyper's client
 /// defaults, except the chunk-size line, which hyper does not bound (see `framing`).

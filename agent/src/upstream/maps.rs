@@ -1,7 +1,8 @@
 //! Emptied `HeaderMap`s kept per thread for the next message's head, so that a request and its
 //! response do not each allocate and free a map (two allocations apiece: the index and the
-//! entries). The server's request parser and the upstream client's response parser take from
-//! here; the request path gives a map back once the message is done with it. A map that grew
+//! entries). The server's request parser takes from here (the upstream client keeps a response's
+//! fields as they came: `h1::head::RawFields`); the request path gives a map back once the
+//! message is done with it. A map that grew
 //! past [`MAX_FIELDS`] is freed, and at most [`KEEP`] are kept per thread (a few hundred KiB at
 //! most; a thread that only takes allocates as before).
 

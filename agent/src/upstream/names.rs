@@ -2,7 +2,8 @@
 //! its bytes as they came) and cloned, instead of being parsed by `HeaderName::from_bytes`,
 //! which copies every name that is not one of the standard ones into a new allocation (a
 //! `traceparent`, `x-request-id` or `x-b3-traceid` allocated and freed on every message). The
-//! server's request parser and the upstream client's response parser use it.
+//! server's request parser uses it, and the upstream client when it puts a response's fields
+//! into a map.
 //!
 //! Bounded: at most [`MAX_NAMES`] names of at most [`MAX_NAME_LEN`] bytes per thread; once full,
 //! new names are parsed as before (a client that sends random names fills it once and gains

@@ -421,7 +421,7 @@ impl<'c, W: WriteHalf> Conn<'c, W> {
         if self.out.capacity() == 0 {
             self.out = super::io::take_out();
         }
-        let (out, closing) = response::encode_head(&mut self.out, &parts, body_len, answering);
+        let (out, closing) = response::encode_head(&mut self.out, &parts, body.upstream_fields(), body_len, answering);
         // The head is written: its map is emptied and kept for the next head this thread parses.
         crate::upstream::maps::give(std::mem::take(&mut parts.headers));
 

@@ -13,7 +13,9 @@ use http::response::Parts;
 use http::{StatusCode, Version};
 use hyper::ext::ReasonPhrase;
 
+use crate::proxy::headers;
 use crate::upstream::h1::framing::{BodyEncoder, Length};
+use crate::upstream::h1::{FieldKind, RawFields};
 
 /// How the response body goes out.
 #[derive(Debug)]
@@ -35,12 +37,22 @@ pub struct Answering {
     pub closing: bool,
 }
 
-/// Appends the head of `parts` to `dst`; `body_len` is the body's exact size when known.
-/// Returns how the body goes out, and whether the connection must close after it (a body
-/// delimited by the close, or a `Connection: close` the response carries).
-pub fn encode_head(dst: &mut Vec<u8>, parts: &Parts, body_len: Option<u64>, req: Answering) -> (Out, bool) {
+/// Appends the head of `parts` to `dst`, with an HTTP/1.1 upstream's fields as they came after
+/// the map's (`raw`: those [`headers::passes`] lets through, names in their case); `body_len` is
+/// the body's exact size when known. Returns how the body goes out, and whether the connection
+/// must close after it (a body delimited by the close, or a `Connection: close` the response
+/// carries in its map).
+pub fn encode_head(
+    dst: &mut Vec<u8>,
+    parts: &Parts,
+    raw: Option<&RawFields>,
+    body_len: Option<u64>,
+    req: Answering,
+) -> (Out, bool) {
     let status = parts.status;
     // One pass for what the framing needs (no lookups): `Connection: close`, a valid length.
+    // (The length of fields as they came is the upstream body's, `body_len`: the upstream's
+    // framing read it, or refused the response.)
     let mut closing = req.closing;
     let mut has_connection = false;
     let mut length = Length::default();
@@ -94,6 +106,27 @@ pub fn encode_head(dst: &mut Vec<u8>, parts: &Parts, body_len: Option<u64>, req:
         }
         has_date |= *name == header::DATE;
         put_field(dst, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // The same rules for the fields as they came (`passes` leaves out the hop-by-hop ones,
+    // Transfer-Encoding and Connection among them); lines that came as `name: value` CRLF go
+    // out as they are.
+    if let Some(raw) = raw {
+        raw.write_to(dst, |name, kind| {
+            if !headers::passes(name, kind) {
+                return false;
+            }
+            match kind {
+                FieldKind::ContentLength => {
+                    if bodyless_status || !matches!(out, Out::Framed(BodyEncoder::Length(_)) | Out::None) {
+                        return false;
+                    }
+                    has_length = true;
+                }
+                FieldKind::Date => has_date = true,
+                _ => {}
+            }
+            true
+        });
     }
     match &out {
         Out::Framed(BodyEncoder::Length(n)) if !has_length => {
@@ -188,8 +221,58 @@ mod tests {
     fn encode(resp: http::Response<()>, body_len: Option<u64>, req: Answering) -> (String, bool) {
         let (parts, ()) = resp.into_parts();
         let mut dst = Vec::new();
-        let (_, closing) = encode_head(&mut dst, &parts, body_len, req);
+        let (_, closing) = encode_head(&mut dst, &parts, None, body_len, req);
         (String::from_utf8(dst).unwrap(), closing)
+    }
+
+    /// The fields of an HTTP/1.1 upstream's response head, framed as for a GET.
+    fn upstream_fields(head: &str) -> RawFields {
+        use crate::upstream::h1::{framing, head::HeadParser, Limits};
+        let mut buf = bytes::BytesMut::from(head);
+        let mut parsed = HeadParser::new(Limits::default()).parse(&mut buf).unwrap().unwrap();
+        framing::response_framing(&http::Method::GET, &mut parsed).unwrap();
+        parsed.fields
+    }
+
+    #[test]
+    fn an_upstreams_fields_go_out_as_they_came_without_the_hop_by_hop_and_vmesh_ones() {
+        let raw = upstream_fields(concat!(
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Mon, 30 Nov 2026 08:49:43 GMT\r\n",
+            "Connection: keep-alive\r\nKeep-Alive: timeout=5\r\nX-Vmesh-Error: FAKE\r\n",
+            "x-vmesh-fallback: 1\r\nContent-Length: 20\r\nX-Multi: a\r\nx-multi: \t b \r\n",
+            "Upgrade: h2c\r\nProxy-Connection: x\r\nTE: trailers\r\nTrailer: x\r\n\r\n",
+        ));
+        let mut resp = http::Response::new(());
+        resp.headers_mut()
+            .insert("x-added", http::HeaderValue::from_static("1"));
+        let (parts, ()) = resp.into_parts();
+        let mut dst = Vec::new();
+        let (out, closing) = encode_head(&mut dst, &parts, Some(&raw), Some(20), KEEP);
+        assert_eq!(
+            String::from_utf8(dst).unwrap(),
+            concat!(
+                "HTTP/1.1 200 OK\r\nx-added: 1\r\nServer: nginx\r\n",
+                "Date: Mon, 30 Nov 2026 08:49:43 GMT\r\nContent-Length: 20\r\n",
+                "X-Multi: a\r\nx-multi: b\r\n\r\n",
+            )
+        );
+        assert!(matches!(out, Out::Framed(BodyEncoder::Length(20))) && !closing);
+    }
+
+    #[test]
+    fn an_upstreams_transfer_encoding_drops_its_content_length_and_the_body_is_chunked_anew() {
+        let raw = upstream_fields("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nA: 1\r\n\r\n");
+        let (parts, ()) = http::Response::new(()).into_parts();
+        let mut dst = Vec::new();
+        let (out, closing) = encode_head(&mut dst, &parts, Some(&raw), None, KEEP);
+        let head = String::from_utf8(dst).unwrap();
+        assert!(matches!(out, Out::Framed(BodyEncoder::Chunked)) && !closing, "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\nA: 1\r\ntransfer-encoding: chunked\r\ndate: "),
+            "{head}"
+        );
+        assert!(!head.to_ascii_lowercase().contains("content-length"), "{head}");
+        assert_eq!(head.matches("chunked").count(), 1, "{head}");
     }
 
     const KEEP: Answering = Answering {

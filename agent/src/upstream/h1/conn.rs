@@ -26,7 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use super::framing::{self, BodyDecoder, BodyEncoder, BodyError, BodyKind, Decoded, FramingError, ResponseFraming};
-use super::head::{self, HeadError, HeadParser, ResponseHead};
+use super::head::{self, HeadError, HeadParser, RawFields, ResponseHead};
 use super::Limits;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -80,8 +80,11 @@ pub struct Exchange<S, B> {
 
 /// The body of an upstream response. Reads from the connection when polled; at the end hands
 /// the connection to its `Recycle` when it can be reused, else closes it; dropped early, closes.
+/// It carries the head's fields as they came (the response's header map is empty): see
+/// [`ResponseBody::fields`] and [`fields_into_map`].
 pub struct ResponseBody<S, B, P> {
     state: State<S, B, P>,
+    fields: RawFields,
 }
 
 /// The connection of a 101 (or a 2xx to CONNECT), past the response head: the bytes the
@@ -427,7 +430,8 @@ where
                 State::Reading(reading)
             }
         };
-        Ok(head.into_response(ResponseBody { state }))
+        let (resp, fields) = head.into_response(());
+        Ok(resp.map(|()| ResponseBody { state, fields }))
     }
 }
 
@@ -519,7 +523,24 @@ where
 
 // === impl ResponseBody ===
 
+/// `resp` with its head's fields moved into its header map, for a caller that reads them there.
+pub fn fields_into_map<S, B, P>(mut resp: Response<ResponseBody<S, B, P>>) -> Response<ResponseBody<S, B, P>> {
+    let fields = resp.body_mut().take_fields();
+    fields.append_to(resp.headers_mut(), |_, _| true);
+    resp
+}
+
 impl<S, B, P> ResponseBody<S, B, P> {
+    /// The response head's fields as they came.
+    pub fn fields(&self) -> &RawFields {
+        &self.fields
+    }
+
+    /// The response head's fields, once (empty after).
+    pub fn take_fields(&mut self) -> RawFields {
+        std::mem::take(&mut self.fields)
+    }
+
     /// The connection after a 101 (or a 2xx to CONNECT), once.
     pub fn take_upgraded(&mut self) -> Option<Upgraded<S>> {
         match &mut self.state {

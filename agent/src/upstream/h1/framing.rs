@@ -193,6 +193,8 @@ pub enum BodyEncoder {
 pub struct FramingFields {
     /// A `Transfer-Encoding` field is present.
     pub transfer_encoding: bool,
+    /// The last coding of the last `Transfer-Encoding` field is `chunked` ([`is_chunked`]).
+    pub chunked: bool,
     /// The `Content-Length` fields.
     pub length: Length,
 }
@@ -202,8 +204,19 @@ impl FramingFields {
     pub fn add(&mut self, name: &http::HeaderName, value: &HeaderValue) {
         if *name == header::TRANSFER_ENCODING {
             self.transfer_encoding = true;
+            self.chunked = last_coding_is_chunked(value.as_bytes());
         } else if *name == header::CONTENT_LENGTH {
-            self.length.add(value);
+            self.length.add_bytes(value.as_bytes());
+        }
+    }
+
+    /// [`add`](Self::add) for a field as it came: `name` in any case.
+    pub fn add_bytes(&mut self, name: &[u8], value: &[u8]) {
+        if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
+            self.chunked = last_coding_is_chunked(value);
+        } else if name.len() == 14 && name.eq_ignore_ascii_case(b"content-length") {
+            self.length.add_bytes(value);
         }
     }
 
@@ -232,16 +245,15 @@ pub fn response_framing(method: &Method, head: &mut ResponseHead) -> Result<Resp
     if *method == Method::CONNECT && head.status.is_success() {
         return Ok(ResponseFraming::Upgrade);
     }
-    let headers = &mut head.headers;
     if head.framing.transfer_encoding {
         // RFC 9112 §6.1: framing of an HTTP/1.0 message with Transfer-Encoding is faulty.
         if head.version == Version::HTTP_10 {
             return Err(FramingError::TransferEncodingInHttp10);
         }
         if head.framing.length.is_present() {
-            headers.remove(header::CONTENT_LENGTH);
+            head.fields.drop_content_length();
         }
-        return Ok(if is_chunked(headers) {
+        return Ok(if head.framing.chunked {
             ResponseFraming::Chunked
         } else {
             ResponseFraming::CloseDelimited
@@ -259,9 +271,17 @@ pub fn is_chunked(headers: &HeaderMap) -> bool {
         .get_all(header::TRANSFER_ENCODING)
         .iter()
         .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.rsplit(',').next())
-        .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"))
+        .is_some_and(|v| last_coding_is_chunked(v.as_bytes()))
+}
+
+/// Whether the last coding of one Transfer-Encoding value is `chunked`; a value that is not
+/// visible ASCII (obs-text) names none (hyper reads it with `HeaderValue::to_str`).
+fn last_coding_is_chunked(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+        && value
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
 /// The Content-Length of `headers`: `None` without one; an error when a value is not digits
@@ -289,19 +309,25 @@ impl Length {
     }
 
     pub fn add(&mut self, value: &HeaderValue) {
+        self.add_bytes(value.as_bytes());
+    }
+
+    /// [`add`](Self::add) for a value's bytes.
+    pub fn add_bytes(&mut self, value: &[u8]) {
         if !self.invalid && self.fold(value).is_none() {
             self.invalid = true;
         }
     }
 
-    fn fold(&mut self, value: &HeaderValue) -> Option<()> {
+    fn fold(&mut self, value: &[u8]) -> Option<()> {
         // The usual field: digits alone, read without the list and whitespace handling.
-        if let Some(n) = digits(value.as_bytes()) {
+        if let Some(n) = digits(value) {
             return self.one(n);
         }
-        let text = value.to_str().ok()?;
-        for part in text.split(',') {
-            self.one(digits(part.trim().as_bytes())?)?;
+        // A list: its parts are digits with optional whitespace around them; anything else
+        // (obs-text included, which hyper's `to_str` refuses) is invalid.
+        for part in value.split(|&b| b == b',') {
+            self.one(digits(part.trim_ascii())?)?;
         }
         Some(())
     }

@@ -4,12 +4,13 @@
 //! Parsing follows hyper 1.x's client (`proto/h1/role.rs`) so that what reaches the caller is
 //! what hyper would have let through: httparse's default configuration (no obs-fold, no space
 //! before a colon, no HTTP/0.9), at most [`MAX_HEADERS`] fields and `max_head_bytes` in all, a
-//! status code of 100-999, header names valid for `http`, values valid for `HeaderValue`. Header
-//! values are slices of one frozen buffer, not copies.
+//! status code of 100-999, header names valid for `http`, values valid for `HeaderValue`. The
+//! fields stay as they came ([`RawFields`]: the head's own bytes, names in their case), written to
+//! an HTTP/1.1 client from there; a `HeaderMap` is built only for a caller that asks for one.
 
 use std::mem::MaybeUninit;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Uri, Version};
 use hyper::ext::ReasonPhrase;
@@ -28,7 +29,8 @@ pub struct ResponseHead {
     /// The reason phrase when it is not the status's canonical one (hyper keeps it the same
     /// way, and its server repeats it downstream).
     pub reason: Option<ReasonPhrase>,
-    pub headers: HeaderMap,
+    /// The fields as they came.
+    pub fields: RawFields,
     /// Whether the upstream lets the connection carry another request after this response:
     /// HTTP/1.1 unless a `Connection` field says `close`, HTTP/1.0 only with `keep-alive`.
     pub keep_alive: bool,
@@ -60,24 +62,192 @@ pub struct HeadParser {
     limits: Limits,
     /// Length of the buffer at the last incomplete parse.
     partial: Option<usize>,
-    /// Where the fields of the head being parsed are; kept from head to head (no allocation
-    /// per response once it has grown to the usual count).
+    /// Where the fields of the head being parsed are: goes with the parsed head
+    /// ([`RawFields`]), replaced by an emptied list kept per thread (no allocation per response
+    /// once the thread's lists have grown to the usual count).
     fields: Vec<Field>,
+}
+
+/// A response head's fields as they came: the head's own bytes and where each field's name and
+/// value are in them (as httparse found them: the value without the whitespace around it). The
+/// parse checked them as hyper does (httparse accepts exactly the names `HeaderName` and the
+/// values `HeaderValue` accept: `tests::httparse_accepts_what_http_accepts`), so an HTTP/1.1
+/// client can be sent them as they are, names in their case, without a `HeaderMap` built and
+/// encoded again. The list of places is kept per thread when dropped ([`KEEP_LISTS`]).
+#[derive(Debug, Default)]
+pub struct RawFields {
+    head: Bytes,
+    fields: Vec<Field>,
+    /// The `Content-Length` fields are left out (a Transfer-Encoding overrides them).
+    drop_length: bool,
+}
+
+/// The fields of a [`RawFields`], in order: name as it came, value without the OWS around it.
+#[derive(Debug, Clone)]
+pub struct RawIter<'a> {
+    head: &'a [u8],
+    fields: std::slice::Iter<'a, Field>,
+    drop_length: bool,
+}
+
+/// Emptied lists of field places kept per thread, so that a response head allocates none.
+const KEEP_LISTS: usize = 64;
+/// A list with room for more fields than this is freed, not kept.
+const KEEP_LIST_ROOM: usize = 128;
+
+thread_local! {
+    static LISTS: std::cell::RefCell<Vec<Vec<Field>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty list of field places: one of this thread's, else a new one.
+fn take_list() -> Vec<Field> {
+    LISTS
+        .with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.pop()))
+        .unwrap_or_default()
 }
 
 // === impl ResponseHead ===
 
 impl ResponseHead {
-    /// The head as an `http::Response` around `body` (the reason phrase as hyper's extension).
-    pub fn into_response<B>(self, body: B) -> Response<B> {
+    /// The head as an `http::Response` around `body` (the reason phrase as hyper's extension),
+    /// with an empty header map: the fields are returned beside it.
+    pub fn into_response<B>(self, body: B) -> (Response<B>, RawFields) {
         let mut resp = Response::new(body);
         *resp.status_mut() = self.status;
         *resp.version_mut() = self.version;
-        *resp.headers_mut() = self.headers;
         if let Some(reason) = self.reason {
             resp.extensions_mut().insert(reason);
         }
-        resp
+        (resp, self.fields)
+    }
+
+    /// The fields in a map, as hyper's client would have given them.
+    pub fn headers(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.fields.len());
+        self.fields.append_to(&mut map, |_, _| true);
+        map
+    }
+}
+
+// === impl RawFields ===
+
+impl RawFields {
+    /// How many fields (the Content-Length fields counted even when left out).
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    pub fn iter(&self) -> RawIter<'_> {
+        RawIter {
+            head: &self.head,
+            fields: self.fields.iter(),
+            drop_length: self.drop_length,
+        }
+    }
+
+    /// Leaves the `Content-Length` fields out from now on.
+    pub fn drop_content_length(&mut self) {
+        self.drop_length = true;
+    }
+
+    /// Appends the fields `keep` accepts (by name as it came, and kind) to `map`.
+    pub fn append_to(&self, map: &mut HeaderMap, keep: impl Fn(&[u8], FieldKind) -> bool) {
+        for (name, value, kind) in self.iter() {
+            if !keep(name, kind) {
+                continue;
+            }
+            // Checked by the parse (see the type's doc), so neither fails; a field that did
+            // would be left out rather than panic.
+            let Ok(name) = crate::upstream::names::name(name) else {
+                continue;
+            };
+            if let Ok(value) = HeaderValue::from_maybe_shared(self.head.slice_ref(value)) {
+                map.append(name, value);
+            }
+        }
+    }
+}
+
+impl RawFields {
+    /// Appends the fields `keep` accepts (by name as it came, and kind) to `dst` as
+    /// `name: value` lines: the lines that came that way are copied as they are, neighbours
+    /// together, the others written from their name and value (CRLF, one space).
+    pub fn write_to(&self, dst: &mut Vec<u8>, mut keep: impl FnMut(&[u8], FieldKind) -> bool) {
+        // The lines of the head copied next, in one piece.
+        let mut run: Option<(usize, usize)> = None;
+        let flush = |dst: &mut Vec<u8>, run: &mut Option<(usize, usize)>| {
+            if let Some((a, b)) = run.take() {
+                dst.extend_from_slice(self.head.get(a..b).unwrap_or_default());
+            }
+        };
+        for f in &self.fields {
+            if self.drop_length && f.kind == FieldKind::ContentLength {
+                continue;
+            }
+            let name = self.head.get(f.name.0..f.name.1).unwrap_or_default();
+            if !keep(name, f.kind) {
+                continue;
+            }
+            if f.canonical {
+                // `value.1 + 2` is the line's end (after its CRLF), inside the head.
+                let end = f.value.1.saturating_add(2);
+                match &mut run {
+                    Some((_, b)) if *b == f.name.0 => *b = end,
+                    _ => {
+                        flush(dst, &mut run);
+                        run = Some((f.name.0, end));
+                    }
+                }
+                continue;
+            }
+            flush(dst, &mut run);
+            dst.extend_from_slice(name);
+            dst.extend_from_slice(b": ");
+            dst.extend_from_slice(self.head.get(f.value.0..f.value.1).unwrap_or_default());
+            dst.extend_from_slice(b"\r\n");
+        }
+        flush(dst, &mut run);
+    }
+}
+
+impl Drop for RawFields {
+    fn drop(&mut self) {
+        let mut list = std::mem::take(&mut self.fields);
+        if list.capacity() == 0 || list.capacity() > KEEP_LIST_ROOM {
+            return;
+        }
+        list.clear();
+        LISTS.with(|l| {
+            if let Ok(mut l) = l.try_borrow_mut() {
+                if l.len() < KEEP_LISTS {
+                    l.push(list);
+                }
+            }
+        });
+    }
+}
+
+impl<'a> Iterator for RawIter<'a> {
+    type Item = (&'a [u8], &'a [u8], FieldKind);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let f = self.fields.next()?;
+            if self.drop_length && f.kind == FieldKind::ContentLength {
+                continue;
+            }
+            // The places are httparse's, inside `head`; an empty slice were one not.
+            let name = self.head.get(f.name.0..f.name.1).unwrap_or_default();
+            return Some((name, self.head.get(f.value.0..f.value.1).unwrap_or_default(), f.kind));
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, self.fields.size_hint().1)
     }
 }
 
@@ -140,11 +310,52 @@ pub(crate) fn has_end_after(buf: &[u8], prev: usize) -> bool {
         .any(|(i, w)| w == b"\n\n" || (w == b"\n\r" && tail.get(i + 2) == Some(&b'\n')))
 }
 
-/// Where one field's name and value are in the head's bytes.
+/// Where one field's name and value are in the head's bytes, and what the field is.
 #[derive(Debug, Clone, Copy)]
 struct Field {
     name: (usize, usize),
     value: (usize, usize),
+    kind: FieldKind,
+    /// The field's line is `name: value\r\n` exactly (one space, CRLF, a value): it can be
+    /// copied as it is, with the lines of its neighbours.
+    canonical: bool,
+}
+
+/// What a field is to the message's framing and to a proxy, by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    Date,
+    /// Another field that describes the connection, not the message (RFC 9110 §7.6.1):
+    /// `Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`, `Upgrade`. (`Connection` and
+    /// `Transfer-Encoding` are too.)
+    HopByHop,
+    Other,
+}
+
+impl FieldKind {
+    /// The kind of the field named `name` (as it came, any case).
+    pub fn of(name: &[u8]) -> Self {
+        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        match name.len() {
+            2 if is(b"te") => Self::HopByHop,
+            4 if is(b"date") => Self::Date,
+            7 if is(b"trailer") || is(b"upgrade") => Self::HopByHop,
+            10 if is(b"connection") => Self::Connection,
+            10 if is(b"keep-alive") => Self::HopByHop,
+            14 if is(b"content-length") => Self::ContentLength,
+            16 if is(b"proxy-connection") => Self::HopByHop,
+            17 if is(b"transfer-encoding") => Self::TransferEncoding,
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether a field of this kind describes the connection, not the message.
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(self, Self::Connection | Self::TransferEncoding | Self::HopByHop)
+    }
 }
 
 /// One head at the front of `buf`: removed from it and returned when complete.
@@ -174,9 +385,19 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
                 return Err(HeadError::TooLarge(limits.max_head_bytes));
             }
             let (n, v) = (offset(h.name.as_bytes()), offset(h.value));
+            let (name, value) = (
+                (n, n.saturating_add(h.name.len())),
+                (v, v.saturating_add(h.value.len())),
+            );
+            let canonical = !h.value.is_empty()
+                && v == name.1.saturating_add(2)
+                && buf.get(name.1..v) == Some(b": ")
+                && buf.get(value.1..value.1.saturating_add(2)) == Some(b"\r\n");
             fields.push(Field {
-                name: (n, n.saturating_add(h.name.len())),
-                value: (v, v.saturating_add(h.value.len())),
+                name,
+                value,
+                kind: FieldKind::of(h.name.as_bytes()),
+                canonical,
             });
         }
         // A reason phrase httparse found invalid or absent is empty, and not in `buf`.
@@ -205,35 +426,39 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
         },
     };
 
-    let mut headers = crate::upstream::maps::take(fields.len());
     let mut framing = FramingFields::default();
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     for f in fields.iter() {
         let name = head.get(f.name.0..f.name.1).ok_or(HeadError::Field)?;
-        let name = crate::upstream::names::name(name).map_err(|_| HeadError::Field)?;
-        // Checked before `slice`, which panics out of range (httparse's slices are in range).
-        if head.get(f.value.0..f.value.1).is_none() {
-            return Err(HeadError::Field);
-        }
-        let value = HeaderValue::from_maybe_shared(head.slice(f.value.0..f.value.1)).map_err(|_| HeadError::Field)?;
-        if name == header::CONNECTION {
-            // Once any `Connection` field says close, a later keep-alive does not undo it.
-            if saw_close || has_token(&value, "close") {
-                saw_close = true;
-                keep_alive = false;
-            } else if !keep_alive {
-                keep_alive = has_token(&value, "keep-alive");
+        let value = head.get(f.value.0..f.value.1).ok_or(HeadError::Field)?;
+        // httparse checked the bytes of both as `HeaderName` and `HeaderValue` would; only the
+        // framing fields are looked at here.
+        match f.kind {
+            FieldKind::Connection => {
+                // Once any `Connection` field says close, a later keep-alive does not undo it.
+                if saw_close || has_token_bytes(value, "close") {
+                    saw_close = true;
+                    keep_alive = false;
+                } else if !keep_alive {
+                    keep_alive = has_token_bytes(value, "keep-alive");
+                }
             }
+            FieldKind::ContentLength | FieldKind::TransferEncoding => framing.add_bytes(name, value),
+            _ => {}
         }
-        framing.add(&name, &value);
-        headers.append(name, value);
     }
+    // The places go with the head; the parser keeps an empty list for the next one.
+    let fields = std::mem::replace(fields, take_list());
     Ok(Some(ResponseHead {
         version,
         status,
         reason,
-        headers,
+        fields: RawFields {
+            head,
+            fields,
+            drop_length: false,
+        },
         keep_alive,
         framing,
     }))
@@ -241,9 +466,13 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
 
 /// Whether a comma-separated field value lists `token` (case-insensitively).
 pub(crate) fn has_token(value: &HeaderValue, token: &str) -> bool {
+    has_token_bytes(value.as_bytes(), token)
+}
+
+/// [`has_token`] on a value's bytes.
+pub(crate) fn has_token_bytes(value: &[u8], token: &str) -> bool {
     // Bytes, not `str`: a token with obs-text matches no ASCII token either way.
     value
-        .as_bytes()
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }

@@ -60,9 +60,9 @@ fn head_outcome(h: ResponseHead, rest: &[u8]) -> Outcome {
         status: h.status.as_u16(),
         version: h.version,
         keep_alive: h.keep_alive,
-        reason: h.reason.map(|r| r.as_bytes().to_vec()),
+        reason: h.reason.as_ref().map(|r| r.as_bytes().to_vec()),
         fields: h
-            .headers
+            .headers()
             .iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
             .collect(),
@@ -399,10 +399,14 @@ fn decimals_are_written_without_the_formatter() {
 fn a_parsed_head_becomes_a_response_with_its_reason_phrase() {
     let mut buf = BytesMut::from(&b"HTTP/1.0 418 Short And Stout\r\nA: 1\r\n\r\n"[..]);
     let head = HeadParser::new(Limits::default()).parse(&mut buf).unwrap().unwrap();
-    let resp = head.into_response(());
+    let (resp, fields) = head.into_response(());
     assert_eq!(resp.status(), StatusCode::IM_A_TEAPOT);
     assert_eq!(resp.version(), V10);
-    assert_eq!(resp.headers()["a"], "1");
+    assert!(resp.headers().is_empty());
+    assert_eq!(
+        fields.iter().collect::<Vec<_>>(),
+        [(&b"A"[..], &b"1"[..], FieldKind::Other)]
+    );
     assert_eq!(
         resp.extensions().get::<hyper::ext::ReasonPhrase>().unwrap().as_bytes(),
         b"Short And Stout"
@@ -434,4 +438,105 @@ proptest! {
             _ => prop_assert_eq!(whole, split),
         }
     }
+}
+
+/// The fields are kept as they came, unchecked after the parse (`RawFields`): that is sound only
+/// if httparse accepts exactly the name and value bytes `HeaderName` and `HeaderValue` accept.
+#[test]
+fn httparse_accepts_what_http_accepts() {
+    for b in 0..=255u8 {
+        let mut name = b"HTTP/1.1 200 OK\r\nx".to_vec();
+        name.extend([b, b':', b' ', b'1', b'\r', b'\n', b'\r', b'\n']);
+        let mut buf = BytesMut::from(&name[..]);
+        let parsed = HeadParser::new(Limits::default()).parse(&mut buf);
+        let valid = http::HeaderName::from_bytes(&[b'x', b]).is_ok();
+        // (A colon ends the name: `x` with the value `: 1`.)
+        if b != b':' {
+            assert_eq!(matches!(parsed, Ok(Some(_))), valid, "name byte {b:#04x}");
+        }
+
+        let mut value = b"HTTP/1.1 200 OK\r\nx: a".to_vec();
+        value.extend([b, b'a', b'\r', b'\n', b'\r', b'\n']);
+        let mut buf = BytesMut::from(&value[..]);
+        let parsed = HeadParser::new(Limits::default()).parse(&mut buf);
+        let valid = HeaderValue::from_bytes(&[b'a', b, b'a']).is_ok();
+        assert_eq!(matches!(parsed, Ok(Some(_))), valid, "value byte {b:#04x}");
+        if let Ok(Some(h)) = parsed {
+            assert_eq!(h.headers()["x"].as_bytes(), [b'a', b, b'a'], "value byte {b:#04x}");
+        }
+    }
+}
+
+#[test]
+fn kept_fields_read_as_httparse_read_them_and_are_written_as_name_colon_value_lines() {
+    let input = b"HTTP/1.1 200 OK\r\nA:1\r\nB: \t two words \t\r\nC:\r\nd-E:  x:y \nContent-Length: 3\r\n\r\nrest";
+    let mut buf = BytesMut::from(&input[..]);
+    let mut head = HeadParser::new(Limits::default()).parse(&mut buf).unwrap().unwrap();
+    let other = FieldKind::Other;
+    let want: Vec<(&[u8], &[u8], FieldKind)> = vec![
+        (b"A", b"1", other),
+        (b"B", b"two words", other),
+        (b"C", b"", other),
+        (b"d-E", b"x:y", other),
+        (b"Content-Length", b"3", FieldKind::ContentLength),
+    ];
+    assert_eq!(head.fields.iter().collect::<Vec<_>>(), want);
+    assert_eq!(head.fields.len(), 5);
+    assert_eq!(&buf[..], b"rest");
+    let mut out = Vec::new();
+    head.fields.write_to(&mut out, |_, _| true);
+    assert_eq!(out, b"A: 1\r\nB: two words\r\nC: \r\nd-E: x:y\r\nContent-Length: 3\r\n");
+
+    head.fields.drop_content_length();
+    assert_eq!(head.fields.iter().collect::<Vec<_>>(), want[..4]);
+    let map = head.headers();
+    assert_eq!(map.len(), 4);
+    assert_eq!(map["d-e"], "x:y");
+    out.clear();
+    head.fields.write_to(&mut out, |name, _| name != b"B");
+    assert_eq!(out, b"A: 1\r\nC: \r\nd-E: x:y\r\n");
+}
+
+#[test]
+fn lines_that_came_canonical_are_copied_in_runs_around_the_fields_left_out() {
+    let input = concat!(
+        "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: today\r\nConnection: keep-alive\r\n",
+        "Content-Type: text/plain\r\nX-A:  1\r\nX-B: 2\r\nKeep-Alive: timeout=5\r\nX-C: 3\r\n\r\n",
+    );
+    let mut buf = BytesMut::from(input);
+    let head = HeadParser::new(Limits::default()).parse(&mut buf).unwrap().unwrap();
+    let kinds: Vec<FieldKind> = head.fields.iter().map(|(_, _, k)| k).collect();
+    use FieldKind::*;
+    assert_eq!(kinds, [Other, Date, Connection, Other, Other, Other, HopByHop, Other]);
+    let mut out = Vec::new();
+    head.fields.write_to(&mut out, |_, kind| !kind.is_hop_by_hop());
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "Server: nginx\r\nDate: today\r\nContent-Type: text/plain\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\n"
+    );
+}
+
+#[test]
+fn field_kinds_are_found_in_any_case() {
+    use FieldKind::*;
+    for (name, kind) in [
+        ("content-length", ContentLength),
+        ("Content-Length", ContentLength),
+        ("TRANSFER-ENCODING", TransferEncoding),
+        ("Connection", Connection),
+        ("date", Date),
+        ("Keep-Alive", HopByHop),
+        ("proxy-connection", HopByHop),
+        ("TE", HopByHop),
+        ("Trailer", HopByHop),
+        ("upgrade", HopByHop),
+        ("content-type", Other),
+        ("dates", Other),
+        ("t", Other),
+        ("x-vmesh-error", Other),
+    ] {
+        assert_eq!(FieldKind::of(name.as_bytes()), kind, "{name}");
+    }
+    assert!(Connection.is_hop_by_hop() && TransferEncoding.is_hop_by_hop() && HopByHop.is_hop_by_hop());
+    assert!(!ContentLength.is_hop_by_hop() && !Date.is_hop_by_hop() && !Other.is_hop_by_hop());
 }
