@@ -106,6 +106,14 @@ fn take_list() -> Vec<Field> {
         .unwrap_or_default()
 }
 
+/// Whether `name` (token characters) is `lower` (lower-case letters and `-`) in any case, without
+/// a branch per byte: a token character ORed with 0x20 is a lower-case letter only if it is that
+/// letter in either case, and `-` only if it is `-` (0x0d, the other byte that gives `-`, is no
+/// token character).
+fn is_name(name: &[u8], lower: &[u8]) -> bool {
+    name.len() == lower.len() && name.iter().zip(lower).fold(0, |diff, (a, b)| diff | ((a | 0x20) ^ b)) == 0
+}
+
 // === impl ResponseHead ===
 
 impl ResponseHead {
@@ -336,9 +344,10 @@ pub enum FieldKind {
 }
 
 impl FieldKind {
-    /// The kind of the field named `name` (as it came, any case).
+    /// The kind of the field named `name`: as it came (any case), token characters only (what
+    /// httparse accepts in a name).
     pub fn of(name: &[u8]) -> Self {
-        let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+        let is = |n: &[u8]| is_name(name, n);
         match name.len() {
             2 if is(b"te") => Self::HopByHop,
             4 if is(b"date") => Self::Date,

@@ -537,6 +537,27 @@ fn field_kinds_are_found_in_any_case() {
     ] {
         assert_eq!(FieldKind::of(name.as_bytes()), kind, "{name}");
     }
+    // Every other token character in every place of a name of that length: never a match.
+    let tchar = (0..=255u8).filter(|&b| http::HeaderName::from_bytes(&[b]).is_ok());
+    for b in tchar {
+        for name in [
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "keep-alive",
+            "date",
+            "te",
+        ] {
+            for i in 0..name.len() {
+                let mut other = name.as_bytes().to_vec();
+                if other[i].eq_ignore_ascii_case(&b) {
+                    continue;
+                }
+                other[i] = b;
+                assert_eq!(FieldKind::of(&other), Other, "{}", String::from_utf8_lossy(&other));
+            }
+        }
+    }
     assert!(Connection.is_hop_by_hop() && TransferEncoding.is_hop_by_hop() && HopByHop.is_hop_by_hop());
     assert!(!ContentLength.is_hop_by_hop() && !Date.is_hop_by_hop() && !Other.is_hop_by_hop());
 }
