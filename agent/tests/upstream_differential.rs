@@ -281,7 +281,8 @@ async fn through_vmesh(method: &Method, script: Script) -> Outcome {
         None => Outcome::Waiting,
         Some(Err(_)) => Outcome::Refused,
         Some(Ok(resp)) => {
-            // The fields as the request path puts them into a map for an HTTP/2 client.
+            // Every field kept as it came, put into a map (the request path then leaves out the
+            // hop-by-hop and `x-vmesh-*` ones; hyper's client keeps them all too).
             let resp = fields_into_map(resp);
             let mut r = head(&resp);
             (r.body, r.trailers, r.end) = read_body(resp.into_body()).await;

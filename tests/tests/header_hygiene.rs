@@ -72,7 +72,10 @@ fn an_upstreams_vmesh_headers_do_not_reach_the_client() {
 
 /// The fields of an HTTP/1.1 upstream's response go to the client as they came (names in their
 /// case) without the ones that describe the upstream's connection: the fixed hop-by-hop ones
-/// and, when its `Connection` names more, those too.
+/// and, when its `Connection` names more, those too. (Over HTTP/2, hyper's server drops the
+/// connection-specific fields itself but for `Trailer`: that one shows the map made for an
+/// HTTP/2 client is filtered; `an_upstreams_vmesh_headers_do_not_reach_the_client` shows it
+/// for `x-vmesh-*`.)
 #[test]
 fn an_upstreams_hop_by_hop_fields_do_not_reach_the_client() {
     let (agent, _app) = agent_with_app(Agent::builder());

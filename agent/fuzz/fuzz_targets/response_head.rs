@@ -8,7 +8,7 @@ use http::{header, Method};
 use libfuzzer_sys::fuzz_target;
 use vmesh_agent::upstream::h1::framing::{response_framing, FramingError, ResponseFraming};
 use vmesh_agent::upstream::h1::head::HeadParser;
-use vmesh_agent::upstream::h1::Limits;
+use vmesh_agent::upstream::h1::{Limits, RawFields};
 
 #[derive(Debug, PartialEq)]
 enum Outcome {
@@ -50,6 +50,7 @@ fn run(input: &[u8], cuts: &[usize], method: &Method, limits: Limits) -> Outcome
                         assert!(!headers.contains_key(header::CONTENT_LENGTH), "content-length kept");
                     }
                     assert!(headers.len() <= limits.max_headers);
+                    written_fields_parse_back(&head.fields, &headers);
                     buf.extend_from_slice(&input[start..]);
                     return Outcome::Final {
                         status: head.status.as_u16(),
@@ -67,6 +68,29 @@ fn run(input: &[u8], cuts: &[usize], method: &Method, limits: Limits) -> Outcome
         }
     }
     Outcome::Incomplete
+}
+
+/// The fields as an HTTP/1.1 client is sent them (`RawFields::write_to`) are `name: value`
+/// CRLF lines only, and parse back into the same map.
+fn written_fields_parse_back(fields: &RawFields, headers: &http::HeaderMap) {
+    let mut out = b"HTTP/1.1 200 OK\r\n".to_vec();
+    fields.write_to(&mut out, |_, _| true);
+    for (i, b) in out.iter().enumerate() {
+        assert!(*b != b'\n' || (i > 0 && out[i - 1] == b'\r'), "a bare LF written");
+        assert!(*b != b'\r' || out.get(i + 1) == Some(&b'\n'), "a bare CR written");
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut again = BytesMut::from(&out[..]);
+    let limits = Limits {
+        max_head_bytes: usize::MAX,
+        max_headers: usize::MAX,
+        ..Limits::default()
+    };
+    let parsed = HeadParser::new(limits)
+        .parse(&mut again)
+        .expect("written fields parse")
+        .expect("written fields are a whole head");
+    assert_eq!(&parsed.headers(), headers, "written fields read back differently");
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -154,6 +154,14 @@ impl ResponseBody {
         }
     }
 
+    /// Drops an HTTP/1.1 upstream's fields once they are written: they share the upstream
+    /// connection's read buffer, which a long body would otherwise keep from being reused.
+    pub fn drop_upstream_fields(&mut self) {
+        if let Inner::H1(b) = &mut self.inner {
+            drop(b.take_fields());
+        }
+    }
+
     fn finish(&mut self) {
         if !self.ended && !self.is_end_stream() {
             // Cut short: by the client, or by the stall watch (`proxy.stream_idle_timeout`).

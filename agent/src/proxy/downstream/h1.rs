@@ -422,8 +422,10 @@ impl<'c, W: WriteHalf> Conn<'c, W> {
             self.out = super::io::take_out();
         }
         let (out, closing) = response::encode_head(&mut self.out, &parts, body.upstream_fields(), body_len, answering);
-        // The head is written: its map is emptied and kept for the next head this thread parses.
+        // The head is written: its map is emptied and kept for the next head this thread parses,
+        // and an HTTP/1.1 upstream's fields let go of that connection's read buffer.
         crate::upstream::maps::give(std::mem::take(&mut parts.headers));
+        body.drop_upstream_fields();
 
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             return self.upgrade(upgrade_tx, body).await;

@@ -101,8 +101,11 @@ thread_local! {
 
 /// An empty list of field places: one of this thread's, else a new one.
 fn take_list() -> Vec<Field> {
+    // (`try_with`: a thread's locals may be gone while it exits.)
     LISTS
-        .with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.pop()))
+        .try_with(|l| l.try_borrow_mut().ok().and_then(|mut l| l.pop()))
+        .ok()
+        .flatten()
         .unwrap_or_default()
 }
 
@@ -229,7 +232,8 @@ impl Drop for RawFields {
             return;
         }
         list.clear();
-        LISTS.with(|l| {
+        // A drop while the thread exits, its locals gone, frees the list.
+        let _ = LISTS.try_with(|l| {
             if let Ok(mut l) = l.try_borrow_mut() {
                 if l.len() < KEEP_LISTS {
                     l.push(list);
