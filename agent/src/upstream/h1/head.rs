@@ -181,9 +181,7 @@ impl RawFields {
             }
         }
     }
-}
 
-impl RawFields {
     /// Appends the fields `keep` accepts (by name as it came, and kind) to `dst` as
     /// `name: value` lines: the lines that came that way are copied as they are, neighbours
     /// together, the others written from their name and value (CRLF, one space).
@@ -252,7 +250,7 @@ impl<'a> Iterator for RawIter<'a> {
             if self.drop_length && f.kind == FieldKind::ContentLength {
                 continue;
             }
-            // The places are httparse's, inside `head`; an empty slice were one not.
+            // The places are httparse's, inside `head` (an empty slice if one were not).
             let name = self.head.get(f.name.0..f.name.1).unwrap_or_default();
             return Some((name, self.head.get(f.value.0..f.value.1).unwrap_or_default(), f.kind));
         }
