@@ -21,7 +21,7 @@ pub mod framing;
 pub mod head;
 
 pub use conn::{fields_into_map, Conn, Discard, Error, Exchange, HeadRef, Recycle, ResponseBody, Upgraded};
-pub use head::{FieldKind, RawFields, RawIter};
+pub use head::{FieldKind, RawFields};
 
 /// Bounds on what an upstream can make the client hold. The defaults are hyper's client
 /// defaults, except the chunk-size line, which hyper does not bound (see `framing`).

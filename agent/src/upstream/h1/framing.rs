@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Version};
 
-use super::head::ResponseHead;
+use super::head::{FieldKind, ResponseHead};
 use super::Limits;
 
 /// How a response's body is delimited.
@@ -200,33 +200,16 @@ pub struct FramingFields {
 }
 
 impl FramingFields {
-    /// Adds one field of the head, in order.
-    pub fn add(&mut self, name: &http::HeaderName, value: &HeaderValue) {
-        if *name == header::TRANSFER_ENCODING {
-            self.transfer_encoding = true;
-            self.chunked = last_coding_is_chunked(value.as_bytes());
-        } else if *name == header::CONTENT_LENGTH {
-            self.length.add_bytes(value.as_bytes());
+    /// Adds one field of the head (of kind `kind`, found by the parse), in order.
+    pub fn add(&mut self, kind: FieldKind, value: &[u8]) {
+        match kind {
+            FieldKind::TransferEncoding => {
+                self.transfer_encoding = true;
+                self.chunked = last_coding_is_chunked(value);
+            }
+            FieldKind::ContentLength => self.length.add_bytes(value),
+            _ => {}
         }
-    }
-
-    /// [`add`](Self::add) for a field as it came: `name` in any case.
-    pub fn add_bytes(&mut self, name: &[u8], value: &[u8]) {
-        if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
-            self.transfer_encoding = true;
-            self.chunked = last_coding_is_chunked(value);
-        } else if name.len() == 14 && name.eq_ignore_ascii_case(b"content-length") {
-            self.length.add_bytes(value);
-        }
-    }
-
-    /// The framing fields of `headers`.
-    pub fn of(headers: &HeaderMap) -> Self {
-        let mut f = Self::default();
-        for (name, value) in headers {
-            f.add(name, value);
-        }
-        f
     }
 }
 

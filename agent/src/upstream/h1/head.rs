@@ -82,14 +82,6 @@ pub struct RawFields {
     drop_length: bool,
 }
 
-/// The fields of a [`RawFields`], in order: name as it came, value without the OWS around it.
-#[derive(Debug, Clone)]
-pub struct RawIter<'a> {
-    head: &'a [u8],
-    fields: std::slice::Iter<'a, Field>,
-    drop_length: bool,
-}
-
 /// Emptied lists of field places kept per thread, so that a response head allocates none.
 const KEEP_LISTS: usize = 64;
 /// A list with room for more fields than this is freed, not kept.
@@ -152,12 +144,22 @@ impl RawFields {
         self.fields.is_empty()
     }
 
-    pub fn iter(&self) -> RawIter<'_> {
-        RawIter {
-            head: &self.head,
-            fields: self.fields.iter(),
-            drop_length: self.drop_length,
-        }
+    /// The fields, in order: name as it came, value without the OWS around it, kind.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8], FieldKind)> {
+        self.kept().map(|f| (self.bytes(f.name), self.bytes(f.value), f.kind))
+    }
+
+    /// The fields not left out (see [`drop_content_length`](Self::drop_content_length)).
+    fn kept(&self) -> impl Iterator<Item = &Field> {
+        let drop_length = self.drop_length;
+        self.fields
+            .iter()
+            .filter(move |f| !(drop_length && f.kind == FieldKind::ContentLength))
+    }
+
+    /// The head's bytes at `place` (httparse's, checked by the parse; empty if one were not).
+    fn bytes(&self, (start, end): (usize, usize)) -> &[u8] {
+        self.head.get(start..end).unwrap_or_default()
     }
 
     /// Leaves the `Content-Length` fields out from now on.
@@ -193,11 +195,8 @@ impl RawFields {
                 dst.extend_from_slice(self.head.get(a..b).unwrap_or_default());
             }
         };
-        for f in &self.fields {
-            if self.drop_length && f.kind == FieldKind::ContentLength {
-                continue;
-            }
-            let name = self.head.get(f.name.0..f.name.1).unwrap_or_default();
+        for f in self.kept() {
+            let name = self.bytes(f.name);
             if !keep(name, f.kind) {
                 continue;
             }
@@ -216,7 +215,7 @@ impl RawFields {
             flush(dst, &mut run);
             dst.extend_from_slice(name);
             dst.extend_from_slice(b": ");
-            dst.extend_from_slice(self.head.get(f.value.0..f.value.1).unwrap_or_default());
+            dst.extend_from_slice(self.bytes(f.value));
             dst.extend_from_slice(b"\r\n");
         }
         flush(dst, &mut run);
@@ -238,26 +237,6 @@ impl Drop for RawFields {
                 }
             }
         });
-    }
-}
-
-impl<'a> Iterator for RawIter<'a> {
-    type Item = (&'a [u8], &'a [u8], FieldKind);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            let f = self.fields.next()?;
-            if self.drop_length && f.kind == FieldKind::ContentLength {
-                continue;
-            }
-            // The places are httparse's, inside `head` (an empty slice if one were not).
-            let name = self.head.get(f.name.0..f.name.1).unwrap_or_default();
-            return Some((name, self.head.get(f.value.0..f.value.1).unwrap_or_default(), f.kind));
-        }
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (0, self.fields.size_hint().1)
     }
 }
 
@@ -441,8 +420,10 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
     let mut keep_alive = version == Version::HTTP_11;
     let mut saw_close = false;
     for f in fields.iter() {
-        let name = head.get(f.name.0..f.name.1).ok_or(HeadError::Field)?;
-        let value = head.get(f.value.0..f.value.1).ok_or(HeadError::Field)?;
+        // Every place is checked here, once: `RawFields` reads them unchecked after.
+        let (Some(_), Some(value)) = (head.get(f.name.0..f.name.1), head.get(f.value.0..f.value.1)) else {
+            return Err(HeadError::Field);
+        };
         // httparse checked the bytes of both as `HeaderName` and `HeaderValue` would; only the
         // framing fields are looked at here.
         match f.kind {
@@ -455,8 +436,7 @@ fn parse_head(buf: &mut BytesMut, limits: &Limits, fields: &mut Vec<Field>) -> R
                     keep_alive = has_token_bytes(value, "keep-alive");
                 }
             }
-            FieldKind::ContentLength | FieldKind::TransferEncoding => framing.add_bytes(name, value),
-            _ => {}
+            kind => framing.add(kind, value),
         }
     }
     // The places go with the head; the parser keeps an empty list for the next one.
