@@ -176,8 +176,15 @@ fn ramp_share_follows_the_curve(balancer: &str) {
 
     let mut samples = Vec::new();
     for t in [5u64, 10, 15] {
-        // Just after the second the caller's curve moves to: one weight for the whole sample.
-        sleep_until_unix(start as f64 + t as f64 + 0.05);
+        // The caller moves along its curve on a one-second tick of its own phase: wait for the
+        // weight of second t in /clusters, then sample before the next tick (one weight for the
+        // whole sample, not the one of second t - 1 for part of it).
+        sleep_until_unix(start as f64 + t as f64);
+        let curve_weight = ramp_weight(t as f64, WINDOW as f64).floor() as u64;
+        assert_eventually!(
+            weight_of(&caller, new.addr()) >= curve_weight,
+            "/clusters shows new at weight {curve_weight} (t={t}s)"
+        );
         let began = unix_now_f64() - start as f64;
         let hits: Vec<Hit> = (0..SAMPLE)
             .map(|_| {

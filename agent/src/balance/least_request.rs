@@ -11,7 +11,12 @@ pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> 
         return 0;
     }
     let (a, b) = two_choices(endpoints.len(), by_weight);
-    if endpoints[b].stats.in_flight() < endpoints[a].stats.in_flight() {
+    // Under uneven weights (both candidates drawn by weight) the second wins only when it weighs
+    // at least as much as the first: a ramping instance has fewer requests in flight because it
+    // gets fewer, and winning on that would hand it more than its ramp's share.
+    if (by_weight.is_none() || endpoints[b].weight >= endpoints[a].weight)
+        && endpoints[b].stats.in_flight() < endpoints[a].stats.in_flight()
+    {
         b
     } else {
         a
@@ -42,6 +47,26 @@ mod tests {
         let c = histogram(&set, 10_000, |_| PickCtx::default());
         // 100:25 is 80% : 20%.
         assert!((7_600..8_400).contains(&c[0]), "{c:?}");
+    }
+
+    #[test]
+    fn a_lighter_endpoint_with_fewer_in_flight_gets_no_more_than_its_weight_share() {
+        fastrand::seed(14);
+        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[100, 25]));
+        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        // 25 of 125 is 20 %; were the idler second candidate to win, 36 %.
+        assert!((1_600..2_400).contains(&c[1]), "{c:?}");
+    }
+
+    #[test]
+    fn a_busy_lighter_endpoint_gets_less_than_its_weight_share() {
+        fastrand::seed(15);
+        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[100, 25]));
+        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[1].start()).collect();
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        // Drawn first it loses whenever the heavier one is drawn second: 20 % x 20 %.
+        assert!((200..700).contains(&c[1]), "{c:?}");
     }
 
     #[test]

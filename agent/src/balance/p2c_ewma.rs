@@ -34,8 +34,15 @@ pub fn pick(endpoints: &[Arc<Endpoint>], by_weight: Option<&WeightedRandom>) -> 
     }
     // With uneven weights the draw carries the weights: the second candidate wins only when it
     // is an order of magnitude cheaper, so that endpoints of comparable latency share by weight
-    // (a ramping instance gets its ramp's share) instead of by noise in their estimates.
-    if cost(&endpoints[b], now) * CLEARLY_CHEAPER < cost(&endpoints[a], now) {
+    // (a ramping instance gets its ramp's share) instead of by noise in their estimates; and
+    // only when it weighs at least as much as the first. Latency moves traffic off a lighter
+    // endpoint, never onto it beyond its weight's share: a ramping instance gets few requests,
+    // so its estimate sees few spikes and decays towards 0.1 ms while the busy ones keep
+    // jumping to theirs (on a loaded host 15x apart was seen), and a cold instance must not be
+    // handed extra traffic for looking cheap.
+    if endpoints[b].weight >= endpoints[a].weight
+        && cost(&endpoints[b], now) * CLEARLY_CHEAPER < cost(&endpoints[a], now)
+    {
         b
     } else {
         a
@@ -78,6 +85,31 @@ mod tests {
         }
         let c = histogram(&set, 10_000, |_| PickCtx::default());
         assert!((7_600..8_400).contains(&c[0]), "{c:?}");
+    }
+
+    #[test]
+    fn a_lighter_endpoint_that_looks_cheaper_gets_no_more_than_its_weight_share() {
+        fastrand::seed(6);
+        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
+        let now = Instant::now();
+        // The busy endpoint's estimate jumped to a spike; the ramping one's sat at 0.1 ms.
+        set.endpoints()[0].stats.observe_rtt(Duration::from_millis(5), now);
+        set.endpoints()[1].stats.observe_rtt(Duration::from_micros(100), now);
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        // 25 of 125 is 20 %; were the cheaper second candidate to win, 36 %.
+        assert!((1_600..2_400).contains(&c[1]), "{c:?}");
+    }
+
+    #[test]
+    fn a_lighter_endpoint_that_is_clearly_slower_gets_less_than_its_weight_share() {
+        fastrand::seed(7);
+        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
+        let now = Instant::now();
+        set.endpoints()[0].stats.observe_rtt(Duration::from_micros(500), now);
+        set.endpoints()[1].stats.observe_rtt(Duration::from_millis(50), now);
+        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        // Drawn first it loses to the heavier one whenever that is drawn second: 20 % x 20 %.
+        assert!((200..700).contains(&c[1]), "{c:?}");
     }
 
     #[test]
