@@ -29,12 +29,18 @@ mod tests {
     use crate::balance::{EndpointSet, PickCtx};
     use crate::config::BalancerKind;
 
+    /// How `picks` picks of a least-request set with these weights fall while endpoint `busy`
+    /// has five requests in flight.
+    fn picks_with_one_busy(weights: &[u32], busy: usize, picks: usize) -> Vec<usize> {
+        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(weights));
+        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[busy].start()).collect();
+        histogram(&set, picks, |_| PickCtx::default())
+    }
+
     #[test]
     fn busy_endpoints_get_fewer_requests() {
         fastrand::seed(11);
-        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[1, 1, 1]));
-        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
-        let c = histogram(&set, 3_000, |_| PickCtx::default());
+        let c = picks_with_one_busy(&[1, 1, 1], 0, 3_000);
         // Endpoint 0 only wins when both choices... never: both others are idle.
         assert_eq!(c[0], 0, "{c:?}");
         assert!(c[1] > 1_200 && c[2] > 1_200, "{c:?}");
@@ -52,9 +58,7 @@ mod tests {
     #[test]
     fn a_lighter_endpoint_with_fewer_in_flight_gets_no_more_than_its_weight_share() {
         fastrand::seed(14);
-        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[100, 25]));
-        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
-        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        let c = picks_with_one_busy(&[100, 25], 0, 10_000);
         // 25 of 125 is 20 %; were the idler second candidate to win, 36 %.
         assert!((1_600..2_400).contains(&c[1]), "{c:?}");
     }
@@ -62,9 +66,7 @@ mod tests {
     #[test]
     fn a_busy_lighter_endpoint_gets_less_than_its_weight_share() {
         fastrand::seed(15);
-        let set = EndpointSet::new(BalancerKind::LeastRequest, endpoints(&[100, 25]));
-        let _busy: Vec<_> = (0..5).map(|_| set.endpoints()[1].start()).collect();
-        let c = histogram(&set, 10_000, |_| PickCtx::default());
+        let c = picks_with_one_busy(&[100, 25], 1, 10_000);
         // Drawn first it loses whenever the heavier one is drawn second: 20 % x 20 %.
         assert!((200..700).contains(&c[1]), "{c:?}");
     }

@@ -57,19 +57,20 @@ mod tests {
     use crate::balance::{EndpointSet, PickCtx};
     use crate::config::BalancerKind;
 
+    /// A p2c-ewma set of endpoints with these weights, each having measured its latency once.
+    fn measured(weights: &[u32], rtts_us: &[u64]) -> EndpointSet {
+        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(weights));
+        let now = Instant::now();
+        for (e, &us) in set.endpoints().iter().zip(rtts_us) {
+            e.stats.observe_rtt(Duration::from_micros(us), now);
+        }
+        set
+    }
+
     #[test]
     fn slow_endpoint_gets_least_traffic() {
         fastrand::seed(3);
-        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[1, 1, 1]));
-        set.endpoints()[0]
-            .stats
-            .observe_rtt(Duration::from_millis(200), Instant::now());
-        set.endpoints()[1]
-            .stats
-            .observe_rtt(Duration::from_micros(500), Instant::now());
-        set.endpoints()[2]
-            .stats
-            .observe_rtt(Duration::from_micros(500), Instant::now());
+        let set = measured(&[1, 1, 1], &[200_000, 500, 500]);
         let c = histogram(&set, 3_000, |_| PickCtx::default());
         assert_eq!(c[0], 0, "the slow endpoint loses every comparison: {c:?}");
         // Between the two fast ones, microscopic EWMA differences decide; both get traffic.
@@ -79,10 +80,7 @@ mod tests {
     #[test]
     fn equal_latency_endpoints_share_by_weight() {
         fastrand::seed(5);
-        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
-        for e in set.endpoints() {
-            e.stats.observe_rtt(Duration::from_millis(1), Instant::now());
-        }
+        let set = measured(&[100, 25], &[1_000, 1_000]);
         let c = histogram(&set, 10_000, |_| PickCtx::default());
         assert!((7_600..8_400).contains(&c[0]), "{c:?}");
     }
@@ -90,11 +88,8 @@ mod tests {
     #[test]
     fn a_lighter_endpoint_that_looks_cheaper_gets_no_more_than_its_weight_share() {
         fastrand::seed(6);
-        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
-        let now = Instant::now();
         // The busy endpoint's estimate jumped to a spike; the ramping one's sat at 0.1 ms.
-        set.endpoints()[0].stats.observe_rtt(Duration::from_millis(5), now);
-        set.endpoints()[1].stats.observe_rtt(Duration::from_micros(100), now);
+        let set = measured(&[100, 25], &[5_000, 100]);
         let c = histogram(&set, 10_000, |_| PickCtx::default());
         // 25 of 125 is 20 %; were the cheaper second candidate to win, 36 %.
         assert!((1_600..2_400).contains(&c[1]), "{c:?}");
@@ -103,10 +98,7 @@ mod tests {
     #[test]
     fn a_lighter_endpoint_that_is_clearly_slower_gets_less_than_its_weight_share() {
         fastrand::seed(7);
-        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[100, 25]));
-        let now = Instant::now();
-        set.endpoints()[0].stats.observe_rtt(Duration::from_micros(500), now);
-        set.endpoints()[1].stats.observe_rtt(Duration::from_millis(50), now);
+        let set = measured(&[100, 25], &[500, 50_000]);
         let c = histogram(&set, 10_000, |_| PickCtx::default());
         // Drawn first it loses to the heavier one whenever that is drawn second: 20 % x 20 %.
         assert!((200..700).contains(&c[1]), "{c:?}");
@@ -115,13 +107,7 @@ mod tests {
     #[test]
     fn load_counts_against_fast_endpoints() {
         fastrand::seed(4);
-        let set = EndpointSet::new(BalancerKind::P2cEwma, endpoints(&[1, 1]));
-        set.endpoints()[0]
-            .stats
-            .observe_rtt(Duration::from_millis(1), Instant::now());
-        set.endpoints()[1]
-            .stats
-            .observe_rtt(Duration::from_millis(3), Instant::now());
+        let set = measured(&[1, 1], &[1_000, 3_000]);
         // Five requests in flight make endpoint 0 cost 6 ms > 3 ms.
         let _load: Vec<_> = (0..5).map(|_| set.endpoints()[0].start()).collect();
         let c = histogram(&set, 1_000, |_| PickCtx::default());
